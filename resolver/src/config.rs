@@ -1,0 +1,331 @@
+//! The resolver's configuration: a TOML file with defaults for everything, overridden by
+//! command-line flags, checked by [`Config::validate`] before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use waymark_shared::duration::serde_str as dur;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub dns: DnsConfig,
+    pub api: ApiConfig,
+    pub store: StoreConfig,
+    pub health: HealthConfig,
+    pub services_file: Option<ServicesFileConfig>,
+    /// Per-service settings, keyed by service name.
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// Log JSON lines instead of text.
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Where DNS is served, over UDP and TCP on the same port.
+    pub addr: SocketAddr,
+    /// The zone Waymark is authoritative for.
+    pub zone: String,
+    /// TTL of positive answers, in seconds.
+    pub ttl: u32,
+    /// The SOA minimum: the TTL of negative answers (NXDOMAIN, NODATA), in seconds.
+    pub negative_ttl: u32,
+    /// The largest UDP reply Waymark sends to EDNS clients (clients without EDNS get 512).
+    pub max_udp_payload: u16,
+    /// The address answered for the zone's name server (`ns.<zone>`); default: the DNS
+    /// listener's address when it is not a wildcard.
+    pub ns_address: Option<IpAddr>,
+    /// Resolvers that names outside the zone are forwarded to, tried in order. Default: the
+    /// nameservers in /etc/resolv.conf other than this resolver.
+    pub upstreams: Vec<SocketAddr>,
+    /// How long to wait for one upstream before trying the next.
+    #[serde(with = "dur")]
+    pub upstream_timeout: Duration,
+    /// Clients allowed to have names forwarded; others get REFUSED for names outside the zone.
+    pub forward_allow: Vec<IpNet>,
+    /// Idle timeout of DNS-over-TCP connections.
+    #[serde(with = "dur")]
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            addr: "127.0.0.1:8600".parse().expect("valid"),
+            zone: "mesh.internal".into(),
+            ttl: 5,
+            negative_ttl: 5,
+            max_udp_payload: 1232,
+            ns_address: None,
+            upstreams: Vec::new(),
+            upstream_timeout: Duration::from_secs(2),
+            forward_allow: vec![
+                "127.0.0.0/8".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ],
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where the registration API, `/metrics` and `/healthz/*` are served.
+    pub addr: SocketAddr,
+    /// When set, every write must carry `Authorization: Bearer <token>` or `X-Consul-Token`.
+    pub token: Option<String>,
+    /// Request bodies over this size are refused with 413.
+    pub max_body_bytes: usize,
+    /// The address given to instances registered without one (Consul uses the agent's).
+    pub node_address: String,
+    /// The node name shown in Consul-style answers.
+    pub node_name: String,
+    pub datacenter: String,
+    /// Longest `wait` a blocking query may ask for.
+    #[serde(with = "dur")]
+    pub max_wait: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            addr: "127.0.0.1:8500".parse().expect("valid"),
+            token: None,
+            max_body_bytes: 1 << 20,
+            node_address: "127.0.0.1".into(),
+            node_name: "waymark".into(),
+            datacenter: "dc1".into(),
+            max_wait: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Where registrations are kept across restarts.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            data_dir: PathBuf::from("waymark-data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Consecutive failures before a passing check turns critical (checks may override).
+    pub failures_before_critical: u32,
+    /// Consecutive successes before a failing check turns passing (checks may override).
+    pub successes_before_passing: u32,
+    /// Interval of HTTP and TCP checks registered without one.
+    #[serde(with = "dur")]
+    pub default_interval: Duration,
+    /// Timeout of HTTP and TCP checks registered without one (capped at the interval).
+    #[serde(with = "dur")]
+    pub default_timeout: Duration,
+    /// Status of a new check until it first runs (Consul starts checks critical).
+    pub initial_status: waymark_shared::Health,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            failures_before_critical: 1,
+            successes_before_passing: 1,
+            default_interval: Duration::from_secs(10),
+            default_timeout: Duration::from_secs(5),
+            initial_status: waymark_shared::Health::Critical,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesFileConfig {
+    /// A TOML file of services registered on behalf of instances that cannot register
+    /// themselves; reloaded when it changes.
+    pub path: PathBuf,
+    /// How often the file is checked for changes.
+    #[serde(default = "default_reload", with = "dur")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// When fewer than this fraction of a service's non-draining instances are healthy,
+    /// answer all non-draining instances rather than overload the few (0 = off).
+    pub panic_threshold: f64,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: names, ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let zone = self.dns.zone.trim_end_matches('.');
+        if zone.is_empty() || hickory_proto::rr::Name::from_ascii(zone).is_err() {
+            return bad(format!("dns.zone {:?} is not a valid DNS name", self.dns.zone));
+        }
+        if self.dns.ttl > 86_400 {
+            return bad(format!("dns.ttl {} is over a day", self.dns.ttl));
+        }
+        if self.dns.negative_ttl > 86_400 {
+            return bad(format!("dns.negative_ttl {} is over a day", self.dns.negative_ttl));
+        }
+        if self.dns.max_udp_payload < 512 {
+            return bad(format!(
+                "dns.max_udp_payload {} is under 512",
+                self.dns.max_udp_payload
+            ));
+        }
+        if self.dns.upstream_timeout.is_zero() {
+            return bad("dns.upstream_timeout must be above zero".into());
+        }
+        if self.api.max_body_bytes < 1024 {
+            return bad("api.max_body_bytes must be at least 1024".into());
+        }
+        if matches!(&self.api.token, Some(t) if t.trim().is_empty()) {
+            return bad("api.token is empty: remove it or set a secret".into());
+        }
+        if self.health.failures_before_critical == 0 || self.health.successes_before_passing == 0
+        {
+            return bad("health.failures_before_critical and successes_before_passing count from 1".into());
+        }
+        if self.health.default_interval < Duration::from_millis(100) {
+            return bad("health.default_interval must be at least 100ms".into());
+        }
+        for (name, svc) in &self.services {
+            if !(0.0..=1.0).contains(&svc.panic_threshold) {
+                return bad(format!(
+                    "services.{name}.panic_threshold {} is not between 0 and 1",
+                    svc.panic_threshold
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The panic threshold of a service (0 when not configured).
+    pub fn panic_threshold(&self, service: &str) -> f64 {
+        self.services
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(service))
+            .map(|(_, s)| s.panic_threshold)
+            .unwrap_or(0.0)
+    }
+}
+
+/// The nameservers in a resolv.conf, less the given addresses (this resolver itself).
+pub fn resolv_conf_upstreams(text: &str, exclude: &[SocketAddr]) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter_map(|ip| ip.split('%').next()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|a| !exclude.contains(a))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::parse("[dns]\nzoen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("zoen"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let err = Config::parse("[services.pay]\npanic_threshold = 2.0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("services.pay.panic_threshold"), "{err}");
+        let err = Config::parse("[dns]\nzone = \"bad..zone\"").unwrap_err().to_string();
+        assert!(err.contains("dns.zone"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_go_style() {
+        let c = Config::parse("[dns]\nupstream_timeout = \"750ms\"").unwrap();
+        assert_eq!(c.dns.upstream_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn resolv_conf_skips_ourselves() {
+        let text = "# c\nnameserver 127.0.0.53\nnameserver 10.0.0.2\noptions edns0\nnameserver fe80::1%eth0\n";
+        let me = ["127.0.0.53:53".parse().unwrap()];
+        let ups = resolv_conf_upstreams(text, &me);
+        assert_eq!(
+            ups,
+            vec![
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

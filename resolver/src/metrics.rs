@@ -1,0 +1,141 @@
+//! The resolver's Prometheus metrics: one registry, the families every module updates, and
+//! the text encoding served at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// `udp` or `tcp`.
+    pub proto: &'static str,
+    /// `answer`, `nodata`, `nxdomain`, `forwarded`, `refused`, `servfail`, `formerr`, `notimp`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+    /// `ok`, `timeout`, `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// `http`, `tcp`, `ttl`.
+    pub kind: &'static str,
+    /// `passing`, `warning`, `critical`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// The health an instance moved to.
+    pub to: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub dns_queries: Family<DnsLabels, Counter>,
+    pub dns_truncated: Counter,
+    pub upstream_queries: Family<UpstreamLabels, Counter>,
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub instances: Gauge,
+    pub services: Gauge,
+    pub change_index: Gauge,
+    pub check_runs: Family<CheckLabels, Counter>,
+    pub check_transitions: Family<TransitionLabels, Counter>,
+    pub store_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("waymark");
+        let m = Metrics {
+            registry: Registry::default(),
+            dns_queries: Family::default(),
+            dns_truncated: Counter::default(),
+            upstream_queries: Family::default(),
+            api_requests: Family::default(),
+            instances: Gauge::default(),
+            services: Gauge::default(),
+            change_index: Gauge::default(),
+            check_runs: Family::default(),
+            check_transitions: Family::default(),
+            store_errors: Counter::default(),
+        };
+        registry.register(
+            "dns_queries",
+            "DNS queries answered, by transport and outcome",
+            m.dns_queries.clone(),
+        );
+        registry.register(
+            "dns_truncated",
+            "UDP answers cut to fit the client's payload size (TC set)",
+            m.dns_truncated.clone(),
+        );
+        registry.register(
+            "dns_upstream_queries",
+            "Queries forwarded to upstream resolvers, by upstream and result",
+            m.upstream_queries.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "Registration API requests, by method and status",
+            m.api_requests.clone(),
+        );
+        registry.register(
+            "registry_instances",
+            "Registered instances",
+            m.instances.clone(),
+        );
+        registry.register(
+            "registry_services",
+            "Registered services",
+            m.services.clone(),
+        );
+        registry.register(
+            "registry_change_index",
+            "The registry's change index",
+            m.change_index.clone(),
+        );
+        registry.register(
+            "health_check_runs",
+            "Health check probes run, by kind and result",
+            m.check_runs.clone(),
+        );
+        registry.register(
+            "health_check_transitions",
+            "Health checks that changed status, by new status",
+            m.check_transitions.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Failed writes to the data dir",
+            m.store_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,282 @@
+//! Registration definitions: a service instance and its health checks as a client declared
+//! them (through the API or the services file), before any check has run. Persisted as-is.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use waymark_shared::Health;
+
+use super::RegistryError;
+
+/// A service instance as registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDef {
+    pub name: String,
+    /// Unique instance ID; defaults to the name.
+    #[serde(default)]
+    pub id: String,
+    /// Empty means the node's address.
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    #[serde(default)]
+    pub weights: Weights,
+    #[serde(default, rename = "check")]
+    pub checks: Vec<CheckDef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub passing: u32,
+    pub warning: u32,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            passing: 1,
+            warning: 1,
+        }
+    }
+}
+
+/// One health check as registered. Exactly one of `http`, `tcp` and `ttl` is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckDef {
+    /// Defaults to `service:<id>`, or `service:<id>:<n>` when there are several.
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// URL probed with GET (or `method`): 2xx passing, 429 warning, anything else critical.
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub header: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub tls_skip_verify: bool,
+    /// `host:port` probed with a TCP connect.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// The check turns critical when no heartbeat came within this time.
+    #[serde(default, with = "opt_dur")]
+    pub ttl: Option<Duration>,
+    #[serde(default, with = "opt_dur")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "opt_dur")]
+    pub timeout: Option<Duration>,
+    /// Deregister the instance when this check has been critical for longer than this.
+    #[serde(default, with = "opt_dur")]
+    pub deregister_critical_after: Option<Duration>,
+    #[serde(default)]
+    pub failures_before_critical: Option<u32>,
+    #[serde(default)]
+    pub successes_before_passing: Option<u32>,
+    /// Status until the check first runs.
+    #[serde(default)]
+    pub status: Option<Health>,
+    #[serde(default)]
+    pub notes: String,
+}
+
+/// What a check probes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Http { url: String, method: String },
+    Tcp { addr: String },
+    Ttl { ttl: Duration },
+}
+
+impl CheckKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Http { .. } => "http",
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Ttl { .. } => "ttl",
+        }
+    }
+}
+
+impl CheckDef {
+    /// The kind of check, or an error naming what is missing or conflicting.
+    pub fn kind(&self) -> Result<CheckKind, RegistryError> {
+        let set = [self.http.is_some(), self.tcp.is_some(), self.ttl.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if set != 1 {
+            return Err(RegistryError::Invalid(format!(
+                "check {:?} must have exactly one of HTTP, TCP or TTL",
+                self.id
+            )));
+        }
+        if let Some(url) = &self.http {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(RegistryError::Invalid(format!(
+                    "check HTTP {url:?} is not an http:// or https:// URL"
+                )));
+            }
+            if self.interval.is_none_or(|i| i.is_zero()) {
+                return Err(RegistryError::Invalid(
+                    "an HTTP check needs an Interval".into(),
+                ));
+            }
+            let method = self.method.clone().unwrap_or_else(|| "GET".into());
+            return Ok(CheckKind::Http {
+                url: url.clone(),
+                method: method.to_ascii_uppercase(),
+            });
+        }
+        if let Some(addr) = &self.tcp {
+            if addr.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+                return Err(RegistryError::Invalid(format!(
+                    "check TCP {addr:?} is not host:port"
+                )));
+            }
+            if self.interval.is_none_or(|i| i.is_zero()) {
+                return Err(RegistryError::Invalid("a TCP check needs an Interval".into()));
+            }
+            return Ok(CheckKind::Tcp { addr: addr.clone() });
+        }
+        match self.ttl {
+            Some(ttl) if !ttl.is_zero() => Ok(CheckKind::Ttl { ttl }),
+            _ => Err(RegistryError::Invalid("a TTL check needs a TTL above zero".into())),
+        }
+    }
+}
+
+impl ServiceDef {
+    /// Fills defaults (ID, check IDs and names) and checks the definition.
+    pub fn normalize(mut self) -> Result<ServiceDef, RegistryError> {
+        self.name = self.name.trim().to_string();
+        if self.name.is_empty() {
+            return Err(RegistryError::Invalid("missing service Name".into()));
+        }
+        if self.name.len() > 255 || self.name.contains(['/', '\0']) {
+            return Err(RegistryError::Invalid(format!(
+                "service Name {:?} is not usable",
+                self.name
+            )));
+        }
+        if self.id.trim().is_empty() {
+            self.id = self.name.clone();
+        }
+        if self.id.len() > 255 {
+            return Err(RegistryError::Invalid("service ID is over 255 bytes".into()));
+        }
+        let several = self.checks.len() > 1;
+        for (n, check) in self.checks.iter_mut().enumerate() {
+            if check.id.is_empty() {
+                check.id = if several {
+                    format!("service:{}:{}", self.id, n + 1)
+                } else {
+                    format!("service:{}", self.id)
+                };
+            }
+            if check.name.is_empty() {
+                check.name = format!("Service '{}' check", self.name);
+            }
+            check.kind()?;
+        }
+        let mut ids: Vec<&str> = self.checks.iter().map(|c| c.id.as_str()).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(RegistryError::Invalid("two checks share an ID".into()));
+        }
+        Ok(self)
+    }
+}
+
+/// Serde for optional Go-style durations.
+mod opt_dur {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&waymark_shared::duration::format(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| waymark_shared::duration::parse(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> ServiceDef {
+        ServiceDef {
+            name: "pay".into(),
+            id: String::new(),
+            address: String::new(),
+            port: 80,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            weights: Weights::default(),
+            checks: vec![],
+        }
+    }
+
+    #[test]
+    fn ids_default_like_consul() {
+        let mut d = def();
+        d.checks = vec![CheckDef {
+            ttl: Some(Duration::from_secs(5)),
+            ..Default::default()
+        }];
+        let d = d.normalize().unwrap();
+        assert_eq!(d.id, "pay");
+        assert_eq!(d.checks[0].id, "service:pay");
+
+        let mut d = def();
+        d.id = "pay-1".into();
+        let ttl = CheckDef {
+            ttl: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        d.checks = vec![ttl.clone(), ttl];
+        let d = d.normalize().unwrap();
+        assert_eq!(d.checks[0].id, "service:pay-1:1");
+        assert_eq!(d.checks[1].id, "service:pay-1:2");
+    }
+
+    #[test]
+    fn checks_need_one_kind_and_an_interval() {
+        let mut d = def();
+        d.checks = vec![CheckDef::default()];
+        assert!(d.clone().normalize().is_err());
+        d.checks = vec![CheckDef {
+            http: Some("http://127.0.0.1/".into()),
+            ..Default::default()
+        }];
+        let err = d.clone().normalize().unwrap_err().to_string();
+        assert!(err.contains("Interval"), "{err}");
+        d.checks[0].interval = Some(Duration::from_secs(1));
+        assert!(d.normalize().is_ok());
+    }
+
+    #[test]
+    fn a_name_is_required() {
+        let mut d = def();
+        d.name = " ".into();
+        assert!(d.normalize().is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! Health check tasks: one task per check, probing on its interval (HTTP, TCP) or watching its
+//! deadline (TTL), and reporting each result to the [`Registry`], which applies hysteresis.
+//!
+//! HTTP: 2xx is passing, 429 warning, anything else (or no answer in time) critical.
+//! TCP: a completed connect is passing. TTL: critical as soon as the deadline passes without a
+//! heartbeat; the task sleeps until exactly that deadline, so expiry is not rounded to a tick.
+
+use std::collections::BTreeMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use waymark_shared::Health;
+
+use super::def::{CheckDef, CheckKind};
+use super::Registry;
+use crate::config::HealthConfig;
+
+/// When and for how long a check probes.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Timing {
+    pub fn of(def: &CheckDef, defaults: &HealthConfig) -> Timing {
+        let interval = def.interval.unwrap_or(defaults.default_interval);
+        let timeout = def
+            .timeout
+            .unwrap_or(defaults.default_timeout)
+            .min(interval);
+        Timing { interval, timeout }
+    }
+}
+
+/// Starts the task of one check. It stops by itself once the check is gone or replaced.
+pub fn spawn(
+    registry: Weak<Registry>,
+    check_id: String,
+    generation: u64,
+    kind: CheckKind,
+    timing: Timing,
+    headers: BTreeMap<String, Vec<String>>,
+    http: reqwest::Client,
+) -> AbortHandle {
+    let task = async move {
+        match kind {
+            CheckKind::Ttl { .. } => watch_ttl(registry, check_id, generation).await,
+            probe => {
+                let mut next = Instant::now();
+                loop {
+                    let (status, output) = run_probe(&probe, timing.timeout, &headers, &http).await;
+                    let Some(reg) = registry.upgrade() else { return };
+                    reg.probe_result(&check_id, generation, status, output);
+                    drop(reg);
+                    next += timing.interval;
+                    let now = Instant::now();
+                    if next < now {
+                        next = now;
+                    }
+                    tokio::time::sleep_until(next).await;
+                }
+            }
+        }
+    };
+    tokio::spawn(task).abort_handle()
+}
+
+async fn watch_ttl(registry: Weak<Registry>, check_id: String, generation: u64) {
+    loop {
+        let Some(reg) = registry.upgrade() else { return };
+        let Some((deadline, notify)) = reg.ttl_state(&check_id, generation) else {
+            return;
+        };
+        let notified = notify.notified();
+        if std::time::Instant::now() >= deadline {
+            reg.ttl_expired(&check_id, generation);
+            drop(reg);
+            notified.await;
+            continue;
+        }
+        drop(reg);
+        tokio::select! {
+            _ = tokio::time::sleep_until(Instant::from_std(deadline)) => {}
+            _ = notified => {}
+        }
+    }
+}
+
+/// Runs one probe and says what it found.
+pub async fn run_probe(
+    kind: &CheckKind,
+    timeout: Duration,
+    headers: &BTreeMap<String, Vec<String>>,
+    http: &reqwest::Client,
+) -> (Health, String) {
+    match kind {
+        CheckKind::Http { url, method } => {
+            let method = reqwest::Method::from_bytes(method.as_bytes())
+                .unwrap_or(reqwest::Method::GET);
+            let mut req = http.request(method.clone(), url).timeout(timeout);
+            for (name, values) in headers {
+                for v in values {
+                    req = req.header(name, v);
+                }
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    let code = resp.status();
+                    let status = if code.is_success() {
+                        Health::Passing
+                    } else if code.as_u16() == 429 {
+                        Health::Warning
+                    } else {
+                        Health::Critical
+                    };
+                    (status, format!("HTTP {method} {url}: {code}"))
+                }
+                Err(e) if e.is_timeout() => (
+                    Health::Critical,
+                    format!("HTTP {method} {url}: timed out after {timeout:?}"),
+                ),
+                Err(e) => (
+                    Health::Critical,
+                    format!("HTTP {method} {url}: {}", root_cause(&e)),
+                ),
+            }
+        }
+        CheckKind::Tcp { addr } => {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr.as_str())).await
+            {
+                Ok(Ok(_)) => (Health::Passing, format!("TCP connect {addr}: Success")),
+                Ok(Err(e)) => (Health::Critical, format!("TCP connect {addr}: {e}")),
+                Err(_) => (
+                    Health::Critical,
+                    format!("TCP connect {addr}: timed out after {timeout:?}"),
+                ),
+            }
+        }
+        CheckKind::Ttl { .. } => (Health::Critical, "TTL checks are not probed".into()),
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_probe_sees_a_listener_come_and_go() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let kind = CheckKind::Tcp { addr };
+        let client = reqwest::Client::new();
+        let t = Duration::from_secs(1);
+        let (s, _) = run_probe(&kind, t, &BTreeMap::new(), &client).await;
+        assert_eq!(s, Health::Passing);
+        drop(listener);
+        let (s, out) = run_probe(&kind, t, &BTreeMap::new(), &client).await;
+        assert_eq!(s, Health::Critical, "{out}");
+    }
+
+    #[test]
+    fn timeout_is_capped_at_the_interval() {
+        let def = CheckDef {
+            interval: Some(Duration::from_secs(1)),
+            timeout: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        let t = Timing::of(&def, &HealthConfig::default());
+        assert_eq!(t.timeout, Duration::from_secs(1));
+    }
+}

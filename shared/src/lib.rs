@@ -1,0 +1,15 @@
+//! Waymark's common crate: what every Waymark process shares.
+//!
+//! - [`model`]: services, instances, health: the registry's vocabulary.
+//! - [`mirror`]: the in-memory registry mirror every process keeps, with a global change index,
+//!   change notifications and a change log that lets a follower resume without loss.
+//! - [`duration`]: Go-style durations (`"10s"`, `"1m30s"`), the form Consul clients send.
+//! - [`telemetry`]: logging setup through `tracing`.
+
+pub mod duration;
+pub mod mirror;
+pub mod model;
+pub mod telemetry;
+
+pub use mirror::{Changes, Mirror, ServiceView};
+pub use model::{CheckView, Health, Instance};

@@ -1,0 +1,356 @@
+//! The registry mirror: the in-memory copy of the registry that every Waymark process reads.
+//!
+//! Reads are cheap and never wait on writers for long: a service's state is an immutable
+//! [`ServiceView`] behind an `Arc` in a sharded map, replaced whole on every change to that
+//! service. Every change takes the next value of a global change index, which starts where the
+//! registry of record left off and never goes backwards. Followers either wait for the index to
+//! move ([`Mirror::subscribe`]) or ask what changed since an index they saw
+//! ([`Mirror::changes_since`]); the bounded change log answers that without loss, and a follower
+//! that fell further behind than the log reaches is told to reset and given the whole state.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::Instance;
+
+/// Changes kept for followers by default.
+pub const DEFAULT_LOG_CAPACITY: usize = 65_536;
+
+/// One service as of one change: its instances, in registration order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// The service name as first registered.
+    pub name: String,
+    /// The change index of the last change to this service.
+    pub index: u64,
+    pub instances: Vec<Arc<Instance>>,
+}
+
+/// What changed since an index: the current state of every service touched since then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// The index this answer brings a follower up to.
+    pub index: u64,
+    /// True when the follower fell behind the change log: `services` is then the whole
+    /// registry and the follower must drop everything it had that is not in it.
+    pub reset: bool,
+    /// Services that changed, with their current state.
+    pub services: Vec<ServiceView>,
+    /// Services that changed and no longer exist.
+    pub removed: Vec<String>,
+}
+
+/// The in-memory registry mirror. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Mirror {
+    /// Keyed by the lowercased service name.
+    services: DashMap<String, Arc<ServiceView>>,
+    index: AtomicU64,
+    /// Serializes writers so that change indexes and the log stay in order.
+    log: Mutex<ChangeLog>,
+    notify: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct ChangeLog {
+    capacity: usize,
+    /// (index, lowercased service name), oldest first.
+    entries: VecDeque<(u64, String)>,
+    /// Indexes at or below this are not in the log any more.
+    floor: u64,
+}
+
+impl Mirror {
+    /// An empty mirror whose first change will get index `start + 1`.
+    pub fn new(start: u64) -> Self {
+        Self::with_log_capacity(start, DEFAULT_LOG_CAPACITY)
+    }
+
+    pub fn with_log_capacity(start: u64, capacity: usize) -> Self {
+        let (notify, _) = watch::channel(start);
+        Mirror {
+            services: DashMap::new(),
+            index: AtomicU64::new(start),
+            log: Mutex::new(ChangeLog {
+                capacity: capacity.max(1),
+                entries: VecDeque::new(),
+                floor: start,
+            }),
+            notify,
+        }
+    }
+
+    /// The index of the latest change.
+    pub fn index(&self) -> u64 {
+        self.index.load(Ordering::Acquire)
+    }
+
+    /// A receiver that sees the index after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    /// The service, looked up case-insensitively.
+    pub fn service(&self, name: &str) -> Option<Arc<ServiceView>> {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.services
+                .get(&name.to_ascii_lowercase())
+                .map(|v| v.clone())
+        } else {
+            self.services.get(name).map(|v| v.clone())
+        }
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> Vec<Arc<ServiceView>> {
+        self.services.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Finds an instance by ID in the named service.
+    pub fn instance(&self, service: &str, id: &str) -> Option<Arc<Instance>> {
+        self.service(service)?
+            .instances
+            .iter()
+            .find(|i| i.id == id)
+            .cloned()
+    }
+
+    /// Inserts or replaces an instance (matched by ID within its service). Returns the change
+    /// index, or `None` when the instance was already exactly so (no change is recorded).
+    pub fn upsert(&self, instance: Instance) -> Option<u64> {
+        let key = instance.service.to_ascii_lowercase();
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.services.get(&key).map(|v| v.clone());
+        let mut instances = current
+            .as_ref()
+            .map(|v| v.instances.clone())
+            .unwrap_or_default();
+        match instances.iter_mut().find(|i| i.id == instance.id) {
+            Some(existing) if **existing == instance => return None,
+            Some(existing) => *existing = Arc::new(instance),
+            None => instances.push(Arc::new(instance)),
+        }
+        let name = current
+            .map(|v| v.name.clone())
+            .unwrap_or_else(|| instances[instances.len() - 1].service.clone());
+        Some(self.commit(&mut log, key, Some((name, instances))))
+    }
+
+    /// Removes an instance. Returns the change index, or `None` if there was no such instance.
+    pub fn remove(&self, service: &str, id: &str) -> Option<u64> {
+        let key = service.to_ascii_lowercase();
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.services.get(&key).map(|v| v.clone())?;
+        if !current.instances.iter().any(|i| i.id == id) {
+            return None;
+        }
+        let instances: Vec<_> = current
+            .instances
+            .iter()
+            .filter(|i| i.id != id)
+            .cloned()
+            .collect();
+        let next = (!instances.is_empty()).then(|| (current.name.clone(), instances));
+        Some(self.commit(&mut log, key, next))
+    }
+
+    /// Applies a follower's batch: replaces the named services whole and drops removed ones.
+    /// With `reset`, every service not in the batch is dropped too. Indexes are the source's.
+    pub fn apply(&self, changes: &Changes) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if changes.reset {
+            let keep: BTreeSet<String> = changes
+                .services
+                .iter()
+                .map(|s| s.name.to_ascii_lowercase())
+                .collect();
+            self.services.retain(|k, _| keep.contains(k));
+        }
+        for view in &changes.services {
+            self.services
+                .insert(view.name.to_ascii_lowercase(), Arc::new(view.clone()));
+        }
+        for name in &changes.removed {
+            self.services.remove(&name.to_ascii_lowercase());
+        }
+        // A follower's log restarts at the source's index: older indexes are unknown here.
+        log.entries.clear();
+        log.floor = changes.index;
+        self.index.store(changes.index, Ordering::Release);
+        self.notify.send_replace(changes.index);
+    }
+
+    fn commit(
+        &self,
+        log: &mut ChangeLog,
+        key: String,
+        next: Option<(String, Vec<Arc<Instance>>)>,
+    ) -> u64 {
+        let index = self.index.load(Ordering::Acquire) + 1;
+        match next {
+            Some((name, instances)) => {
+                self.services.insert(
+                    key.clone(),
+                    Arc::new(ServiceView {
+                        name,
+                        index,
+                        instances,
+                    }),
+                );
+            }
+            None => {
+                self.services.remove(&key);
+            }
+        }
+        if log.entries.len() == log.capacity {
+            if let Some((dropped, _)) = log.entries.pop_front() {
+                log.floor = dropped;
+            }
+        }
+        log.entries.push_back((index, key));
+        self.index.store(index, Ordering::Release);
+        self.notify.send_replace(index);
+        index
+    }
+
+    /// What changed after `since`. When `since` is older than the change log reaches, or newer
+    /// than the mirror's index (the follower saw another registry's history), the answer is a
+    /// reset with the whole state.
+    pub fn changes_since(&self, since: u64) -> Changes {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let index = self.index();
+        if since < log.floor || since > index {
+            let services = self.services().iter().map(|v| (**v).clone()).collect();
+            return Changes {
+                index,
+                reset: true,
+                services,
+                removed: Vec::new(),
+            };
+        }
+        let touched: BTreeSet<&str> = log
+            .entries
+            .iter()
+            .rev()
+            .take_while(|(i, _)| *i > since)
+            .map(|(_, k)| k.as_str())
+            .collect();
+        let mut services = Vec::new();
+        let mut removed = Vec::new();
+        for key in touched {
+            match self.services.get(key) {
+                Some(view) => services.push((**view).clone()),
+                None => removed.push(key.to_string()),
+            }
+        }
+        Changes {
+            index,
+            reset: false,
+            services,
+            removed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn inst(service: &str, id: &str, port: u16) -> Instance {
+        Instance {
+            id: id.into(),
+            service: service.into(),
+            address: "127.0.0.1".into(),
+            port,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            weight_passing: 1,
+            weight_warning: 1,
+            checks: vec![],
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn upsert_and_remove_move_the_index() {
+        let m = Mirror::new(10);
+        assert_eq!(m.upsert(inst("Web", "a", 1)), Some(11));
+        assert_eq!(m.upsert(inst("web", "b", 2)), Some(12));
+        assert_eq!(m.upsert(inst("web", "b", 2)), None, "no-op is not a change");
+        let view = m.service("WEB").unwrap();
+        assert_eq!(view.name, "Web");
+        assert_eq!(view.index, 12);
+        assert_eq!(view.instances.len(), 2);
+        assert_eq!(m.remove("web", "a"), Some(13));
+        assert_eq!(m.remove("web", "a"), None);
+        assert_eq!(m.remove("web", "b"), Some(14));
+        assert!(m.service("web").is_none());
+        assert_eq!(m.index(), 14);
+    }
+
+    #[test]
+    fn changes_since_reports_touched_and_removed() {
+        let m = Mirror::new(0);
+        m.upsert(inst("a", "a1", 1));
+        m.upsert(inst("b", "b1", 1));
+        let mark = m.index();
+        m.upsert(inst("a", "a2", 2));
+        m.remove("b", "b1");
+        let c = m.changes_since(mark);
+        assert!(!c.reset);
+        assert_eq!(c.index, 4);
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services[0].instances.len(), 2);
+        assert_eq!(c.removed, vec!["b".to_string()]);
+        assert!(m.changes_since(4).services.is_empty());
+    }
+
+    #[test]
+    fn a_follower_behind_the_log_gets_a_reset() {
+        let m = Mirror::with_log_capacity(0, 2);
+        for p in 1..=5 {
+            m.upsert(inst("a", "a1", p));
+        }
+        m.upsert(inst("b", "b1", 1));
+        let c = m.changes_since(1);
+        assert!(c.reset);
+        assert_eq!(c.services.len(), 2);
+        assert!(!m.changes_since(5).reset);
+        assert!(m.changes_since(99).reset, "an index from the future resets");
+    }
+
+    #[test]
+    fn a_follower_applies_changes_and_converges() {
+        let source = Mirror::new(0);
+        let follower = Mirror::new(0);
+        source.upsert(inst("a", "a1", 1));
+        source.upsert(inst("b", "b1", 1));
+        follower.apply(&source.changes_since(follower.index()));
+        source.remove("a", "a1");
+        source.upsert(inst("b", "b2", 2));
+        follower.apply(&source.changes_since(follower.index()));
+        assert!(follower.service("a").is_none());
+        assert_eq!(follower.service("b").unwrap().instances.len(), 2);
+        assert_eq!(follower.index(), source.index());
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_every_change() {
+        let m = Mirror::new(0);
+        let mut rx = m.subscribe();
+        m.upsert(inst("a", "a1", 1));
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow(), 1);
+    }
+}

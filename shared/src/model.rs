@@ -1,0 +1,171 @@
+//! The registry model: a service is a name with instances; an instance is an address and port
+//! with tags, metadata, health checks and a draining flag. This is what mirrors hold and what
+//! DNS answers, the gateway and the change stream are computed from.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Health of one check or of an instance as a whole (the worst of its checks).
+///
+/// Ordered from best to worst, so `max` over checks gives the instance's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    /// Consul's spelling: `passing`, `warning`, `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+
+    /// Parses Consul's spelling, case-insensitively.
+    pub fn parse(s: &str) -> Option<Health> {
+        match s.to_ascii_lowercase().as_str() {
+            "passing" => Some(Health::Passing),
+            "warning" => Some(Health::Warning),
+            "critical" => Some(Health::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// The visible state of one health check of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    pub id: String,
+    pub name: String,
+    /// `http`, `tcp`, `ttl`, or `maintenance`.
+    pub kind: String,
+    pub status: Health,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub notes: String,
+}
+
+/// One instance of a service, as every mirror sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Unique across the registry (Consul's service ID).
+    pub id: String,
+    /// The service name as registered (DNS matches it case-insensitively).
+    pub service: String,
+    /// The address as registered: usually an IP, possibly a host name.
+    pub address: String,
+    pub port: u16,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// Relative load-balancing weight while passing.
+    #[serde(default = "default_weight")]
+    pub weight_passing: u32,
+    /// Relative load-balancing weight while warning.
+    #[serde(default = "default_weight")]
+    pub weight_warning: u32,
+    #[serde(default)]
+    pub checks: Vec<CheckView>,
+    /// Draining (maintenance mode, graceful shutdown): never answered, whatever its health.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Instance {
+    /// The instance's health: the worst of its checks, passing when it has none.
+    pub fn health(&self) -> Health {
+        self.checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Health::Passing)
+    }
+
+    /// Whether the instance may receive traffic: not draining and not critical.
+    /// Warning instances still serve, as in Consul's DNS interface.
+    pub fn is_serving(&self) -> bool {
+        !self.draining && self.health() != Health::Critical
+    }
+
+    /// The address as an IP, when it is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.address.parse().ok()
+    }
+
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(status: Health) -> CheckView {
+        CheckView {
+            id: "c".into(),
+            name: "c".into(),
+            kind: "ttl".into(),
+            status,
+            output: String::new(),
+            notes: String::new(),
+        }
+    }
+
+    fn instance(checks: Vec<CheckView>, draining: bool) -> Instance {
+        Instance {
+            id: "a".into(),
+            service: "web".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            tags: vec!["V1".into()],
+            meta: BTreeMap::new(),
+            weight_passing: 1,
+            weight_warning: 1,
+            checks,
+            draining,
+        }
+    }
+
+    #[test]
+    fn health_is_the_worst_check() {
+        assert_eq!(instance(vec![], false).health(), Health::Passing);
+        let i = instance(vec![check(Health::Passing), check(Health::Warning)], false);
+        assert_eq!(i.health(), Health::Warning);
+        assert!(i.is_serving());
+        let i = instance(vec![check(Health::Critical), check(Health::Warning)], false);
+        assert_eq!(i.health(), Health::Critical);
+        assert!(!i.is_serving());
+    }
+
+    #[test]
+    fn draining_never_serves() {
+        assert!(!instance(vec![], true).is_serving());
+    }
+
+    #[test]
+    fn tags_match_case_insensitively() {
+        assert!(instance(vec![], false).has_tag("v1"));
+        assert!(!instance(vec![], false).has_tag("v2"));
+    }
+
+    #[test]
+    fn health_parses_consul_spelling() {
+        assert_eq!(Health::parse("Passing"), Some(Health::Passing));
+        assert_eq!(Health::parse("bogus"), None);
+        assert_eq!(Health::Warning.as_str(), "warning");
+    }
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install the real Consul client libraries used by tests/clients/*.
+#
+#   python-consul -> tests/clients/.deps/python-consul   (module `consul`)
+#   py-consul     -> tests/clients/.deps/py-consul       (module `consul`, too)
+#   npm consul    -> tests/clients/node_modules          (from package.json / package-lock.json)
+#
+# Both Python libraries provide the module `consul`, so each goes into its own
+# directory and a test picks one with PYTHONPATH. Idempotent: a directory whose
+# stamp matches the pinned specs is left alone. Needs no stdin; safe for CI.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEPS="$HERE/.deps"
+PYTHON="${PYTHON:-python3}"
+
+# Exact pins, transitive dependencies included, so CI resolves the same tree.
+COMMON=(requests==2.34.2 urllib3==2.8.0 idna==3.20 charset-normalizer==3.5.2 certifi==2026.10.18)
+PY_PYTHON_CONSUL=(python-consul==1.1.0 six==1.17.0 "${COMMON[@]}")
+PY_PY_CONSUL=(py-consul==1.8.0 "${COMMON[@]}")
+
+log() { echo "[clients/install] $*"; }
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || { echo "[clients/install] error: '$1' not found on PATH" >&2; exit 1; }
+}
+
+install_py() { # name specs...
+    local name="$1"; shift
+    local dir="$DEPS/$name" stamp want
+    stamp="$dir/.waymark-stamp"
+    want="$("$PYTHON" --version 2>&1) | $*"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        log "$name: up to date ($dir)"
+        return
+    fi
+    log "$name: installing $* into $dir"
+    rm -rf "$dir" "$dir.tmp"
+    mkdir -p "$DEPS"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install --no-input --quiet \
+        --no-warn-script-location --root-user-action=ignore \
+        --target "$dir.tmp" "$@"
+    mv "$dir.tmp" "$dir"
+    printf '%s' "$want" > "$stamp"
+    # Check that the module imports from exactly this directory.
+    PYTHONPATH="$dir" "$PYTHON" -c "import consul, sys; assert consul.__file__.startswith('$dir'), consul.__file__; print('[clients/install] $name: consul module at', consul.__file__)"
+}
+
+install_node() {
+    need node
+    need npm
+    local stamp="$HERE/node_modules/.waymark-stamp" want
+    want="$(cat "$HERE/package.json" "$HERE/package-lock.json" 2>/dev/null | cksum)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$HERE/node_modules/consul/package.json" ]]; then
+        log "npm consul: up to date ($HERE/node_modules)"
+        return
+    fi
+    log "npm consul: installing into $HERE/node_modules"
+    if [[ -f "$HERE/package-lock.json" ]]; then
+        (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error)
+    else
+        (cd "$HERE" && npm install --no-audit --no-fund --loglevel=error)
+    fi
+    printf '%s' "$want" > "$stamp"
+    (cd "$HERE" && node -e "const c=require('consul'); console.log('[clients/install] npm consul', require('consul/package.json').version, typeof c === 'function' ? 'ok' : 'unexpected export')")
+}
+
+need "$PYTHON"
+install_py python-consul "${PY_PYTHON_CONSUL[@]}"
+install_py py-consul "${PY_PY_CONSUL[@]}"
+install_node
+log "done"
