@@ -1,1 +1,156 @@
-fn main() {}
+//! `waymark-resolver`: the command line. Everything it runs lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use waymark_resolver::config::Config;
+use waymark_resolver::{app, client, demo};
+
+#[derive(Parser)]
+#[command(name = "waymark-resolver", version, about = "Waymark's DNS resolver and embedded service registry")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve DNS for the mesh zone and the registration API.
+    Serve(ServeArgs),
+    /// Run a local mesh: the resolver plus demo services registered through the API.
+    Demo(ServeArgs),
+    /// Check a config file and print it with every default filled in.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+    /// Register an instance with a running resolver.
+    Register(client::RegisterArgs),
+    /// Deregister an instance from a running resolver.
+    Deregister {
+        /// The instance (service) ID.
+        id: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// List the registered instances and their health.
+    List {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// DNS listen address, UDP and TCP (default 127.0.0.1:8600).
+    #[arg(long)]
+    dns_addr: Option<SocketAddr>,
+    /// Registration API, admin and metrics listen address (default 127.0.0.1:8500).
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// Where registrations are kept across restarts.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The zone to answer for (default mesh.internal).
+    #[arg(long)]
+    zone: Option<String>,
+    /// Upstream resolver for other names (repeatable; default: /etc/resolv.conf's).
+    #[arg(long = "upstream")]
+    upstreams: Vec<SocketAddr>,
+    /// Log JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(a) = self.dns_addr {
+            c.dns.addr = a;
+        }
+        if let Some(a) = self.http_addr {
+            c.api.addr = a;
+        }
+        if let Some(d) = &self.data_dir {
+            c.store.data_dir = d.clone();
+        }
+        if let Some(z) = &self.zone {
+            c.dns.zone = z.clone();
+        }
+        if !self.upstreams.is_empty() {
+            c.dns.upstreams = self.upstreams.clone();
+        }
+        c.log_json |= self.log_json;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waymark-resolver: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.config()?;
+            waymark_shared::telemetry::init(config.log_json);
+            let bound = app::build(config).await.context("cannot start")?;
+            println!(
+                "waymark-resolver listening dns={} http={}",
+                bound.dns_addr, bound.http_addr
+            );
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            bound.shutdown(Duration::from_secs(10)).await;
+            Ok(())
+        }
+        Command::Demo(args) => {
+            let mut config = args.config()?;
+            if args.data_dir.is_none() && args.config.is_none() {
+                config.store.data_dir = std::env::temp_dir().join(format!("waymark-demo-{}", std::process::id()));
+            }
+            waymark_shared::telemetry::init(config.log_json);
+            let running = demo::start(config).await?;
+            println!("{}", running.instructions());
+            shutdown_signal().await;
+            running.stop().await;
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+        Command::Register(args) => client::register(args).await,
+        Command::Deregister { id, conn } => client::deregister(&conn, &id).await,
+        Command::List { conn } => client::list(&conn).await,
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -285,6 +285,37 @@ impl Registry {
         Ok(index)
     }
 
+    /// Adds (or replaces) a check on a registered instance (`/v1/agent/check/register`).
+    pub async fn add_check(&self, service_id: &str, mut check: CheckDef) -> Result<u64, RegistryError> {
+        let (mut def, source) = self
+            .definition(service_id)
+            .ok_or_else(|| RegistryError::UnknownService(service_id.to_string()))?;
+        if check.id.is_empty() {
+            check.id = check.name.clone();
+        }
+        if check.id.is_empty() {
+            return Err(RegistryError::Invalid("a check needs an ID or a Name".into()));
+        }
+        def.checks.retain(|c| c.id != check.id);
+        def.checks.push(check);
+        self.register(def, source).await
+    }
+
+    /// Removes one check from its instance (`/v1/agent/check/deregister/<id>`).
+    pub async fn remove_check(&self, check_id: &str) -> Result<u64, RegistryError> {
+        let owner = self
+            .lock()
+            .check_owner
+            .get(check_id)
+            .cloned()
+            .ok_or_else(|| RegistryError::UnknownCheck(check_id.to_string()))?;
+        let (mut def, source) = self
+            .definition(&owner)
+            .ok_or_else(|| RegistryError::UnknownCheck(check_id.to_string()))?;
+        def.checks.retain(|c| c.id != check_id);
+        self.register(def, source).await
+    }
+
     /// IDs of the registrations that came from the given source.
     pub fn ids_from(&self, source: Source) -> Vec<String> {
         self.lock()

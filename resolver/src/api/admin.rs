@@ -1,0 +1,64 @@
+//! Admin endpoints: Prometheus metrics, liveness, and readiness that names what it still
+//! waits for.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::ApiState;
+
+/// What the process still waits for before it is ready. Empty means ready.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pending: Mutex<BTreeSet<&'static str>>,
+}
+
+impl Readiness {
+    pub fn waiting_for(&self, what: &'static str) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(what);
+    }
+
+    pub fn done(&self, what: &'static str) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(what);
+    }
+
+    pub fn pending(&self) -> Vec<&'static str> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+pub async fn live() -> &'static str {
+    "live\n"
+}
+
+pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
+    let pending = state.ready.pending();
+    if pending.is_empty() {
+        (StatusCode::OK, "ready\n".to_string()).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: waiting for {}\n", pending.join(", ")),
+        )
+            .into_response()
+    }
+}

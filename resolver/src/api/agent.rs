@@ -1,0 +1,247 @@
+//! The Consul-compatible handlers: agent registration and checks, catalog and health reads,
+//! with blocking queries. Writes return once durable; reads come from the mirror.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use serde_json::{json, Value};
+use waymark_shared::Health;
+
+use super::consul::{self, Node};
+use super::{json_body, read_body, with_index, ApiError, ApiState, Blocking};
+use crate::store::Source;
+
+type Params = Query<HashMap<String, String>>;
+
+fn node(state: &ApiState) -> Node<'_> {
+    Node {
+        name: &state.config.api.node_name,
+        address: &state.config.api.node_address,
+        datacenter: &state.config.api.datacenter,
+    }
+}
+
+fn empty_ok() -> Response {
+    Response::new(Body::empty())
+}
+
+pub async fn register(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(body, state.config.api.max_body_bytes).await?;
+    let def = consul::parse_service(&body)?;
+    state.registry.register(def, Source::Api).await?;
+    Ok(empty_ok())
+}
+
+pub async fn deregister(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.registry.deregister(&id).await?;
+    Ok(empty_ok())
+}
+
+pub async fn maintenance(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let enable = q
+        .get("enable")
+        .ok_or_else(|| ApiError::BadRequest("missing value for enable".into()))?;
+    let enable = consul::parse_bool(enable)
+        .ok_or_else(|| ApiError::BadRequest(format!("enable {enable:?} is not a boolean")))?;
+    state
+        .registry
+        .maintenance(&id, enable, q.get("reason").cloned())
+        .await?;
+    Ok(empty_ok())
+}
+
+pub async fn register_check(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(body, state.config.api.max_body_bytes).await?;
+    let (check, service) = consul::parse_check(&body)?;
+    let service = service.filter(|s| !s.is_empty()).ok_or_else(|| {
+        ApiError::BadRequest("ServiceID is required: Waymark has no node-level checks".into())
+    })?;
+    state.registry.add_check(&service, check).await?;
+    Ok(empty_ok())
+}
+
+pub async fn deregister_check(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.registry.remove_check(&id).await?;
+    Ok(empty_ok())
+}
+
+async fn ttl(state: &ApiState, id: &str, status: Health, note: Option<String>) -> Result<Response, ApiError> {
+    state.registry.ttl_update(id, status, note).await?;
+    Ok(empty_ok())
+}
+
+pub async fn check_pass(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    ttl(&state, &id, Health::Passing, q.get("note").cloned()).await
+}
+
+pub async fn check_warn(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    ttl(&state, &id, Health::Warning, q.get("note").cloned()).await
+}
+
+pub async fn check_fail(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    ttl(&state, &id, Health::Critical, q.get("note").cloned()).await
+}
+
+/// `PUT /v1/agent/check/update/<id>` with `{"Status": ..., "Output": ...}`.
+pub async fn check_update(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, state.config.api.max_body_bytes).await?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+    let field = |name: &str| {
+        v.as_object()?
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+    };
+    let status = field("status")
+        .and_then(Health::parse)
+        .ok_or_else(|| ApiError::BadRequest("Status must be passing, warning or critical".into()))?;
+    ttl(&state, &id, status, field("output").map(str::to_string)).await
+}
+
+pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
+    let dc = &state.config.api.datacenter;
+    let mut out = serde_json::Map::new();
+    for view in state.mirror.services() {
+        for i in &view.instances {
+            out.insert(i.id.clone(), consul::agent_service(i, dc));
+        }
+    }
+    with_index(&Value::Object(out), state.mirror.index())
+}
+
+pub async fn checks(State(state): State<Arc<ApiState>>) -> Response {
+    let views = state.mirror.services();
+    let instances = views.iter().flat_map(|v| v.instances.iter().map(|i| &**i));
+    with_index(&consul::agent_checks(instances, &node(&state)), state.mirror.index())
+}
+
+pub async fn catalog_services(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
+    let index = blocking.wait(&state.mirror, || state.mirror.index()).await;
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for view in state.mirror.services() {
+        let tags = out.entry(view.name.clone()).or_default();
+        for i in &view.instances {
+            tags.extend(i.tags.iter().cloned());
+        }
+    }
+    Ok(with_index(&json!(out), index))
+}
+
+/// The index a query about one service reports: the service's last change, or the global
+/// index when the service does not exist.
+fn service_index(state: &ApiState, name: &str) -> u64 {
+    state
+        .mirror
+        .service(name)
+        .map(|v| v.index)
+        .unwrap_or_else(|| state.mirror.index())
+}
+
+fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match q.get(name).map(String::as_str) {
+        None => Ok(false),
+        Some("") => Ok(true),
+        Some(s) => consul::parse_bool(s)
+            .ok_or_else(|| ApiError::BadRequest(format!("{name} {s:?} is not a boolean"))),
+    }
+}
+
+pub async fn health_service(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
+    let passing = flag(&q, "passing")?;
+    let tag = q.get("tag").cloned();
+    let index = blocking.wait(&state.mirror, || service_index(&state, &name)).await;
+    let node = node(&state);
+    let entries: Vec<Value> = state
+        .mirror
+        .service(&name)
+        .map(|view| {
+            view.instances
+                .iter()
+                .filter(|i| !passing || (!i.draining && i.health() == Health::Passing))
+                .filter(|i| tag.as_deref().is_none_or(|t| i.has_tag(t)))
+                .map(|i| consul::health_entry(i, &node))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(with_index(&Value::Array(entries), index))
+}
+
+pub async fn catalog_service(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
+    let tag = q.get("tag").cloned();
+    let index = blocking.wait(&state.mirror, || service_index(&state, &name)).await;
+    let node = node(&state);
+    let entries: Vec<Value> = state
+        .mirror
+        .service(&name)
+        .map(|view| {
+            view.instances
+                .iter()
+                .filter(|i| tag.as_deref().is_none_or(|t| i.has_tag(t)))
+                .map(|i| {
+                    json!({
+                        "ID": "",
+                        "Node": node.name,
+                        "Address": node.address,
+                        "Datacenter": node.datacenter,
+                        "ServiceID": i.id,
+                        "ServiceName": i.service,
+                        "ServiceAddress": i.address,
+                        "ServicePort": i.port,
+                        "ServiceTags": i.tags,
+                        "ServiceMeta": i.meta,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(with_index(&Value::Array(entries), index))
+}
+
+/// Some clients check for a leader before anything else; the embedded registry is its own.
+pub async fn leader(State(state): State<Arc<ApiState>>) -> Response {
+    json_body(&json!(state.config.api.addr.to_string()))
+}

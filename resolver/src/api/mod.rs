@@ -1,0 +1,262 @@
+//! The resolver's HTTP interface: the registration API (the part of Consul's agent, catalog
+//! and health API that client libraries use), the change stream that mirrors follow, and the
+//! admin endpoints (`/metrics`, `/healthz/live`, `/healthz/ready`).
+//!
+//! - [`consul`]: Consul's JSON shapes, parsed and produced (pure).
+//! - [`agent`]: the Consul-compatible handlers.
+//! - [`stream`]: the change stream (long-poll and server-sent events).
+//! - [`admin`]: metrics, liveness and readiness.
+
+pub mod admin;
+pub mod agent;
+pub mod consul;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use serde_json::json;
+use waymark_shared::Mirror;
+
+use crate::config::Config;
+use crate::metrics::{ApiLabels, Metrics};
+use crate::registry::{Registry, RegistryError};
+
+/// What every handler can reach.
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub mirror: Arc<Mirror>,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<admin::Readiness>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("missing or wrong token: send Authorization: Bearer <token> or X-Consul-Token")]
+    Forbidden,
+    #[error("request body is over the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(_) | RegistryError::NotTtl(_) | RegistryError::CheckConflict { .. } => {
+                ApiError::BadRequest(e.to_string())
+            }
+            RegistryError::UnknownService(_) | RegistryError::UnknownCheck(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            RegistryError::Store(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<consul::ParseError> for ApiError {
+    fn from(e: consul::ParseError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "API request failed");
+        }
+        (status, json_body(&json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+/// A JSON response body with Consul clients' expected content type.
+pub fn json_body(value: &serde_json::Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// A JSON response with an `X-Consul-Index` header (never below 1).
+pub fn with_index(value: &serde_json::Value, index: u64) -> Response {
+    let mut resp = json_body(value);
+    resp.headers_mut().insert(
+        "X-Consul-Index",
+        HeaderValue::from_str(&index.max(1).to_string()).expect("digits"),
+    );
+    resp
+}
+
+/// Reads a request body up to the configured limit.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(limit))
+}
+
+/// Builds the router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let consul = Router::new()
+        .route("/v1/agent/service/register", put(agent::register))
+        .route("/v1/agent/service/deregister/{*id}", put(agent::deregister))
+        .route("/v1/agent/service/maintenance/{*id}", put(agent::maintenance))
+        .route("/v1/agent/check/register", put(agent::register_check))
+        .route("/v1/agent/check/deregister/{*id}", put(agent::deregister_check))
+        .route("/v1/agent/check/pass/{*id}", put(agent::check_pass))
+        .route("/v1/agent/check/warn/{*id}", put(agent::check_warn))
+        .route("/v1/agent/check/fail/{*id}", put(agent::check_fail))
+        .route("/v1/agent/check/update/{*id}", put(agent::check_update))
+        .route("/v1/agent/services", get(agent::services))
+        .route("/v1/agent/checks", get(agent::checks))
+        .route("/v1/catalog/services", get(agent::catalog_services))
+        .route("/v1/catalog/service/{name}", get(agent::catalog_service))
+        .route("/v1/health/service/{name}", get(agent::health_service))
+        .route("/v1/status/leader", get(agent::leader))
+        .route("/v1/waymark/changes", get(stream::changes))
+        .route("/v1/waymark/events", get(stream::events))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .merge(consul)
+        .route("/metrics", get(admin::metrics))
+        .route("/healthz/live", get(admin::live))
+        .route("/healthz/ready", get(admin::ready))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+/// Guards writes with the configured token, if any.
+async fn authorize(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let Some(token) = state.config.api.token.as_deref() else {
+        return next.run(req).await;
+    };
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    if presented_token(req.headers(), req.uri().query()).is_some_and(|t| constant_eq(t, token)) {
+        next.run(req).await
+    } else {
+        ApiError::Forbidden.into_response()
+    }
+}
+
+fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(str::trim);
+    }
+    if let Some(v) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+}
+
+fn constant_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn count(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .api_requests
+        .get_or_create(&ApiLabels {
+            method,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+/// `index` and `wait` of a blocking query.
+pub struct Blocking {
+    pub index: u64,
+    pub wait: Duration,
+}
+
+impl Blocking {
+    pub fn parse(
+        query: &std::collections::HashMap<String, String>,
+        max_wait: Duration,
+    ) -> Result<Blocking, ApiError> {
+        let index = match query.get("index").map(String::as_str) {
+            None | Some("") => 0,
+            Some(s) => s
+                .parse()
+                .map_err(|_| ApiError::BadRequest(format!("index {s:?} is not a number")))?,
+        };
+        let wait = match query.get("wait").map(String::as_str) {
+            None | Some("") => Duration::from_secs(300),
+            Some(s) => waymark_shared::duration::parse(s)
+                .map_err(|e| ApiError::BadRequest(format!("wait: {e}")))?,
+        };
+        Ok(Blocking {
+            index,
+            wait: wait.min(max_wait),
+        })
+    }
+
+    /// Waits until `current()` moves past the client's index, or the wait runs out; returns
+    /// the index to report. Index 0 (or an index from the future) returns at once.
+    pub async fn wait(&self, mirror: &Mirror, current: impl Fn() -> u64) -> u64 {
+        if self.index == 0 || self.index > mirror.index() {
+            return current();
+        }
+        let mut rx = mirror.subscribe();
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            let now = current();
+            if now > self.index {
+                return now;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return current(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_headers_or_query() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_token(&h, Some("a=1&token=s3")), Some("s3"));
+        h.insert("x-consul-token", "t1".parse().unwrap());
+        assert_eq!(presented_token(&h, None), Some("t1"));
+        h.insert(header::AUTHORIZATION, "Bearer t2".parse().unwrap());
+        assert_eq!(presented_token(&h, None), Some("t2"));
+        assert!(constant_eq("abc", "abc"));
+        assert!(!constant_eq("abc", "abd"));
+        assert!(!constant_eq("abc", "ab"));
+    }
+}

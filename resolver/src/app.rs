@@ -1,0 +1,207 @@
+//! Assembling the resolver: store, registry, DNS and HTTP servers, background tasks. Binds
+//! everything before returning, so callers (the binary, tests) read the real addresses back
+//! from [`Bound`] — port 0 works everywhere.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use waymark_shared::Mirror;
+
+use crate::api::{self, admin::Readiness, ApiState};
+use crate::config::{resolv_conf_upstreams, Config};
+use crate::dns::{self, forward::Forwarder, Zone};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Settings};
+use crate::services_file;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen for DNS on {addr}: {source}")]
+    DnsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    ServicesFile(#[from] services_file::ServicesFileError),
+}
+
+/// A running resolver.
+pub struct Bound {
+    pub dns_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub upstreams: Vec<SocketAddr>,
+    pub registry: Arc<Registry>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Bound {
+    /// Stops serving, waits for the servers to finish (up to `grace`) and for every
+    /// acknowledged write to be on disk.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(?grace, "servers did not stop within the grace period");
+        }
+        if let Err(e) = self.registry.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+    }
+}
+
+/// Builds and starts the resolver.
+pub async fn build(config: Config) -> Result<Bound, AppError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(Readiness::default());
+    ready.waiting_for("services file");
+
+    let (store, loaded) = Store::open(&config.store.data_dir)?;
+    tracing::info!(
+        registrations = loaded.registrations.len(),
+        index = loaded.index,
+        dir = %config.store.data_dir.display(),
+        "store loaded"
+    );
+    let mirror = Arc::new(Mirror::new(loaded.index));
+    let registry = Registry::new(
+        mirror.clone(),
+        store,
+        loaded.registrations,
+        Settings {
+            node_address: config.api.node_address.clone(),
+            health: config.health.clone(),
+        },
+        metrics.clone(),
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Third-party registrations: loaded before serving, then watched.
+    if let Some(sf) = &config.services_file {
+        let first = services_file::load(&registry, &sf.path).await?;
+        tasks.push(spawn_until_stopped(
+            stopped.clone(),
+            services_file::watch(registry.clone(), sf.path.clone(), sf.reload_interval, Some(first)),
+        ));
+    }
+    ready.done("services file");
+
+    // DNS.
+    let (udp, tcp) = dns::server::bind(config.dns.addr)
+        .await
+        .map_err(|source| AppError::DnsBind {
+            addr: config.dns.addr,
+            source,
+        })?;
+    let dns_addr = udp.local_addr().map_err(|source| AppError::DnsBind {
+        addr: config.dns.addr,
+        source,
+    })?;
+    let upstreams = if config.dns.upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        resolv_conf_upstreams(&text, &[dns_addr, SocketAddr::new(dns_addr.ip(), 53)])
+    } else {
+        config.dns.upstreams.clone()
+    };
+    let ns_address = config
+        .dns
+        .ns_address
+        .or_else(|| (!dns_addr.ip().is_unspecified()).then(|| dns_addr.ip()));
+    let panic_config = config.clone();
+    let handler = dns::server::Handler {
+        zone: Zone::new(&config.dns.zone, config.dns.ttl, config.dns.negative_ttl, ns_address),
+        mirror: mirror.clone(),
+        forwarder: Forwarder::new(
+            upstreams.clone(),
+            config.dns.upstream_timeout,
+            config.dns.forward_allow.clone(),
+            metrics.clone(),
+        ),
+        panic_threshold: Box::new(move |s| panic_config.panic_threshold(s)),
+        max_udp_payload: config.dns.max_udp_payload,
+        metrics: metrics.clone(),
+    };
+    let mut dns_server = dns::server::serve(handler, udp, tcp, config.dns.tcp_idle_timeout);
+    let mut dns_stopped = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let _ = dns_stopped.wait_for(|s| *s).await;
+        if let Err(e) = dns_server.shutdown_gracefully().await {
+            tracing::warn!(error = %e, "DNS server stopped with an error");
+        }
+    }));
+
+    // HTTP.
+    let listener = tokio::net::TcpListener::bind(config.api.addr)
+        .await
+        .map_err(|source| AppError::HttpBind {
+            addr: config.api.addr,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| AppError::HttpBind {
+        addr: config.api.addr,
+        source,
+    })?;
+    let state = Arc::new(ApiState {
+        registry: registry.clone(),
+        mirror: mirror.clone(),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        ready,
+    });
+    let app = api::router(state);
+    let mut http_stopped = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = http_stopped.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    // Deregister-after for long-critical instances.
+    let reaper = registry.clone();
+    tasks.push(spawn_until_stopped(stopped.clone(), async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            reaper.reap().await;
+        }
+    }));
+
+    tracing::info!(%dns_addr, %http_addr, zone = %config.dns.zone, ?upstreams, "waymark-resolver serving");
+    Ok(Bound {
+        dns_addr,
+        http_addr,
+        upstreams,
+        registry,
+        stop,
+        tasks,
+    })
+}
+
+fn spawn_until_stopped(
+    mut stopped: watch::Receiver<bool>,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = stopped.wait_for(|s| *s) => {}
+        }
+    })
+}
