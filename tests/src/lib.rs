@@ -1,1 +1,318 @@
+//! The end-to-end test harness: starts the real `waymark-resolver` binary on ephemeral
+//! loopback ports (reading the bound addresses from its first line of output), talks to it
+//! with real DNS and HTTP clients, and stops only the processes it started, by PID.
 
+pub mod dns;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// The `waymark-resolver` binary, built on first use when it is not there yet.
+pub fn resolver_bin() -> PathBuf {
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.as_ref() {
+        return p.clone();
+    }
+    if let Ok(p) = std::env::var("WAYMARK_RESOLVER_BIN") {
+        *built = Some(PathBuf::from(&p));
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> → target/<profile>/waymark-resolver
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test runs from target/<profile>/deps");
+    let release = profile_dir.ends_with("release");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-q", "-p", "waymark-resolver", "--bin", "waymark-resolver"])
+        .current_dir(root());
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "building waymark-resolver failed");
+    let bin = profile_dir.join("waymark-resolver");
+    assert!(bin.exists(), "{} missing after build", bin.display());
+    *built = Some(bin.clone());
+    bin
+}
+
+/// A running `waymark-resolver serve` process.
+pub struct Resolver {
+    child: Option<Child>,
+    pub dns: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// How to start a resolver.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Config file contents (TOML); none means flags only.
+    pub config: Option<String>,
+    /// Upstream resolvers; none means a closed loopback port, so nothing leaves the machine.
+    pub upstreams: Vec<SocketAddr>,
+    pub extra_args: Vec<String>,
+    pub data_dir: Option<PathBuf>,
+    pub dns_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Resolver {
+    pub fn start() -> Resolver {
+        Self::with(Options::default())
+    }
+
+    pub fn with(opts: Options) -> Resolver {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--dns-addr".into(),
+            opts.dns_addr.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+            "--http-addr".into(),
+            opts.http_addr.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        if let Some(config) = &opts.config {
+            let path = dir.path().join("resolver.toml");
+            std::fs::write(&path, config).expect("write config");
+            args.push("--config".into());
+            args.push(path.display().to_string());
+        }
+        let upstreams = if opts.upstreams.is_empty() {
+            // Port 9 (discard) on loopback: forwarding fails fast and stays on this machine.
+            vec!["127.0.0.1:9".parse().expect("valid")]
+        } else {
+            opts.upstreams.clone()
+        };
+        for u in upstreams {
+            args.push("--upstream".into());
+            args.push(u.to_string());
+        }
+        args.extend(opts.extra_args.iter().cloned());
+        let log = dir.path().join("resolver.log");
+        let mut r = Resolver {
+            child: None,
+            dns: "0.0.0.0:0".parse().expect("valid"),
+            http: "0.0.0.0:0".parse().expect("valid"),
+            data_dir,
+            args,
+            log,
+            _dir: Some(dir),
+        };
+        r.spawn().expect("resolver starts");
+        r
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = Command::new(resolver_bin())
+            .args(&self.args)
+            .env("RUST_LOG", "info,hickory_server=warn,waymark_resolver=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawning waymark-resolver")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => bail!("resolver did not report its addresses; log:\n{}", self.log()),
+            };
+            if let Some(rest) = line.strip_prefix("waymark-resolver listening ") {
+                for word in rest.split_whitespace() {
+                    if let Some(a) = word.strip_prefix("dns=") {
+                        self.dns = a.parse()?;
+                    } else if let Some(a) = word.strip_prefix("http=") {
+                        self.http = a.parse()?;
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// The resolver's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: a crash, with no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same resolver again (same data dir) on the same addresses.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.restart_stopped();
+    }
+
+    /// Starts a stopped resolver again, keeping its addresses and data dir.
+    pub fn restart_stopped(&mut self) {
+        let pin = |args: &mut Vec<String>, flag: &str, addr: SocketAddr| {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args[i + 1] = addr.to_string();
+            }
+        };
+        let (dns, http) = (self.dns, self.http);
+        pin(&mut self.args, "--dns-addr", dns);
+        pin(&mut self.args, "--http-addr", http);
+        // The ports were just released; retry briefly if the kernel has not let go yet.
+        for _ in 0..50 {
+            if self.spawn().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("resolver did not restart; log:\n{}", self.log());
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A JSON HTTP client for the registration API.
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(r: &Resolver) -> Api {
+        Api {
+            base: format!("http://{}", r.http),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    pub async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .put(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("API reachable")
+    }
+
+    pub async fn put_empty(&self, path: &str) -> reqwest::Response {
+        self.client
+            .put(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("API reachable")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("API reachable")
+    }
+
+    /// Registers an instance with no checks (passing at once); panics unless 200.
+    pub async fn register(&self, body: serde_json::Value) {
+        let resp = self.put("/v1/agent/service/register", body).await;
+        let status = resp.status();
+        assert_eq!(status, 200, "register: {}", resp.text().await.unwrap_or_default());
+    }
+}
+
+/// Polls `f` every 10 ms until it returns true or `timeout` passes; returns whether it did.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether a command is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
