@@ -23,7 +23,11 @@ let current = "parse arguments";
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const ok = (detail) => console.log(`[node-consul] ok   ${current}${detail ? " -- " + detail : ""}`);
 const step = (name) => { current = name; };
-const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+// Order-insensitive for object keys: Consul (Go) returns map keys sorted, not as sent.
+const canon = (v) => Array.isArray(v) ? v.map(canon)
+  : v && typeof v === "object" ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, canon(v[k])]))
+  : v;
+const same = (a, b) => JSON.stringify(canon(a)) === JSON.stringify(canon(b));
 function expect(cond, msg) { if (!cond) throw new Error(msg); }
 
 function parseArgs(argv) {

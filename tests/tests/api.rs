@@ -1,0 +1,254 @@
+//! The registration API through real HTTP: errors that say what is wrong, the body limit, the
+//! write token, blocking queries, the change stream (long poll and server-sent events), and
+//! the admin endpoints.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use waymark_e2e::{Api, Options, Resolver};
+
+fn index(resp: &reqwest::Response) -> u64 {
+    resp.headers()["x-consul-index"].to_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_json_errors() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    let cases = [
+        ("/v1/agent/service/register", "{\"Name\": ", 400, "not valid JSON"),
+        ("/v1/agent/service/register", "{\"Port\": 80}", 400, "Name is required"),
+        ("/v1/agent/service/register", "{\"Name\":\"a\",\"Port\":\"80\"}", 400, "Port"),
+        ("/v1/agent/service/register", "{\"Name\":\"a\",\"Check\":{\"HTTP\":\"http://x/\"}}", 400, "Interval"),
+        ("/v1/agent/check/pass/service:nope", "", 404, "unknown check ID"),
+        ("/v1/agent/service/deregister/nope", "", 404, "unknown service ID"),
+        ("/v1/agent/service/maintenance/nope?enable=maybe", "", 400, "not a boolean"),
+        ("/v1/no/such/thing", "", 404, "no such endpoint"),
+    ];
+    for (path, body, status, message) in cases {
+        let resp = api
+            .client
+            .put(format!("{}{path}", api.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path} {body}");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let v: Value = resp.json().await.unwrap();
+        let err = v["error"].as_str().unwrap();
+        assert!(err.contains(message), "{path}: {err:?} should say {message:?}");
+    }
+    // A TTL update on a check that is not a TTL check is refused too.
+    api.register(json!({"Name": "h", "Check": {"TCP": "127.0.0.1:9", "Interval": "10s"}}))
+        .await;
+    let resp = api.put_empty("/v1/agent/check/pass/service:h").await;
+    assert_eq!(resp.status(), 400);
+    // Nothing bad was registered, and the server is still fine.
+    let v: Value = api.get("/v1/agent/services").await.json().await.unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused() {
+    let r = Resolver::with(Options {
+        config: Some("[api]\nmax_body_bytes = 4096\n".into()),
+        ..Default::default()
+    });
+    let api = Api::new(&r);
+    let big = json!({"Name": "a", "Meta": {"pad": "x".repeat(10_000)}});
+    let resp = api.put("/v1/agent/service/register", big).await;
+    assert_eq!(resp.status(), 413);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("4096"));
+    api.register(json!({"Name": "a"})).await;
+}
+
+#[tokio::test]
+async fn a_token_guards_every_write() {
+    let r = Resolver::with(Options {
+        config: Some("[api]\ntoken = \"s3cret\"\n".into()),
+        ..Default::default()
+    });
+    let api = Api::new(&r);
+    let body = json!({"Name": "a", "ID": "a1"});
+    let resp = api.put("/v1/agent/service/register", body.clone()).await;
+    assert_eq!(resp.status(), 403);
+    let resp = api
+        .client
+        .put(api.url_for("/v1/agent/service/register"))
+        .header("Authorization", "Bearer wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    for (name, value) in [("Authorization", "Bearer s3cret"), ("X-Consul-Token", "s3cret")] {
+        let resp = api
+            .client
+            .put(api.url_for("/v1/agent/service/register"))
+            .header(name, value)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+    }
+    // Reads need no token.
+    assert_eq!(api.get("/v1/agent/services").await.status(), 200);
+    assert_eq!(api.put_empty("/v1/agent/service/deregister/a1").await.status(), 403);
+}
+
+trait UrlFor {
+    fn url_for(&self, path: &str) -> String;
+}
+
+impl UrlFor for Api {
+    fn url_for(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+#[tokio::test]
+async fn blocking_queries_wait_for_a_change() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    let resp = api.get("/v1/catalog/services").await;
+    assert_eq!(index(&resp), 1, "X-Consul-Index starts at 1");
+    api.register(json!({"Name": "web", "ID": "web-1", "Port": 80})).await;
+    let resp = api.get("/v1/health/service/web").await;
+    let i = index(&resp);
+    assert!(i >= 1);
+
+    // No change: returns after the wait, with the same index.
+    let started = Instant::now();
+    let resp = api.get(&format!("/v1/health/service/web?index={i}&wait=500ms")).await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(3), "{waited:?}");
+    assert_eq!(index(&resp), i);
+
+    // A change to another service does not wake it; a change to this one does, at once.
+    let blocked = tokio::spawn({
+        let url = format!("{}/v1/health/service/web?index={i}&wait=10s", api.base);
+        async move {
+            let started = Instant::now();
+            let resp = reqwest::get(url).await.unwrap();
+            (index(&resp), started.elapsed(), resp.json::<Value>().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.register(json!({"Name": "other", "Port": 1})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!blocked.is_finished(), "another service's change must not wake the query");
+    api.register(json!({"Name": "web", "ID": "web-2", "Port": 81})).await;
+    let (after, waited, body) = blocked.await.unwrap();
+    assert!(after > i);
+    assert!(waited < Duration::from_secs(5));
+    assert_eq!(body.as_array().unwrap().len(), 2);
+
+    // The catalog's index never goes backwards.
+    let mut last = 0;
+    for n in 0..5 {
+        api.register(json!({"Name": "web", "ID": format!("w{n}"), "Port": 80})).await;
+        let now = index(&api.get("/v1/catalog/services").await);
+        assert!(now > last);
+        last = now;
+    }
+}
+
+#[tokio::test]
+async fn the_change_stream_resumes_without_loss() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    api.register(json!({"Name": "a", "ID": "a1", "Port": 1})).await;
+    api.register(json!({"Name": "b", "ID": "b1", "Port": 1})).await;
+
+    // From 0: the whole state.
+    let all: Value = api.get("/v1/waymark/changes?index=0").await.json().await.unwrap();
+    assert_eq!(all["services"].as_array().unwrap().len(), 2);
+    let seen = all["index"].as_u64().unwrap();
+
+    // Changes made while the follower is away come back on the next poll.
+    api.register(json!({"Name": "a", "ID": "a2", "Port": 2})).await;
+    api.put_empty("/v1/agent/service/deregister/b1").await;
+    let next: Value = api
+        .get(&format!("/v1/waymark/changes?index={seen}&wait=5s"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["reset"], false);
+    assert_eq!(next["services"].as_array().unwrap().len(), 1);
+    assert_eq!(next["services"][0]["instances"].as_array().unwrap().len(), 2);
+    assert_eq!(next["removed"], json!(["b"]));
+
+    // An index from another history gets a reset with the whole state.
+    let reset: Value = api.get("/v1/waymark/changes?index=999999").await.json().await.unwrap();
+    assert_eq!(reset["reset"], true);
+
+    // Server-sent events: the first event is the state since the given index; a reconnect
+    // with Last-Event-ID picks up a change made while disconnected.
+    let last_id = {
+        let resp = reqwest::get(api.url_for("/v1/waymark/events?index=0")).await.unwrap();
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let (id, data) = first_event(resp).await;
+        assert_eq!(data["services"].as_array().unwrap().len(), 1);
+        id
+    };
+    api.register(json!({"Name": "c", "ID": "c1", "Port": 3})).await;
+    let resp = api
+        .client
+        .get(api.url_for("/v1/waymark/events"))
+        .header("Last-Event-ID", last_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (id, data) = first_event(resp).await;
+    assert!(id > last_id);
+    assert_eq!(data["services"][0]["name"], "c");
+}
+
+/// Reads the first `changes` event of an SSE response: (id, data).
+async fn first_event(resp: reqwest::Response) -> (u64, Value) {
+    let mut resp = resp;
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .expect("an event within 5s")
+            .unwrap()
+            .expect("stream open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let event = text.split("\n\n").next().unwrap();
+    let mut id = 0;
+    let mut data = String::new();
+    for line in event.lines() {
+        if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().unwrap();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim());
+        }
+    }
+    (id, serde_json::from_str(&data).unwrap())
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    assert_eq!(api.get("/healthz/live").await.status(), 200);
+    assert_eq!(api.get("/healthz/ready").await.text().await.unwrap(), "ready\n");
+    api.register(json!({"Name": "m", "Port": 1})).await;
+    let _ = waymark_e2e::dns::udp(r.dns, "m.mesh.internal.", hickory_proto::rr::RecordType::A).await;
+    let metrics = api.get("/metrics").await.text().await.unwrap();
+    for family in [
+        "waymark_dns_queries_total{proto=\"udp\",outcome=\"answer\"} 1",
+        "waymark_registry_instances 1",
+        "waymark_api_requests_total",
+        "waymark_registry_change_index",
+    ] {
+        assert!(metrics.contains(family), "missing {family}:\n{metrics}");
+    }
+}
