@@ -95,18 +95,24 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         let first = services_file::load(&registry, &sf.path).await?;
         tasks.push(spawn_until_stopped(
             stopped.clone(),
-            services_file::watch(registry.clone(), sf.path.clone(), sf.reload_interval, Some(first)),
+            services_file::watch(
+                registry.clone(),
+                sf.path.clone(),
+                sf.reload_interval,
+                Some(first),
+            ),
         ));
     }
     ready.done("services file");
 
     // DNS.
-    let (udp, tcp) = dns::server::bind(config.dns.addr)
-        .await
-        .map_err(|source| AppError::DnsBind {
-            addr: config.dns.addr,
-            source,
-        })?;
+    let (udp, tcp) =
+        dns::server::bind(config.dns.addr)
+            .await
+            .map_err(|source| AppError::DnsBind {
+                addr: config.dns.addr,
+                source,
+            })?;
     let dns_addr = udp.local_addr().map_err(|source| AppError::DnsBind {
         addr: config.dns.addr,
         source,
@@ -123,7 +129,12 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .or_else(|| (!dns_addr.ip().is_unspecified()).then(|| dns_addr.ip()));
     let panic_config = config.clone();
     let handler = dns::server::Handler {
-        zone: Zone::new(&config.dns.zone, config.dns.ttl, config.dns.negative_ttl, ns_address),
+        zone: Zone::new(
+            &config.dns.zone,
+            config.dns.ttl,
+            config.dns.negative_ttl,
+            ns_address,
+        ),
         mirror: mirror.clone(),
         forwarder: Forwarder::new(
             upstreams.clone(),

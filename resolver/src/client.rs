@@ -124,7 +124,10 @@ pub async fn list(conn: &Conn) -> anyhow::Result<()> {
     let Value::Object(services) = services else {
         bail!("unexpected answer from the resolver")
     };
-    println!("{:<24} {:<24} {:<22} {:<9} TAGS", "SERVICE", "ID", "ADDRESS", "HEALTH");
+    println!(
+        "{:<24} {:<24} {:<22} {:<9} TAGS",
+        "SERVICE", "ID", "ADDRESS", "HEALTH"
+    );
     for name in services.keys() {
         let path = format!("/v1/health/service/{}", percent_encode(name));
         let entries: Vec<Value> = check(conn.request(reqwest::Method::GET, &path).send().await?)

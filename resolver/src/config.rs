@@ -220,13 +220,19 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let zone = self.dns.zone.trim_end_matches('.');
         if zone.is_empty() || hickory_proto::rr::Name::from_ascii(zone).is_err() {
-            return bad(format!("dns.zone {:?} is not a valid DNS name", self.dns.zone));
+            return bad(format!(
+                "dns.zone {:?} is not a valid DNS name",
+                self.dns.zone
+            ));
         }
         if self.dns.ttl > 86_400 {
             return bad(format!("dns.ttl {} is over a day", self.dns.ttl));
         }
         if self.dns.negative_ttl > 86_400 {
-            return bad(format!("dns.negative_ttl {} is over a day", self.dns.negative_ttl));
+            return bad(format!(
+                "dns.negative_ttl {} is over a day",
+                self.dns.negative_ttl
+            ));
         }
         if self.dns.max_udp_payload < 512 {
             return bad(format!(
@@ -243,9 +249,10 @@ impl Config {
         if matches!(&self.api.token, Some(t) if t.trim().is_empty()) {
             return bad("api.token is empty: remove it or set a secret".into());
         }
-        if self.health.failures_before_critical == 0 || self.health.successes_before_passing == 0
-        {
-            return bad("health.failures_before_critical and successes_before_passing count from 1".into());
+        if self.health.failures_before_critical == 0 || self.health.successes_before_passing == 0 {
+            return bad(
+                "health.failures_before_critical and successes_before_passing count from 1".into(),
+            );
         }
         if self.health.default_interval < Duration::from_millis(100) {
             return bad("health.default_interval must be at least 100ms".into());
@@ -295,7 +302,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        let err = Config::parse("[dns]\nzoen = \"x\"").unwrap_err().to_string();
+        let err = Config::parse("[dns]\nzoen = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("zoen"), "{err}");
     }
 
@@ -305,7 +314,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("services.pay.panic_threshold"), "{err}");
-        let err = Config::parse("[dns]\nzone = \"bad..zone\"").unwrap_err().to_string();
+        let err = Config::parse("[dns]\nzone = \"bad..zone\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("dns.zone"), "{err}");
     }
 

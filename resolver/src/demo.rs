@@ -54,7 +54,9 @@ async fn bind_backends() -> anyhow::Result<(u16, Vec<TcpListener>)> {
 
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let zone = config.dns.zone.trim_end_matches('.').to_string();
-    let bound = app::build(config).await.context("cannot start the resolver")?;
+    let bound = app::build(config)
+        .await
+        .context("cannot start the resolver")?;
     let (port, listeners) = bind_backends().await?;
     let mut backends = Vec::new();
     for ((service, n, _), listener) in SERVICES.iter().zip(listeners) {
@@ -85,7 +87,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             },
         });
         let resp = http
-            .put(format!("http://{}/v1/agent/service/register", bound.http_addr))
+            .put(format!(
+                "http://{}/v1/agent/service/register",
+                bound.http_addr
+            ))
             .json(&body)
             .send()
             .await
@@ -121,7 +126,10 @@ impl Running {
             .context("the resolver did not answer the demo's own query")??;
         let reply = Message::from_vec(&buf[..n])?;
         if reply.answers.len() != 3 {
-            bail!("expected 3 payment instances over DNS, got {}", reply.answers.len());
+            bail!(
+                "expected 3 payment instances over DNS, got {}",
+                reply.answers.len()
+            );
         }
         Ok(())
     }

@@ -11,7 +11,11 @@ use waymark_resolver::config::Config;
 use waymark_resolver::{app, client, demo};
 
 #[derive(Parser)]
-#[command(name = "waymark-resolver", version, about = "Waymark's DNS resolver and embedded service registry")]
+#[command(
+    name = "waymark-resolver",
+    version,
+    about = "Waymark's DNS resolver and embedded service registry"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,7 +130,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => {
             let mut config = args.config()?;
             if args.data_dir.is_none() && args.config.is_none() {
-                config.store.data_dir = std::env::temp_dir().join(format!("waymark-demo-{}", std::process::id()));
+                config.store.data_dir =
+                    std::env::temp_dir().join(format!("waymark-demo-{}", std::process::id()));
             }
             waymark_shared::telemetry::init(config.log_json);
             let running = demo::start(config).await?;

@@ -73,7 +73,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ServiceDef>, ServicesFileErr
 }
 
 /// Brings the registry in step with the file's entries.
-pub async fn apply(registry: &Registry, path: &Path, defs: Vec<ServiceDef>) -> Result<(), ServicesFileError> {
+pub async fn apply(
+    registry: &Registry,
+    path: &Path,
+    defs: Vec<ServiceDef>,
+) -> Result<(), ServicesFileError> {
     let wrap = |source| ServicesFileError::Registry {
         path: path.to_path_buf(),
         source,
@@ -109,7 +113,12 @@ pub async fn load(registry: &Registry, path: &Path) -> Result<String, ServicesFi
 }
 
 /// Re-applies the file whenever its contents change, until the registry goes away.
-pub async fn watch(registry: Arc<Registry>, path: PathBuf, interval: Duration, mut last: Option<String>) {
+pub async fn watch(
+    registry: Arc<Registry>,
+    path: PathBuf,
+    interval: Duration,
+    mut last: Option<String>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -164,9 +173,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("prot"), "{err}");
-        let err = parse(Path::new("s.toml"), "[[service]]\nname = \"a\"\n[[service]]\nname = \"a\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            Path::new("s.toml"),
+            "[[service]]\nname = \"a\"\n[[service]]\nname = \"a\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("twice"), "{err}");
     }
 }

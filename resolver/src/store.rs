@@ -204,7 +204,9 @@ impl Store {
     /// Waits until everything queued so far is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (ack, rx) = oneshot::channel();
-        self.tx.send(Op::Flush(ack)).map_err(|_| StoreError::Stopped)?;
+        self.tx
+            .send(Op::Flush(ack))
+            .map_err(|_| StoreError::Stopped)?;
         Pending(rx).wait().await
     }
 }
@@ -347,7 +349,10 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
                 }
             }
             _ if !complete => {
-                tracing::warn!(line = line_no, "cutting off a torn last record (never acknowledged)");
+                tracing::warn!(
+                    line = line_no,
+                    "cutting off a torn last record (never acknowledged)"
+                );
                 break;
             }
             _ => {
@@ -437,7 +442,8 @@ mod tests {
             .append(true)
             .open(dir.path().join(LOG))
             .unwrap();
-        f.write_all(br#"{"op":"put","index":2,"reg":{"def""#).unwrap();
+        f.write_all(br#"{"op":"put","index":2,"reg":{"def""#)
+            .unwrap();
         drop(f);
         let (store, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(loaded.registrations, vec![reg("a", 1)]);
@@ -445,7 +451,11 @@ mod tests {
         drop(store);
         std::thread::sleep(std::time::Duration::from_millis(50));
         let (_s, loaded) = Store::open(dir.path()).unwrap();
-        assert_eq!(loaded.registrations.len(), 2, "appends after a cut line parse");
+        assert_eq!(
+            loaded.registrations.len(),
+            2,
+            "appends after a cut line parse"
+        );
     }
 
     #[test]

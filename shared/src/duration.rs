@@ -52,7 +52,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
 
 /// Formats a duration the way Go prints short ones (`"10s"`, `"1.5s"`, `"250ms"`).
 pub fn format(d: Duration) -> String {
-    if d.as_millis() < 1000 && d.subsec_nanos() % 1_000_000 == 0 {
+    if d.as_millis() < 1000 && d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else {
         format!("{}s", d.as_secs_f64())

@@ -18,11 +18,17 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn waiting_for(&self, what: &'static str) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(what);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(what);
     }
 
     pub fn done(&self, what: &'static str) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(what);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(what);
     }
 
     pub fn pending(&self) -> Vec<&'static str> {

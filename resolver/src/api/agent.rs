@@ -28,7 +28,10 @@ fn empty_ok() -> Response {
     Response::new(Body::empty())
 }
 
-pub async fn register(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+pub async fn register(
+    State(state): State<Arc<ApiState>>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let body = read_body(body, state.config.api.max_body_bytes).await?;
     let def = consul::parse_service(&body)?;
     state.registry.register(def, Source::Api).await?;
@@ -60,7 +63,10 @@ pub async fn maintenance(
     Ok(empty_ok())
 }
 
-pub async fn register_check(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+pub async fn register_check(
+    State(state): State<Arc<ApiState>>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let body = read_body(body, state.config.api.max_body_bytes).await?;
     let (check, service) = consul::parse_check(&body)?;
     let service = service.filter(|s| !s.is_empty()).ok_or_else(|| {
@@ -78,7 +84,12 @@ pub async fn deregister_check(
     Ok(empty_ok())
 }
 
-async fn ttl(state: &ApiState, id: &str, status: Health, note: Option<String>) -> Result<Response, ApiError> {
+async fn ttl(
+    state: &ApiState,
+    id: &str,
+    status: Health,
+    note: Option<String>,
+) -> Result<Response, ApiError> {
     state.registry.ttl_update(id, status, note).await?;
     Ok(empty_ok())
 }
@@ -122,9 +133,9 @@ pub async fn check_update(
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .and_then(|(_, v)| v.as_str())
     };
-    let status = field("status")
-        .and_then(Health::parse)
-        .ok_or_else(|| ApiError::BadRequest("Status must be passing, warning or critical".into()))?;
+    let status = field("status").and_then(Health::parse).ok_or_else(|| {
+        ApiError::BadRequest("Status must be passing, warning or critical".into())
+    })?;
     ttl(&state, &id, status, field("output").map(str::to_string)).await
 }
 
@@ -142,7 +153,10 @@ pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
 pub async fn checks(State(state): State<Arc<ApiState>>) -> Response {
     let views = state.mirror.services();
     let instances = views.iter().flat_map(|v| v.instances.iter().map(|i| &**i));
-    with_index(&consul::agent_checks(instances, &node(&state)), state.mirror.index())
+    with_index(
+        &consul::agent_checks(instances, &node(&state)),
+        state.mirror.index(),
+    )
 }
 
 pub async fn catalog_services(
@@ -188,7 +202,9 @@ pub async fn health_service(
     let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
     let passing = flag(&q, "passing")?;
     let tag = q.get("tag").cloned();
-    let index = blocking.wait(&state.mirror, || service_index(&state, &name)).await;
+    let index = blocking
+        .wait(&state.mirror, || service_index(&state, &name))
+        .await;
     let node = node(&state);
     let entries: Vec<Value> = state
         .mirror
@@ -212,7 +228,9 @@ pub async fn catalog_service(
 ) -> Result<Response, ApiError> {
     let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
     let tag = q.get("tag").cloned();
-    let index = blocking.wait(&state.mirror, || service_index(&state, &name)).await;
+    let index = blocking
+        .wait(&state.mirror, || service_index(&state, &name))
+        .await;
     let node = node(&state);
     let entries: Vec<Value> = state
         .mirror

@@ -164,7 +164,16 @@ pub fn parse_check(body: &[u8]) -> Result<(CheckDef, Option<String>), ParseError
 
 fn parse_check_obj(path: &str, value: &Value) -> Result<(CheckDef, Option<String>), ParseError> {
     let o = Obj::new(if path.is_empty() { "check" } else { path }, value)?;
-    for unsupported in ["args", "script", "grpc", "dockercontainerid", "h2ping", "udp", "osservice", "aliasservice"] {
+    for unsupported in [
+        "args",
+        "script",
+        "grpc",
+        "dockercontainerid",
+        "h2ping",
+        "udp",
+        "osservice",
+        "aliasservice",
+    ] {
         if o.get(unsupported).is_some() {
             return Err(o.err(
                 unsupported,
@@ -192,7 +201,8 @@ fn parse_check_obj(path: &str, value: &Value) -> Result<(CheckDef, Option<String
         None => None,
         Some(s) if s.is_empty() => None,
         Some(s) => Some(
-            Health::parse(&s).ok_or_else(|| o.err("Status", "must be passing, warning or critical"))?,
+            Health::parse(&s)
+                .ok_or_else(|| o.err("Status", "must be passing, warning or critical"))?,
         ),
     };
     let id = match o.string("checkid", "CheckID")? {
@@ -314,7 +324,11 @@ mod tests {
         let a = parse_service(lower).unwrap();
         let b = parse_service(upper).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.meta.get("Team").map(String::as_str), Some("x"), "meta keys keep their case");
+        assert_eq!(
+            a.meta.get("Team").map(String::as_str),
+            Some("x"),
+            "meta keys keep their case"
+        );
         assert_eq!(a.checks[0].ttl, Some(Duration::from_secs(10)));
     }
 
@@ -348,7 +362,10 @@ mod tests {
             (br#"{"Name":"a","Port":70000}"#, "Port"),
             (br#"{"Name":"a","Tags":"v1"}"#, "Tags"),
             (br#"{"Name":"a","Check":{"TTL":"ten"}}"#, "Check.TTL"),
-            (br#"{"Name":"a","Check":{"Args":["/bin/true"]}}"#, "not supported"),
+            (
+                br#"{"Name":"a","Check":{"Args":["/bin/true"]}}"#,
+                "not supported",
+            ),
         ];
         for (body, want) in cases {
             let err = parse_service(body).unwrap_err().to_string();
@@ -358,13 +375,20 @@ mod tests {
 
     #[test]
     fn snake_case_keys_work() {
-        let d = parse_service(br#"{"name":"a","check":{"ttl":"5s","deregister_critical_service_after":"30s"}}"#).unwrap();
-        assert_eq!(d.checks[0].deregister_critical_after, Some(Duration::from_secs(30)));
+        let d = parse_service(
+            br#"{"name":"a","check":{"ttl":"5s","deregister_critical_service_after":"30s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d.checks[0].deregister_critical_after,
+            Some(Duration::from_secs(30))
+        );
     }
 
     #[test]
     fn standalone_checks_name_their_service() {
-        let (c, svc) = parse_check(br#"{"name":"extra","ttl":"30s","id":"x1","serviceid":"pay-1"}"#).unwrap();
+        let (c, svc) =
+            parse_check(br#"{"name":"extra","ttl":"30s","id":"x1","serviceid":"pay-1"}"#).unwrap();
         assert_eq!(c.id, "x1");
         assert_eq!(svc.as_deref(), Some("pay-1"));
     }

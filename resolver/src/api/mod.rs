@@ -55,9 +55,9 @@ pub enum ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::Invalid(_) | RegistryError::NotTtl(_) | RegistryError::CheckConflict { .. } => {
-                ApiError::BadRequest(e.to_string())
-            }
+            RegistryError::Invalid(_)
+            | RegistryError::NotTtl(_)
+            | RegistryError::CheckConflict { .. } => ApiError::BadRequest(e.to_string()),
             RegistryError::UnknownService(_) | RegistryError::UnknownCheck(_) => {
                 ApiError::NotFound(e.to_string())
             }
@@ -91,7 +91,10 @@ impl IntoResponse for ApiError {
 /// A JSON response body with Consul clients' expected content type.
 pub fn json_body(value: &serde_json::Value) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         value.to_string(),
     )
         .into_response()
@@ -119,9 +122,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let consul = Router::new()
         .route("/v1/agent/service/register", put(agent::register))
         .route("/v1/agent/service/deregister/{*id}", put(agent::deregister))
-        .route("/v1/agent/service/maintenance/{*id}", put(agent::maintenance))
+        .route(
+            "/v1/agent/service/maintenance/{*id}",
+            put(agent::maintenance),
+        )
         .route("/v1/agent/check/register", put(agent::register_check))
-        .route("/v1/agent/check/deregister/{*id}", put(agent::deregister_check))
+        .route(
+            "/v1/agent/check/deregister/{*id}",
+            put(agent::deregister_check),
+        )
         .route("/v1/agent/check/pass/{*id}", put(agent::check_pass))
         .route("/v1/agent/check/warn/{*id}", put(agent::check_warn))
         .route("/v1/agent/check/fail/{*id}", put(agent::check_fail))
@@ -165,19 +174,24 @@ async fn authorize(State(state): State<Arc<ApiState>>, req: Request, next: Next)
 }
 
 fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         return v.strip_prefix("Bearer ").map(str::trim);
     }
     if let Some(v) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
         return Some(v.trim());
     }
-    query?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))
+    query?.split('&').find_map(|kv| kv.strip_prefix("token="))
 }
 
 fn constant_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 async fn count(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {

@@ -173,14 +173,22 @@ pub fn answer(
         },
         1 if label(0) == "ns" => match (qtype, zone.ns_address) {
             (RecordType::A, Some(ip @ IpAddr::V4(_)))
-            | (RecordType::AAAA, Some(ip @ IpAddr::V6(_))) => Answer::records(
-                vec![address_record(qname, ip, zone.ttl)],
-                vec![vec![]],
-            ),
+            | (RecordType::AAAA, Some(ip @ IpAddr::V6(_))) => {
+                Answer::records(vec![address_record(qname, ip, zone.ttl)], vec![vec![]])
+            }
             _ => nodata(),
         },
-        1 => service_answer(zone, mirror, panic_threshold, qname, label(0), None, qtype, rng)
-            .unwrap_or_else(nxdomain),
+        1 => service_answer(
+            zone,
+            mirror,
+            panic_threshold,
+            qname,
+            label(0),
+            None,
+            qtype,
+            rng,
+        )
+        .unwrap_or_else(nxdomain),
         2 if label(1) == "_tcp" && label(0).starts_with('_') => {
             let service = &label(0)[1..];
             if qtype != RecordType::SRV && qtype != RecordType::ANY {
@@ -189,8 +197,17 @@ pub fn answer(
                     None => nxdomain(),
                 };
             }
-            service_answer(zone, mirror, panic_threshold, qname, service, None, RecordType::SRV, rng)
-                .unwrap_or_else(nxdomain)
+            service_answer(
+                zone,
+                mirror,
+                panic_threshold,
+                qname,
+                service,
+                None,
+                RecordType::SRV,
+                rng,
+            )
+            .unwrap_or_else(nxdomain)
         }
         2 => service_answer(
             zone,
@@ -275,7 +292,12 @@ fn service_answer(
                 answers.push(Record::from_rdata(
                     qname.clone(),
                     zone.ttl,
-                    RData::SRV(SRV::new(1, weight.min(65535) as u16, inst.port, target.clone())),
+                    RData::SRV(SRV::new(
+                        1,
+                        weight.min(65535) as u16,
+                        inst.port,
+                        target.clone(),
+                    )),
                 ));
                 additionals.push(vec![address_record(&target, ip, zone.ttl)]);
             }
@@ -283,7 +305,11 @@ fn service_answer(
         }
     }
     if answers.is_empty() {
-        return Some(Answer::negative(zone, mirror.index(), ResponseCode::NoError));
+        return Some(Answer::negative(
+            zone,
+            mirror.index(),
+            ResponseCode::NoError,
+        ));
     }
     Some(Answer::records(answers, additionals))
 }
@@ -291,7 +317,11 @@ fn service_answer(
 /// The instances to answer: the serving ones, or — when fewer than the panic threshold's
 /// share of non-draining instances serve — every non-draining instance.
 fn select<'a>(candidates: &[&'a Arc<Instance>], panic_threshold: f64) -> Vec<&'a Arc<Instance>> {
-    let serving: Vec<_> = candidates.iter().copied().filter(|i| i.is_serving()).collect();
+    let serving: Vec<_> = candidates
+        .iter()
+        .copied()
+        .filter(|i| i.is_serving())
+        .collect();
     if panic_threshold > 0.0 {
         let live: Vec<_> = candidates.iter().copied().filter(|i| !i.draining).collect();
         if !live.is_empty() && (serving.len() as f64) < panic_threshold * live.len() as f64 {
@@ -355,9 +385,27 @@ mod tests {
 
     fn mirror() -> Mirror {
         let m = Mirror::new(0);
-        m.upsert(inst("Payment", "pay-1", "10.0.0.1", &["v1"], Health::Passing));
-        m.upsert(inst("payment", "pay-2", "10.0.0.2", &["v2"], Health::Warning));
-        m.upsert(inst("payment", "pay-3", "10.0.0.3", &["v1"], Health::Critical));
+        m.upsert(inst(
+            "Payment",
+            "pay-1",
+            "10.0.0.1",
+            &["v1"],
+            Health::Passing,
+        ));
+        m.upsert(inst(
+            "payment",
+            "pay-2",
+            "10.0.0.2",
+            &["v2"],
+            Health::Warning,
+        ));
+        m.upsert(inst(
+            "payment",
+            "pay-3",
+            "10.0.0.3",
+            &["v1"],
+            Health::Critical,
+        ));
         m.upsert(inst("payment", "pay-6", "fd00::6", &[], Health::Passing));
         m.upsert(inst("down", "down-1", "10.0.1.1", &[], Health::Critical));
         m
@@ -369,7 +417,14 @@ mod tests {
 
     fn ask_with(m: &Mirror, name: &str, qtype: RecordType, panic: f64) -> Answer {
         let q = Name::from_ascii(name).unwrap().to_lowercase();
-        answer(&zone(), m, &|_| panic, &q, qtype, &mut fastrand::Rng::with_seed(7))
+        answer(
+            &zone(),
+            m,
+            &|_| panic,
+            &q,
+            qtype,
+            &mut fastrand::Rng::with_seed(7),
+        )
     }
 
     fn ips(a: &Answer) -> Vec<String> {
@@ -398,8 +453,14 @@ mod tests {
 
     #[test]
     fn tags_select_a_subset() {
-        assert_eq!(ips(&ask(&mirror(), "v1.payment.mesh.internal.", RecordType::A)), ["10.0.0.1"]);
-        assert_eq!(ips(&ask(&mirror(), "v2.payment.mesh.internal.", RecordType::A)), ["10.0.0.2"]);
+        assert_eq!(
+            ips(&ask(&mirror(), "v1.payment.mesh.internal.", RecordType::A)),
+            ["10.0.0.1"]
+        );
+        assert_eq!(
+            ips(&ask(&mirror(), "v2.payment.mesh.internal.", RecordType::A)),
+            ["10.0.0.2"]
+        );
         let a = ask(&mirror(), "v9.payment.mesh.internal.", RecordType::A);
         assert_eq!(a.rcode, ResponseCode::NXDomain);
     }
@@ -417,7 +478,11 @@ mod tests {
 
     #[test]
     fn unknown_names_are_nxdomain() {
-        for name in ["nope.mesh.internal.", "a.b.c.d.mesh.internal.", "x.instance.payment.mesh.internal."] {
+        for name in [
+            "nope.mesh.internal.",
+            "a.b.c.d.mesh.internal.",
+            "x.instance.payment.mesh.internal.",
+        ] {
             let a = ask(&mirror(), name, RecordType::A);
             assert_eq!(a.rcode, ResponseCode::NXDomain, "{name}");
             assert_eq!(a.authority[0].record_type(), RecordType::SOA);
@@ -432,7 +497,10 @@ mod tests {
             for (ans, add) in a.answers.iter().zip(&a.additionals) {
                 let RData::SRV(srv) = &ans.data else { panic!() };
                 assert_eq!(srv.port, 9000);
-                assert!(srv.target.to_string().ends_with(".instance.payment.mesh.internal."));
+                assert!(srv
+                    .target
+                    .to_string()
+                    .ends_with(".instance.payment.mesh.internal."));
                 assert_eq!(add[0].name, srv.target);
             }
         }
@@ -442,9 +510,17 @@ mod tests {
 
     #[test]
     fn instance_names_answer_while_serving() {
-        let a = ask(&mirror(), "pay-1.instance.payment.mesh.internal.", RecordType::A);
+        let a = ask(
+            &mirror(),
+            "pay-1.instance.payment.mesh.internal.",
+            RecordType::A,
+        );
         assert_eq!(ips(&a), ["10.0.0.1"]);
-        let a = ask(&mirror(), "pay-3.instance.payment.mesh.internal.", RecordType::A);
+        let a = ask(
+            &mirror(),
+            "pay-3.instance.payment.mesh.internal.",
+            RecordType::A,
+        );
         assert!(a.is_nodata());
     }
 
@@ -455,7 +531,10 @@ mod tests {
         let a = ask(&mirror(), "mesh.internal.", RecordType::NS);
         assert_eq!(a.answers[0].record_type(), RecordType::NS);
         assert_eq!(a.additionals[0].len(), 1);
-        assert_eq!(ips(&ask(&mirror(), "ns.mesh.internal.", RecordType::A)), ["127.0.0.1"]);
+        assert_eq!(
+            ips(&ask(&mirror(), "ns.mesh.internal.", RecordType::A)),
+            ["127.0.0.1"]
+        );
         assert!(ask(&mirror(), "mesh.internal.", RecordType::A).is_nodata());
     }
 
@@ -465,22 +544,39 @@ mod tests {
         let mut i = inst("payment", "pay-1", "10.0.0.1", &["v1"], Health::Passing);
         i.draining = true;
         m.upsert(i);
-        assert_eq!(ips(&ask(&m, "payment.mesh.internal.", RecordType::A)), ["10.0.0.2"]);
+        assert_eq!(
+            ips(&ask(&m, "payment.mesh.internal.", RecordType::A)),
+            ["10.0.0.2"]
+        );
         // 1 of 2 non-draining IPv4 instances serve... plus one IPv6: 2 of 3 serve.
-        assert_eq!(ips(&ask_with(&m, "payment.mesh.internal.", RecordType::A, 0.5)), ["10.0.0.2"]);
+        assert_eq!(
+            ips(&ask_with(&m, "payment.mesh.internal.", RecordType::A, 0.5)),
+            ["10.0.0.2"]
+        );
         // Under a 0.9 threshold, panic: every non-draining instance, never the draining one.
         assert_eq!(
             ips(&ask_with(&m, "payment.mesh.internal.", RecordType::A, 0.9)),
             ["10.0.0.2", "10.0.0.3"]
         );
-        assert!(ask_with(&m, "down.mesh.internal.", RecordType::A, 0.5).answers.len() == 1);
+        assert!(
+            ask_with(&m, "down.mesh.internal.", RecordType::A, 0.5)
+                .answers
+                .len()
+                == 1
+        );
     }
 
     #[test]
     fn answers_are_shuffled() {
         let m = Mirror::new(0);
         for n in 0..10 {
-            m.upsert(inst("big", &format!("b{n}"), &format!("10.0.2.{n}"), &[], Health::Passing));
+            m.upsert(inst(
+                "big",
+                &format!("b{n}"),
+                &format!("10.0.2.{n}"),
+                &[],
+                Health::Passing,
+            ));
         }
         let q = Name::from_ascii("big.mesh.internal.").unwrap();
         let mut rng = fastrand::Rng::with_seed(1);

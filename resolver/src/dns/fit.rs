@@ -47,7 +47,13 @@ pub fn fit(
         m.to_vec().map(|v| v.len()).unwrap_or(usize::MAX)
     };
     let flat = |n: usize| -> Vec<Record> {
-        answer.additionals.iter().take(n).flatten().cloned().collect()
+        answer
+            .additionals
+            .iter()
+            .take(n)
+            .flatten()
+            .cloned()
+            .collect()
     };
     let all_additionals = flat(answer.answers.len());
     if size(&answer.answers, &all_additionals, &answer.authority) <= limit {
@@ -139,7 +145,11 @@ mod tests {
         let q = Query::query(name("svc.mesh.internal."), RecordType::A);
         let f = fit(a_records(100), meta(), &q, None, 512);
         assert!(f.truncated);
-        assert!(f.answers.len() > 10 && f.answers.len() < 100, "{}", f.answers.len());
+        assert!(
+            f.answers.len() > 10 && f.answers.len() < 100,
+            "{}",
+            f.answers.len()
+        );
         let more = fit(a_records(100), meta(), &q, None, 1232);
         assert!(more.answers.len() > f.answers.len());
         let all = fit(a_records(100), meta(), &q, None, 65535);
@@ -153,13 +163,19 @@ mod tests {
         let mut answers = Vec::new();
         let mut additionals = Vec::new();
         for i in 0..6u8 {
-            let target = name(&format!("instance-with-a-long-name-{i}.instance.svc.mesh.internal."));
+            let target = name(&format!(
+                "instance-with-a-long-name-{i}.instance.svc.mesh.internal."
+            ));
             answers.push(Record::from_rdata(
                 name("svc.mesh.internal."),
                 5,
                 RData::SRV(SRV::new(1, 1, 80, target.clone())),
             ));
-            additionals.push(vec![Record::from_rdata(target, 5, RData::A(A(Ipv4Addr::new(10, 0, 0, i))))]);
+            additionals.push(vec![Record::from_rdata(
+                target,
+                5,
+                RData::A(A(Ipv4Addr::new(10, 0, 0, i))),
+            )]);
         }
         let answer = Answer {
             rcode: ResponseCode::NoError,

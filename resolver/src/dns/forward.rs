@@ -70,7 +70,9 @@ impl Forwarder {
             return Err(ForwardError::NoUpstreams);
         }
         if query.len() < 12 {
-            return Err(ForwardError::AllFailed("query shorter than a header".into()));
+            return Err(ForwardError::AllFailed(
+                "query shorter than a header".into(),
+            ));
         }
         let client_id = u16::from_be_bytes([query[0], query[1]]);
         let mut wire = query.to_vec();
@@ -138,8 +140,12 @@ async fn udp_exchange(upstream: SocketAddr, wire: &[u8], id: u16) -> std::io::Re
         if n < 2 || u16::from_be_bytes([buf[0], buf[1]]) != id {
             continue;
         }
-        return Message::from_vec(&buf[..n])
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{upstream}: bad reply: {e}")));
+        return Message::from_vec(&buf[..n]).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{upstream}: bad reply: {e}"),
+            )
+        });
     }
 }
 
@@ -153,7 +159,10 @@ async fn tcp_exchange(upstream: SocketAddr, wire: &[u8], id: u16) -> std::io::Re
     let mut buf = vec![0u8; len];
     stream.read_exact(&mut buf).await?;
     let reply = Message::from_vec(&buf).map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{upstream}: bad reply: {e}"))
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{upstream}: bad reply: {e}"),
+        )
     })?;
     if reply.metadata.id != id {
         return Err(std::io::Error::new(

@@ -37,7 +37,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)>
         let port = udp.local_addr()?.port();
         match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
             Ok(tcp) => return Ok((udp, tcp)),
-            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                last = Some(e)
+            }
             Err(e) => return Err(e),
         }
     }
@@ -45,7 +47,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)>
 }
 
 /// Starts serving DNS on the bound sockets.
-pub fn serve(handler: Handler, udp: UdpSocket, tcp: TcpListener, tcp_idle: Duration) -> Server<Handler> {
+pub fn serve(
+    handler: Handler,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    tcp_idle: Duration,
+) -> Server<Handler> {
     let mut server = Server::new(handler);
     server.register_socket(udp);
     server.register_listener(tcp, tcp_idle, 64);
@@ -87,7 +94,11 @@ impl RequestHandler for Handler {
 type Sent = Result<ResponseInfo, hickory_net::NetError>;
 
 impl Handler {
-    async fn respond<R: ResponseHandler>(&self, request: &Request, response: &mut R) -> (&'static str, Sent) {
+    async fn respond<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        response: &mut R,
+    ) -> (&'static str, Sent) {
         let our_edns = request.edns.as_ref().map(|_| {
             let mut e = Edns::new();
             e.set_max_payload(self.max_udp_payload);
@@ -101,10 +112,16 @@ impl Handler {
             b.error_msg(&request.metadata, code)
         };
         if request.metadata.op_code != OpCode::Query {
-            return ("notimp", response.send_response(error(ResponseCode::NotImp)).await);
+            return (
+                "notimp",
+                response.send_response(error(ResponseCode::NotImp)).await,
+            );
         }
         let Ok(info) = request.request_info() else {
-            return ("formerr", response.send_response(error(ResponseCode::FormErr)).await);
+            return (
+                "formerr",
+                response.send_response(error(ResponseCode::FormErr)).await,
+            );
         };
         let query = info.query;
         let qname = query.name().to_lowercase();
@@ -113,7 +130,10 @@ impl Handler {
             return self.forward(request, response, &our_edns).await;
         }
         if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
-            return ("refused", response.send_response(error(ResponseCode::Refused)).await);
+            return (
+                "refused",
+                response.send_response(error(ResponseCode::Refused)).await,
+            );
         }
         let answer = answer::answer(
             &self.zone,
@@ -169,7 +189,10 @@ impl Handler {
             b.error_msg(&request.metadata, code)
         };
         if !self.forwarder.allowed(request.src().ip()) {
-            return ("refused", response.send_response(error(ResponseCode::Refused)).await);
+            return (
+                "refused",
+                response.send_response(error(ResponseCode::Refused)).await,
+            );
         }
         let tcp = request.protocol() != Protocol::Udp;
         match self.forwarder.forward(request.as_slice(), tcp).await {
@@ -189,7 +212,10 @@ impl Handler {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "forwarding failed");
-                ("servfail", response.send_response(error(ResponseCode::ServFail)).await)
+                (
+                    "servfail",
+                    response.send_response(error(ResponseCode::ServFail)).await,
+                )
             }
         }
     }

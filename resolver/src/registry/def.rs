@@ -139,19 +139,26 @@ impl CheckDef {
             });
         }
         if let Some(addr) = &self.tcp {
-            if addr.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
                 return Err(RegistryError::Invalid(format!(
                     "check TCP {addr:?} is not host:port"
                 )));
             }
             if self.interval.is_none_or(|i| i.is_zero()) {
-                return Err(RegistryError::Invalid("a TCP check needs an Interval".into()));
+                return Err(RegistryError::Invalid(
+                    "a TCP check needs an Interval".into(),
+                ));
             }
             return Ok(CheckKind::Tcp { addr: addr.clone() });
         }
         match self.ttl {
             Some(ttl) if !ttl.is_zero() => Ok(CheckKind::Ttl { ttl }),
-            _ => Err(RegistryError::Invalid("a TTL check needs a TTL above zero".into())),
+            _ => Err(RegistryError::Invalid(
+                "a TTL check needs a TTL above zero".into(),
+            )),
         }
     }
 }
@@ -173,7 +180,9 @@ impl ServiceDef {
             self.id = self.name.clone();
         }
         if self.id.len() > 255 {
-            return Err(RegistryError::Invalid("service ID is over 255 bytes".into()));
+            return Err(RegistryError::Invalid(
+                "service ID is over 255 bytes".into(),
+            ));
         }
         let several = self.checks.len() > 1;
         for (n, check) in self.checks.iter_mut().enumerate() {

@@ -52,7 +52,9 @@ pub fn spawn(
                 let mut next = Instant::now();
                 loop {
                     let (status, output) = run_probe(&probe, timing.timeout, &headers, &http).await;
-                    let Some(reg) = registry.upgrade() else { return };
+                    let Some(reg) = registry.upgrade() else {
+                        return;
+                    };
                     reg.probe_result(&check_id, generation, status, output);
                     drop(reg);
                     next += timing.interval;
@@ -70,7 +72,9 @@ pub fn spawn(
 
 async fn watch_ttl(registry: Weak<Registry>, check_id: String, generation: u64) {
     loop {
-        let Some(reg) = registry.upgrade() else { return };
+        let Some(reg) = registry.upgrade() else {
+            return;
+        };
         let Some((deadline, notify)) = reg.ttl_state(&check_id, generation) else {
             return;
         };
@@ -98,8 +102,8 @@ pub async fn run_probe(
 ) -> (Health, String) {
     match kind {
         CheckKind::Http { url, method } => {
-            let method = reqwest::Method::from_bytes(method.as_bytes())
-                .unwrap_or(reqwest::Method::GET);
+            let method =
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
             let mut req = http.request(method.clone(), url).timeout(timeout);
             for (name, values) in headers {
                 for v in values {

@@ -191,12 +191,9 @@ impl Registry {
             out
         };
         self.maybe_compact();
-        pending
-            .wait()
-            .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.inc();
-            })?;
+        pending.wait().await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })?;
         Ok(index)
     }
 
@@ -215,12 +212,9 @@ impl Registry {
             (index, self.store.delete(index, id))
         };
         self.maybe_compact();
-        pending
-            .wait()
-            .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.inc();
-            })?;
+        pending.wait().await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })?;
         Ok(index)
     }
 
@@ -247,12 +241,9 @@ impl Registry {
             }
             self.persist(reg)
         };
-        pending
-            .wait()
-            .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.inc();
-            })?;
+        pending.wait().await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })?;
         Ok(index)
     }
 
@@ -276,17 +267,18 @@ impl Registry {
             });
             self.persist(reg)
         };
-        pending
-            .wait()
-            .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.inc();
-            })?;
+        pending.wait().await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })?;
         Ok(index)
     }
 
     /// Adds (or replaces) a check on a registered instance (`/v1/agent/check/register`).
-    pub async fn add_check(&self, service_id: &str, mut check: CheckDef) -> Result<u64, RegistryError> {
+    pub async fn add_check(
+        &self,
+        service_id: &str,
+        mut check: CheckDef,
+    ) -> Result<u64, RegistryError> {
         let (mut def, source) = self
             .definition(service_id)
             .ok_or_else(|| RegistryError::UnknownService(service_id.to_string()))?;
@@ -294,7 +286,9 @@ impl Registry {
             check.id = check.name.clone();
         }
         if check.id.is_empty() {
-            return Err(RegistryError::Invalid("a check needs an ID or a Name".into()));
+            return Err(RegistryError::Invalid(
+                "a check needs an ID or a Name".into(),
+            ));
         }
         def.checks.retain(|c| c.id != check.id);
         def.checks.push(check);
@@ -328,10 +322,7 @@ impl Registry {
 
     /// The registration's definition as given, when it exists.
     pub fn definition(&self, id: &str) -> Option<(ServiceDef, Source)> {
-        self.lock()
-            .regs
-            .get(id)
-            .map(|r| (r.def.clone(), r.source))
+        self.lock().regs.get(id).map(|r| (r.def.clone(), r.source))
     }
 
     /// Deregisters instances whose checks have been critical for longer than their
@@ -408,6 +399,8 @@ impl Registry {
         if set_status(check, status, output, &self.metrics) {
             // Nobody waits on health flips: durability follows in the next group commit.
             drop(self.persist(reg));
+            drop(inner);
+            self.maybe_compact();
         }
     }
 
@@ -437,6 +430,8 @@ impl Registry {
             .inc();
         if set_status(check, Health::Critical, "TTL expired".into(), &self.metrics) {
             drop(self.persist(reg));
+            drop(inner);
+            self.maybe_compact();
         }
     }
 
@@ -580,7 +575,9 @@ impl Registry {
 
     fn update_gauges(&self, inner: &Inner) {
         self.metrics.instances.set(inner.regs.len() as i64);
-        self.metrics.services.set(self.mirror.service_count() as i64);
+        self.metrics
+            .services
+            .set(self.mirror.service_count() as i64);
     }
 
     /// Snapshots the whole table into the store when its log has grown long.
@@ -600,7 +597,10 @@ impl Registry {
     }
 }
 
-fn find_check<'a>(inner: &'a mut Inner, check_id: &str) -> Result<(&'a mut Reg, usize), RegistryError> {
+fn find_check<'a>(
+    inner: &'a mut Inner,
+    check_id: &str,
+) -> Result<(&'a mut Reg, usize), RegistryError> {
     let owner = inner
         .check_owner
         .get(check_id)
