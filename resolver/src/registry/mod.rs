@@ -241,6 +241,7 @@ impl Registry {
             }
             self.persist(reg)
         };
+        self.maybe_compact();
         pending.wait().await.inspect_err(|_| {
             self.metrics.store_errors.inc();
         })?;
@@ -267,6 +268,7 @@ impl Registry {
             });
             self.persist(reg)
         };
+        self.maybe_compact();
         pending.wait().await.inspect_err(|_| {
             self.metrics.store_errors.inc();
         })?;
