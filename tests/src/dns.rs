@@ -28,7 +28,8 @@ pub async fn udp(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
 /// Asks with hickory's client over TCP.
 pub async fn tcp(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
     let (stream, sender) = TcpClientStream::new(server, None, None, TokioRuntimeProvider::new());
-    let (mut client, bg) = Client::<TokioRuntimeProvider>::new(stream.await.expect("TCP connect"), sender);
+    let (mut client, bg) =
+        Client::<TokioRuntimeProvider>::new(stream.await.expect("TCP connect"), sender);
     let bg = tokio::spawn(bg);
     let resp = client
         .query(Name::from_ascii(name).expect("name"), DNSClass::IN, rtype)
@@ -62,7 +63,9 @@ fn fastrand_id() -> u16 {
 
 /// Sends raw bytes over UDP; returns the reply bytes, or None after `wait`.
 pub async fn raw_udp(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     socket.send_to(bytes, server).await.expect("send");
     let mut buf = vec![0u8; 65535];
     match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
@@ -81,9 +84,13 @@ pub async fn send_udp(server: SocketAddr, m: &Message) -> (Message, usize) {
 
 /// Sends a message over TCP and parses the reply.
 pub async fn send_tcp(server: SocketAddr, m: &Message) -> Message {
-    let mut s = tokio::net::TcpStream::connect(server).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(server)
+        .await
+        .expect("connect");
     let bytes = m.to_vec().expect("encode");
-    s.write_all(&(bytes.len() as u16).to_be_bytes()).await.expect("write");
+    s.write_all(&(bytes.len() as u16).to_be_bytes())
+        .await
+        .expect("write");
     s.write_all(&bytes).await.expect("write");
     let len = s.read_u16().await.expect("reply length") as usize;
     let mut buf = vec![0u8; len];

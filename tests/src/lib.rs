@@ -40,8 +40,15 @@ pub fn resolver_bin() -> PathBuf {
         .expect("test runs from target/<profile>/deps");
     let release = profile_dir.ends_with("release");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-q", "-p", "waymark-resolver", "--bin", "waymark-resolver"])
-        .current_dir(root());
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "waymark-resolver",
+        "--bin",
+        "waymark-resolver",
+    ])
+    .current_dir(root());
     if release {
         cmd.arg("--release");
     }
@@ -91,9 +98,11 @@ impl Resolver {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--dns-addr".into(),
-            opts.dns_addr.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+            opts.dns_addr
+                .map_or("127.0.0.1:0".into(), |a| a.to_string()),
             "--http-addr".into(),
-            opts.http_addr.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+            opts.http_addr
+                .map_or("127.0.0.1:0".into(), |a| a.to_string()),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
@@ -135,7 +144,10 @@ impl Resolver {
             .open(&self.log)?;
         let mut child = Command::new(resolver_bin())
             .args(&self.args)
-            .env("RUST_LOG", "info,hickory_server=warn,waymark_resolver=debug")
+            .env(
+                "RUST_LOG",
+                "info,hickory_server=warn,waymark_resolver=debug",
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -154,7 +166,10 @@ impl Resolver {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
-                Err(_) => bail!("resolver did not report its addresses; log:\n{}", self.log()),
+                Err(_) => bail!(
+                    "resolver did not report its addresses; log:\n{}",
+                    self.log()
+                ),
             };
             if let Some(rest) = line.strip_prefix("waymark-resolver listening ") {
                 for word in rest.split_whitespace() {
@@ -193,7 +208,9 @@ impl Resolver {
     /// SIGTERM and wait: a clean stop.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -285,7 +302,12 @@ impl Api {
     pub async fn register(&self, body: serde_json::Value) {
         let resp = self.put("/v1/agent/service/register", body).await;
         let status = resp.status();
-        assert_eq!(status, 200, "register: {}", resp.text().await.unwrap_or_default());
+        assert_eq!(
+            status,
+            200,
+            "register: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
 }
 

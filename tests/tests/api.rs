@@ -8,7 +8,11 @@ use serde_json::{json, Value};
 use waymark_e2e::{Api, Options, Resolver};
 
 fn index(resp: &reqwest::Response) -> u64 {
-    resp.headers()["x-consul-index"].to_str().unwrap().parse().unwrap()
+    resp.headers()["x-consul-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -16,13 +20,48 @@ async fn bad_requests_get_clear_json_errors() {
     let r = Resolver::start();
     let api = Api::new(&r);
     let cases = [
-        ("/v1/agent/service/register", "{\"Name\": ", 400, "not valid JSON"),
-        ("/v1/agent/service/register", "{\"Port\": 80}", 400, "Name is required"),
-        ("/v1/agent/service/register", "{\"Name\":\"a\",\"Port\":\"80\"}", 400, "Port"),
-        ("/v1/agent/service/register", "{\"Name\":\"a\",\"Check\":{\"HTTP\":\"http://x/\"}}", 400, "Interval"),
-        ("/v1/agent/check/pass/service:nope", "", 404, "unknown check ID"),
-        ("/v1/agent/service/deregister/nope", "", 404, "unknown service ID"),
-        ("/v1/agent/service/maintenance/nope?enable=maybe", "", 400, "not a boolean"),
+        (
+            "/v1/agent/service/register",
+            "{\"Name\": ",
+            400,
+            "not valid JSON",
+        ),
+        (
+            "/v1/agent/service/register",
+            "{\"Port\": 80}",
+            400,
+            "Name is required",
+        ),
+        (
+            "/v1/agent/service/register",
+            "{\"Name\":\"a\",\"Port\":\"80\"}",
+            400,
+            "Port",
+        ),
+        (
+            "/v1/agent/service/register",
+            "{\"Name\":\"a\",\"Check\":{\"HTTP\":\"http://x/\"}}",
+            400,
+            "Interval",
+        ),
+        (
+            "/v1/agent/check/pass/service:nope",
+            "",
+            404,
+            "unknown check ID",
+        ),
+        (
+            "/v1/agent/service/deregister/nope",
+            "",
+            404,
+            "unknown service ID",
+        ),
+        (
+            "/v1/agent/service/maintenance/nope?enable=maybe",
+            "",
+            400,
+            "not a boolean",
+        ),
         ("/v1/no/such/thing", "", 404, "no such endpoint"),
     ];
     for (path, body, status, message) in cases {
@@ -37,7 +76,10 @@ async fn bad_requests_get_clear_json_errors() {
         assert_eq!(resp.headers()["content-type"], "application/json");
         let v: Value = resp.json().await.unwrap();
         let err = v["error"].as_str().unwrap();
-        assert!(err.contains(message), "{path}: {err:?} should say {message:?}");
+        assert!(
+            err.contains(message),
+            "{path}: {err:?} should say {message:?}"
+        );
     }
     // A TTL update on a check that is not a TTL check is refused too.
     api.register(json!({"Name": "h", "Check": {"TCP": "127.0.0.1:9", "Interval": "10s"}}))
@@ -83,7 +125,10 @@ async fn a_token_guards_every_write() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 403);
-    for (name, value) in [("Authorization", "Bearer s3cret"), ("X-Consul-Token", "s3cret")] {
+    for (name, value) in [
+        ("Authorization", "Bearer s3cret"),
+        ("X-Consul-Token", "s3cret"),
+    ] {
         let resp = api
             .client
             .put(api.url_for("/v1/agent/service/register"))
@@ -96,7 +141,12 @@ async fn a_token_guards_every_write() {
     }
     // Reads need no token.
     assert_eq!(api.get("/v1/agent/services").await.status(), 200);
-    assert_eq!(api.put_empty("/v1/agent/service/deregister/a1").await.status(), 403);
+    assert_eq!(
+        api.put_empty("/v1/agent/service/deregister/a1")
+            .await
+            .status(),
+        403
+    );
 }
 
 trait UrlFor {
@@ -115,16 +165,22 @@ async fn blocking_queries_wait_for_a_change() {
     let api = Api::new(&r);
     let resp = api.get("/v1/catalog/services").await;
     assert_eq!(index(&resp), 1, "X-Consul-Index starts at 1");
-    api.register(json!({"Name": "web", "ID": "web-1", "Port": 80})).await;
+    api.register(json!({"Name": "web", "ID": "web-1", "Port": 80}))
+        .await;
     let resp = api.get("/v1/health/service/web").await;
     let i = index(&resp);
     assert!(i >= 1);
 
     // No change: returns after the wait, with the same index.
     let started = Instant::now();
-    let resp = api.get(&format!("/v1/health/service/web?index={i}&wait=500ms")).await;
+    let resp = api
+        .get(&format!("/v1/health/service/web?index={i}&wait=500ms"))
+        .await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
     assert_eq!(index(&resp), i);
 
     // A change to another service does not wake it; a change to this one does, at once.
@@ -133,14 +189,22 @@ async fn blocking_queries_wait_for_a_change() {
         async move {
             let started = Instant::now();
             let resp = reqwest::get(url).await.unwrap();
-            (index(&resp), started.elapsed(), resp.json::<Value>().await.unwrap())
+            (
+                index(&resp),
+                started.elapsed(),
+                resp.json::<Value>().await.unwrap(),
+            )
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     api.register(json!({"Name": "other", "Port": 1})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!blocked.is_finished(), "another service's change must not wake the query");
-    api.register(json!({"Name": "web", "ID": "web-2", "Port": 81})).await;
+    assert!(
+        !blocked.is_finished(),
+        "another service's change must not wake the query"
+    );
+    api.register(json!({"Name": "web", "ID": "web-2", "Port": 81}))
+        .await;
     let (after, waited, body) = blocked.await.unwrap();
     assert!(after > i);
     assert!(waited < Duration::from_secs(5));
@@ -149,7 +213,8 @@ async fn blocking_queries_wait_for_a_change() {
     // The catalog's index never goes backwards.
     let mut last = 0;
     for n in 0..5 {
-        api.register(json!({"Name": "web", "ID": format!("w{n}"), "Port": 80})).await;
+        api.register(json!({"Name": "web", "ID": format!("w{n}"), "Port": 80}))
+            .await;
         let now = index(&api.get("/v1/catalog/services").await);
         assert!(now > last);
         last = now;
@@ -160,16 +225,24 @@ async fn blocking_queries_wait_for_a_change() {
 async fn the_change_stream_resumes_without_loss() {
     let r = Resolver::start();
     let api = Api::new(&r);
-    api.register(json!({"Name": "a", "ID": "a1", "Port": 1})).await;
-    api.register(json!({"Name": "b", "ID": "b1", "Port": 1})).await;
+    api.register(json!({"Name": "a", "ID": "a1", "Port": 1}))
+        .await;
+    api.register(json!({"Name": "b", "ID": "b1", "Port": 1}))
+        .await;
 
     // From 0: the whole state.
-    let all: Value = api.get("/v1/waymark/changes?index=0").await.json().await.unwrap();
+    let all: Value = api
+        .get("/v1/waymark/changes?index=0")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(all["services"].as_array().unwrap().len(), 2);
     let seen = all["index"].as_u64().unwrap();
 
     // Changes made while the follower is away come back on the next poll.
-    api.register(json!({"Name": "a", "ID": "a2", "Port": 2})).await;
+    api.register(json!({"Name": "a", "ID": "a2", "Port": 2}))
+        .await;
     api.put_empty("/v1/agent/service/deregister/b1").await;
     let next: Value = api
         .get(&format!("/v1/waymark/changes?index={seen}&wait=5s"))
@@ -179,23 +252,37 @@ async fn the_change_stream_resumes_without_loss() {
         .unwrap();
     assert_eq!(next["reset"], false);
     assert_eq!(next["services"].as_array().unwrap().len(), 1);
-    assert_eq!(next["services"][0]["instances"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        next["services"][0]["instances"].as_array().unwrap().len(),
+        2
+    );
     assert_eq!(next["removed"], json!(["b"]));
 
     // An index from another history gets a reset with the whole state.
-    let reset: Value = api.get("/v1/waymark/changes?index=999999").await.json().await.unwrap();
+    let reset: Value = api
+        .get("/v1/waymark/changes?index=999999")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(reset["reset"], true);
 
     // Server-sent events: the first event is the state since the given index; a reconnect
     // with Last-Event-ID picks up a change made while disconnected.
     let last_id = {
-        let resp = reqwest::get(api.url_for("/v1/waymark/events?index=0")).await.unwrap();
-        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let resp = reqwest::get(api.url_for("/v1/waymark/events?index=0"))
+            .await
+            .unwrap();
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
         let (id, data) = first_event(resp).await;
         assert_eq!(data["services"].as_array().unwrap().len(), 1);
         id
     };
-    api.register(json!({"Name": "c", "ID": "c1", "Port": 3})).await;
+    api.register(json!({"Name": "c", "ID": "c1", "Port": 3}))
+        .await;
     let resp = api
         .client
         .get(api.url_for("/v1/waymark/events"))
@@ -239,9 +326,13 @@ async fn admin_endpoints() {
     let r = Resolver::start();
     let api = Api::new(&r);
     assert_eq!(api.get("/healthz/live").await.status(), 200);
-    assert_eq!(api.get("/healthz/ready").await.text().await.unwrap(), "ready\n");
+    assert_eq!(
+        api.get("/healthz/ready").await.text().await.unwrap(),
+        "ready\n"
+    );
     api.register(json!({"Name": "m", "Port": 1})).await;
-    let _ = waymark_e2e::dns::udp(r.dns, "m.mesh.internal.", hickory_proto::rr::RecordType::A).await;
+    let _ =
+        waymark_e2e::dns::udp(r.dns, "m.mesh.internal.", hickory_proto::rr::RecordType::A).await;
     let metrics = api.get("/metrics").await.text().await.unwrap();
     for family in [
         "waymark_dns_queries_total{proto=\"udp\",outcome=\"answer\"} 1",

@@ -40,7 +40,9 @@ fn run_client(program: &str, script: &str, extra: &[&str], pythonpath: Option<&P
     if let Some(p) = pythonpath {
         cmd.env("PYTHONPATH", p);
     }
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -67,13 +69,23 @@ fn run_client(program: &str, script: &str, extra: &[&str], pythonpath: Option<&P
 #[test]
 fn python_consul_registers_unchanged() {
     let deps = root().join("tests/clients/.deps/python-consul");
-    run_client("python3", "consul_py.py", &["--lib", "python-consul"], Some(&deps));
+    run_client(
+        "python3",
+        "consul_py.py",
+        &["--lib", "python-consul"],
+        Some(&deps),
+    );
 }
 
 #[test]
 fn py_consul_registers_unchanged() {
     let deps = root().join("tests/clients/.deps/py-consul");
-    run_client("python3", "consul_py.py", &["--lib", "py-consul"], Some(&deps));
+    run_client(
+        "python3",
+        "consul_py.py",
+        &["--lib", "py-consul"],
+        Some(&deps),
+    );
 }
 
 #[test]

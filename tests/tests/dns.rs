@@ -23,12 +23,16 @@ async fn mesh() -> (Resolver, Api) {
         ("pay-3", "10.1.0.3", json!(["v2", "canary"])),
         ("pay-6", "fd00::6", json!([])),
     ] {
-        api.register(json!({"Name": "payment", "ID": id, "Address": addr, "Port": 9000, "Tags": tags}))
-            .await;
-    }
-    api.register(json!({"Name": "ledger", "ID": "ledger-1", "Address": "10.2.0.1", "Port": 80,
-        "Check": {"TTL": "30s"}}))
+        api.register(
+            json!({"Name": "payment", "ID": id, "Address": addr, "Port": 9000, "Tags": tags}),
+        )
         .await;
+    }
+    api.register(
+        json!({"Name": "ledger", "ID": "ledger-1", "Address": "10.2.0.1", "Port": 80,
+        "Check": {"TTL": "30s"}}),
+    )
+    .await;
     (r, api)
 }
 
@@ -42,7 +46,10 @@ async fn services_tags_and_instances_over_udp_and_tcp() {
     ] {
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.metadata.authoritative);
-        assert_eq!(addresses(&m), [ip("10.1.0.1"), ip("10.1.0.2"), ip("10.1.0.3")]);
+        assert_eq!(
+            addresses(&m),
+            [ip("10.1.0.1"), ip("10.1.0.2"), ip("10.1.0.3")]
+        );
         assert!(m.answers.iter().all(|a| a.ttl == 5), "short positive TTL");
     }
     let m = dns::udp(r.dns, "payment.mesh.internal.", RecordType::AAAA).await;
@@ -51,7 +58,12 @@ async fn services_tags_and_instances_over_udp_and_tcp() {
     assert_eq!(addresses(&m), [ip("10.1.0.1"), ip("10.1.0.2")]);
     let m = dns::tcp(r.dns, "canary.payment.mesh.internal.", RecordType::A).await;
     assert_eq!(addresses(&m), [ip("10.1.0.3")]);
-    let m = dns::udp(r.dns, "pay-2.instance.payment.mesh.internal.", RecordType::A).await;
+    let m = dns::udp(
+        r.dns,
+        "pay-2.instance.payment.mesh.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(addresses(&m), [ip("10.1.0.2")]);
 }
 
@@ -62,9 +74,15 @@ async fn srv_records_carry_target_addresses() {
         let m = dns::udp(r.dns, name, RecordType::SRV).await;
         assert_eq!(m.answers.len(), 4, "{name}");
         for a in &m.answers {
-            let RData::SRV(srv) = &a.data else { panic!("not SRV: {a:?}") };
+            let RData::SRV(srv) = &a.data else {
+                panic!("not SRV: {a:?}")
+            };
             assert_eq!(srv.port, 9000);
-            let glue: Vec<_> = m.additionals.iter().filter(|g| g.name == srv.target).collect();
+            let glue: Vec<_> = m
+                .additionals
+                .iter()
+                .filter(|g| g.name == srv.target)
+                .collect();
             assert_eq!(glue.len(), 1, "one address for {}", srv.target);
         }
     }
@@ -87,7 +105,9 @@ async fn zone_apex_nxdomain_and_nodata() {
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.answers.is_empty());
     let soa = &m.authorities[0];
-    let RData::SOA(s) = &soa.data else { panic!("SOA in authority") };
+    let RData::SOA(s) = &soa.data else {
+        panic!("SOA in authority")
+    };
     assert_eq!(soa.ttl, s.minimum, "negative TTL is the SOA minimum");
 }
 
@@ -100,29 +120,49 @@ async fn udp_replies_fit_the_payload_size_and_tcp_has_everything() {
             "Address": format!("10.9.{}.{}", n / 250, n % 250 + 1), "Port": 80}))
             .await;
     }
-    let (m, size) = dns::send_udp(r.dns, &dns::query("big.mesh.internal.", RecordType::A, None)).await;
+    let (m, size) = dns::send_udp(
+        r.dns,
+        &dns::query("big.mesh.internal.", RecordType::A, None),
+    )
+    .await;
     assert!(size <= 512, "{size} bytes without EDNS");
     assert!(m.metadata.truncation, "TC set when answers were cut");
     let cut = m.answers.len();
     assert!(cut > 10 && cut < 100);
 
-    let (m, size) = dns::send_udp(r.dns, &dns::query("big.mesh.internal.", RecordType::A, Some(1232))).await;
+    let (m, size) = dns::send_udp(
+        r.dns,
+        &dns::query("big.mesh.internal.", RecordType::A, Some(1232)),
+    )
+    .await;
     assert!(size <= 1232, "{size}");
     assert!(m.answers.len() > cut);
 
-    let m = dns::send_tcp(r.dns, &dns::query("big.mesh.internal.", RecordType::A, None)).await;
+    let m = dns::send_tcp(
+        r.dns,
+        &dns::query("big.mesh.internal.", RecordType::A, None),
+    )
+    .await;
     assert_eq!(m.answers.len(), 100);
     assert!(!m.metadata.truncation);
 
     // A small answer is never marked truncated.
-    let (m, _) = dns::send_udp(r.dns, &dns::query("big-1.instance.big.mesh.internal.", RecordType::A, None)).await;
+    let (m, _) = dns::send_udp(
+        r.dns,
+        &dns::query("big-1.instance.big.mesh.internal.", RecordType::A, None),
+    )
+    .await;
     assert_eq!(m.answers.len(), 1);
     assert!(!m.metadata.truncation);
 
     // Answers are shuffled per query.
     let mut firsts = std::collections::HashSet::new();
     for _ in 0..10 {
-        let m = dns::send_tcp(r.dns, &dns::query("big.mesh.internal.", RecordType::A, None)).await;
+        let m = dns::send_tcp(
+            r.dns,
+            &dns::query("big.mesh.internal.", RecordType::A, None),
+        )
+        .await;
         firsts.insert(format!("{:?}", m.answers[0].data));
     }
     assert!(firsts.len() > 1, "the first answer changes between queries");
@@ -135,8 +175,12 @@ async fn garbage_gets_formerr_or_nothing_and_the_server_keeps_serving() {
     // Shorter than a header: dropped.
     assert!(dns::raw_udp(r.dns, b"\x01\x02\x03", wait).await.is_none());
     // A header that promises a question that is not there: FORMERR.
-    let bad = [0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0x05, b'a'];
-    let reply = dns::raw_udp(r.dns, &bad, Duration::from_secs(2)).await.expect("a reply");
+    let bad = [
+        0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0x05, b'a',
+    ];
+    let reply = dns::raw_udp(r.dns, &bad, Duration::from_secs(2))
+        .await
+        .expect("a reply");
     let m = Message::from_vec(&reply).unwrap();
     assert_eq!(m.metadata.id, 0x1234);
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
@@ -164,18 +208,32 @@ async fn garbage_gets_formerr_or_nothing_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn dig_sees_answers_srv_and_truncation() {
-    assert!(have("dig"), "dig is required (Debian package dnsutils; .ci/run installs it)");
+    assert!(
+        have("dig"),
+        "dig is required (Debian package dnsutils; .ci/run installs it)"
+    );
     let (r, api) = mesh().await;
     for n in 0..60 {
         api.register(json!({"Name": "wide", "ID": format!("w{n}"), "Address": format!("10.8.0.{}", n + 1), "Port": 80}))
             .await;
     }
     let dig = |args: Vec<String>| {
-        let out = std::process::Command::new("dig").args(&args).output().expect("dig runs");
-        assert!(out.status.success(), "dig failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("dig")
+            .args(&args)
+            .output()
+            .expect("dig runs");
+        assert!(
+            out.status.success(),
+            "dig failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
-    let base = vec!["@127.0.0.1".to_string(), "-p".into(), r.dns.port().to_string()];
+    let base = vec![
+        "@127.0.0.1".to_string(),
+        "-p".into(),
+        r.dns.port().to_string(),
+    ];
     let with = |extra: &[&str]| {
         let mut a = base.clone();
         a.extend(extra.iter().map(|s| s.to_string()));

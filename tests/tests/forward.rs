@@ -60,8 +60,17 @@ async fn a_silent_upstream_is_skipped() {
     let started = Instant::now();
     let m = dns::udp(r.dns, "www.upstream.test.", RecordType::A).await;
     assert_eq!(addresses(&m).len(), 1);
-    assert!(started.elapsed() < Duration::from_millis(250), "{:?}", started.elapsed());
-    let metrics = reqwest::get(r.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = reqwest::get(r.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("result=\"timeout\""), "{metrics}");
 }
 
@@ -85,7 +94,11 @@ async fn clients_outside_allowed_networks_are_refused() {
         config: Some("[dns]\nforward_allow = [\"10.0.0.0/8\"]\n".into()),
         ..Default::default()
     });
-    let (m, _) = dns::send_udp(r.dns, &dns::query("www.upstream.test.", RecordType::A, None)).await;
+    let (m, _) = dns::send_udp(
+        r.dns,
+        &dns::query("www.upstream.test.", RecordType::A, None),
+    )
+    .await;
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
     assert!(!m.metadata.recursion_available);
     // The mesh zone is answered for everyone.
