@@ -59,6 +59,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ServiceDef>, ServicesFileErr
     };
     let contents: FileContents = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
     let mut seen = BTreeSet::new();
+    let mut checks_seen = BTreeSet::new();
     let mut defs = Vec::new();
     for (n, def) in contents.service.into_iter().enumerate() {
         let def = def
@@ -66,6 +67,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ServiceDef>, ServicesFileErr
             .map_err(|e| invalid(format!("service #{}: {e}", n + 1)))?;
         if !seen.insert(def.id.clone()) {
             return Err(invalid(format!("service ID {:?} appears twice", def.id)));
+        }
+        // Check IDs are unique across the registry: two entries sharing one would fail
+        // half-way through `apply`, leaving the file half applied.
+        for check in &def.checks {
+            if !checks_seen.insert(check.id.clone()) {
+                return Err(invalid(format!("check ID {:?} appears twice", check.id)));
+            }
         }
         defs.push(def);
     }
@@ -83,18 +91,27 @@ pub async fn apply(
         source,
     };
     let wanted: BTreeSet<String> = defs.iter().map(|d| d.id.clone()).collect();
-    for def in defs {
-        let current = registry.definition(&def.id);
-        if current.as_ref() != Some(&(def.clone(), Source::File)) {
-            registry.register(def, Source::File).await.map_err(wrap)?;
-        }
-    }
+    // Removals first: an entry renamed in the file may keep its check IDs, which stay taken
+    // until the old entry is gone.
     for id in registry.ids_from(Source::File) {
         if !wanted.contains(&id) {
             registry.deregister(&id).await.map_err(wrap)?;
         }
     }
-    Ok(())
+    // Every entry that can be registered is, even when another one fails (its check ID is
+    // taken by an API registration, say); the first failure is returned and the rest logged.
+    let mut first_error = None;
+    for def in defs {
+        let current = registry.definition(&def.id);
+        if current.as_ref() != Some(&(def.clone(), Source::File)) {
+            let id = def.id.clone();
+            if let Err(e) = registry.register(def, Source::File).await {
+                tracing::warn!(id, error = %e, "services file entry not registered");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), |e| Err(wrap(e)))
 }
 
 /// Loads the file once; returns its contents' fingerprint for [`watch`].
@@ -117,24 +134,47 @@ pub async fn watch(
     registry: Arc<Registry>,
     path: PathBuf,
     interval: Duration,
-    mut last: Option<String>,
+    mut applied: Option<String>,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last problem reported, so a file that stays broken is logged once, not every tick.
+    let mut reported: Option<String> = None;
+    fn report(reported: &mut Option<String>, problem: String) {
+        if reported.as_deref() != Some(problem.as_str()) {
+            tracing::error!(error = %problem, "services file not applied; keeping the last good state");
+            *reported = Some(problem);
+        }
+    }
     loop {
         tick.tick().await;
-        let Ok(text) = tokio::fs::read_to_string(&path).await else {
-            continue;
+        let text = match tokio::fs::read(&path).await.map(String::from_utf8) {
+            Ok(Ok(text)) => text,
+            Ok(Err(_)) => {
+                report(
+                    &mut reported,
+                    format!("services file {} is not UTF-8", path.display()),
+                );
+                continue;
+            }
+            Err(e) => {
+                report(
+                    &mut reported,
+                    format!("cannot read services file {}: {e}", path.display()),
+                );
+                continue;
+            }
         };
-        if last.as_deref() == Some(text.as_str()) {
+        if applied.as_deref() == Some(text.as_str()) {
             continue;
         }
+        // Until it applies cleanly, the file is tried again every tick.
         match load(&registry, &path).await {
-            Ok(text) => last = Some(text),
-            Err(e) => {
-                tracing::error!(error = %e, "services file not applied; keeping the last good state");
-                last = Some(text);
+            Ok(text) => {
+                applied = Some(text);
+                reported = None;
             }
+            Err(e) => report(&mut reported, e.to_string()),
         }
     }
 }
