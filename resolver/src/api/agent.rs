@@ -94,28 +94,14 @@ async fn ttl(
     Ok(empty_ok())
 }
 
-pub async fn check_pass(
+/// `PUT /v1/agent/check/pass|warn|fail/<id>?note=…`: a TTL heartbeat with that status.
+pub async fn heartbeat(
+    status: Health,
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    ttl(&state, &id, Health::Passing, q.get("note").cloned()).await
-}
-
-pub async fn check_warn(
-    State(state): State<Arc<ApiState>>,
-    Path(id): Path<String>,
-    Query(q): Params,
-) -> Result<Response, ApiError> {
-    ttl(&state, &id, Health::Warning, q.get("note").cloned()).await
-}
-
-pub async fn check_fail(
-    State(state): State<Arc<ApiState>>,
-    Path(id): Path<String>,
-    Query(q): Params,
-) -> Result<Response, ApiError> {
-    ttl(&state, &id, Health::Critical, q.get("note").cloned()).await
+    ttl(&state, &id, status, q.get("note").cloned()).await
 }
 
 /// `PUT /v1/agent/check/update/<id>` with `{"Status": ..., "Output": ...}`.

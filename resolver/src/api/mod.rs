@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
 use serde_json::json;
-use waymark_shared::Mirror;
+use waymark_shared::{Health, Mirror};
 
 use crate::config::Config;
 use crate::metrics::{ApiLabels, Metrics};
@@ -131,9 +131,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/agent/check/deregister/{*id}",
             put(agent::deregister_check),
         )
-        .route("/v1/agent/check/pass/{*id}", put(agent::check_pass))
-        .route("/v1/agent/check/warn/{*id}", put(agent::check_warn))
-        .route("/v1/agent/check/fail/{*id}", put(agent::check_fail))
+        .route(
+            "/v1/agent/check/pass/{*id}",
+            put(|s, p, q| agent::heartbeat(Health::Passing, s, p, q)),
+        )
+        .route(
+            "/v1/agent/check/warn/{*id}",
+            put(|s, p, q| agent::heartbeat(Health::Warning, s, p, q)),
+        )
+        .route(
+            "/v1/agent/check/fail/{*id}",
+            put(|s, p, q| agent::heartbeat(Health::Critical, s, p, q)),
+        )
         .route("/v1/agent/check/update/{*id}", put(agent::check_update))
         .route("/v1/agent/services", get(agent::services))
         .route("/v1/agent/checks", get(agent::checks))

@@ -132,11 +132,15 @@ impl Registry {
                     .iter()
                     .map(|c| (c.id.clone(), (c.status, c.output.clone())))
                     .collect();
-                match reg.install(&mut inner, stored.def, stored.source, statuses) {
+                match reg.install(
+                    &mut inner,
+                    stored.def,
+                    stored.source,
+                    stored.maintenance,
+                    statuses,
+                ) {
                     Ok(id) => {
-                        let r = inner.regs.get_mut(&id).expect("just installed");
-                        r.maintenance = stored.maintenance;
-                        reg.publish(r);
+                        reg.publish(&inner.regs[&id]);
                     }
                     Err(e) => tracing::error!(error = %e, "dropping a stored registration"),
                 }
@@ -183,18 +187,12 @@ impl Registry {
             if let Some(old) = old_service.filter(|o| !o.eq_ignore_ascii_case(&def.name)) {
                 self.mirror.remove(&old, &id);
             }
-            let id = self.install(&mut inner, def, source, carried)?;
-            let reg = inner.regs.get_mut(&id).expect("just installed");
-            reg.maintenance = maintenance;
-            let out = self.persist(reg);
+            let id = self.install(&mut inner, def, source, maintenance, carried)?;
+            let out = self.persist(&inner.regs[&id]);
             self.update_gauges(&inner);
             out
         };
-        self.maybe_compact();
-        pending.wait().await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
-        Ok(index)
+        self.committed(index, pending).await
     }
 
     /// Removes an instance. Returns the change index once it is durable.
@@ -211,11 +209,7 @@ impl Registry {
             self.update_gauges(&inner);
             (index, self.store.delete(index, id))
         };
-        self.maybe_compact();
-        pending.wait().await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
-        Ok(index)
+        self.committed(index, pending).await
     }
 
     /// Sets a TTL check's status (a heartbeat) and restarts its TTL.
@@ -241,11 +235,7 @@ impl Registry {
             }
             self.persist(reg)
         };
-        self.maybe_compact();
-        pending.wait().await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
-        Ok(index)
+        self.committed(index, pending).await
     }
 
     /// Puts an instance in or out of maintenance (draining: never answered).
@@ -268,11 +258,7 @@ impl Registry {
             });
             self.persist(reg)
         };
-        self.maybe_compact();
-        pending.wait().await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
-        Ok(index)
+        self.committed(index, pending).await
     }
 
     /// Adds (or replaces) a check on a registered instance (`/v1/agent/check/register`).
@@ -437,13 +423,14 @@ impl Registry {
         }
     }
 
-    /// Adds a registration to the table and starts its checks. `statuses` carries check
-    /// states over from before (a re-registration, a restart).
+    /// Adds a registration to the table and starts its checks; the caller publishes it.
+    /// `statuses` carries check states over from before (a re-registration, a restart).
     fn install(
         &self,
         inner: &mut Inner,
         def: ServiceDef,
         source: Source,
+        maintenance: Option<String>,
         statuses: HashMap<String, (Health, String)>,
     ) -> Result<String, RegistryError> {
         let now = Instant::now();
@@ -499,11 +486,10 @@ impl Registry {
         let reg = Reg {
             def,
             source,
-            maintenance: None,
+            maintenance,
             checks,
             tasks,
         };
-        self.publish(&reg);
         inner.regs.insert(id.clone(), reg);
         Ok(id)
     }
@@ -591,6 +577,16 @@ impl Registry {
         }
         let all = inner.regs.values().map(stored).collect();
         self.store.compact(self.mirror.index(), all);
+    }
+
+    /// Finishes a client's write: compacts the store when due, then waits until the write is
+    /// durable and returns its change index.
+    async fn committed(&self, index: u64, pending: Pending) -> Result<u64, RegistryError> {
+        self.maybe_compact();
+        pending.wait().await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })?;
+        Ok(index)
     }
 
     /// Waits until every queued write is durable (used at shutdown).
