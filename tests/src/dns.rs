@@ -112,3 +112,8 @@ pub fn addresses(m: &Message) -> Vec<IpAddr> {
     v.sort();
     v
 }
+
+/// The A records answered over UDP for `name`, sorted.
+pub async fn a_records(server: SocketAddr, name: &str) -> Vec<IpAddr> {
+    addresses(&udp(server, name, RecordType::A).await)
+}

@@ -4,14 +4,19 @@
 
 pub mod dns;
 
+use std::fmt::{Debug, Display};
+use std::future::Future;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use serde_json::Value;
+use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio::task::JoinHandle;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -309,6 +314,41 @@ impl Api {
             resp.text().await.unwrap_or_default()
         );
     }
+
+    /// The instance IDs `GET /v1/health/service/<service>?passing` returns, sorted.
+    pub async fn passing_ids(&self, service: &str) -> Vec<String> {
+        let v: Value = self
+            .get(&format!("/v1/health/service/{service}?passing"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["Service"]["ID"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The IDs of every registered instance (`GET /v1/agent/services`), sorted.
+    pub async fn registered_ids(&self) -> Vec<String> {
+        let v: Value = self.get("/v1/agent/services").await.json().await.unwrap();
+        let mut ids: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// A response's `X-Consul-Index` header as a number; panics when it is missing or malformed.
+pub fn consul_index(resp: &reqwest::Response) -> u64 {
+    resp.headers()["x-consul-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Polls `f` every 10 ms until it returns true or `timeout` passes; returns whether it did.
@@ -327,6 +367,73 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls `fetch` (through [`eventually`]) until `cond` holds, within `timeout`; returns the
+/// observation that satisfied it, or panics with the last one seen.
+pub async fn until<T, Fut>(
+    what: &str,
+    timeout: Duration,
+    fetch: impl Fn() -> Fut,
+    cond: impl Fn(&T) -> bool,
+) -> T
+where
+    T: Debug + Clone,
+    Fut: Future<Output = T>,
+{
+    let last: Mutex<Option<T>> = Mutex::new(None);
+    let (last_ref, fetch, cond) = (&last, &fetch, &cond);
+    let ok = eventually(timeout, move || async move {
+        let seen = fetch().await;
+        let ok = cond(&seen);
+        *last_ref.lock().unwrap() = Some(seen);
+        ok
+    })
+    .await;
+    let last = last.into_inner().unwrap();
+    assert!(ok, "{what}: not within {timeout:?}; last seen: {last:#?}");
+    last.expect("polled at least once")
+}
+
+/// An IP address from its text; panics when it is not one.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// IP addresses from their text, sorted (as [`dns::addresses`] and [`dns::a_records`] are).
+pub fn ips(list: &[&str]) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = list.iter().map(|s| ip(s)).collect();
+    v.sort();
+    v
+}
+
+/// A TCP listener that accepts (and drops) connections until its task is aborted; returns
+/// the bound address and the task. `addr` may be `"127.0.0.1:0"` (any free port) or a fixed
+/// address, such as one a listener just released: binding is retried for up to 5 s.
+pub async fn tcp_listener<A>(addr: A) -> (SocketAddr, JoinHandle<()>)
+where
+    A: ToSocketAddrs + Display + Copy,
+{
+    let mut last_err = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let addr = listener.local_addr().unwrap();
+                let task = tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, _)) => drop(stream),
+                            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                });
+                return (addr, task);
+            }
+            Err(e) => last_err = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot listen on {addr}: {last_err:?}");
 }
 
 /// Whether a command is on PATH.

@@ -5,15 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use waymark_e2e::{Api, Options, Resolver};
-
-fn index(resp: &reqwest::Response) -> u64 {
-    resp.headers()["x-consul-index"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
+use waymark_e2e::{consul_index, Api, Options, Resolver};
 
 #[tokio::test]
 async fn bad_requests_get_clear_json_errors() {
@@ -164,11 +156,11 @@ async fn blocking_queries_wait_for_a_change() {
     let r = Resolver::start();
     let api = Api::new(&r);
     let resp = api.get("/v1/catalog/services").await;
-    assert_eq!(index(&resp), 1, "X-Consul-Index starts at 1");
+    assert_eq!(consul_index(&resp), 1, "X-Consul-Index starts at 1");
     api.register(json!({"Name": "web", "ID": "web-1", "Port": 80}))
         .await;
     let resp = api.get("/v1/health/service/web").await;
-    let i = index(&resp);
+    let i = consul_index(&resp);
     assert!(i >= 1);
 
     // No change: returns after the wait, with the same index.
@@ -181,7 +173,7 @@ async fn blocking_queries_wait_for_a_change() {
         waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
         "{waited:?}"
     );
-    assert_eq!(index(&resp), i);
+    assert_eq!(consul_index(&resp), i);
 
     // A change to another service does not wake it; a change to this one does, at once.
     let blocked = tokio::spawn({
@@ -190,7 +182,7 @@ async fn blocking_queries_wait_for_a_change() {
             let started = Instant::now();
             let resp = reqwest::get(url).await.unwrap();
             (
-                index(&resp),
+                consul_index(&resp),
                 started.elapsed(),
                 resp.json::<Value>().await.unwrap(),
             )
@@ -215,7 +207,7 @@ async fn blocking_queries_wait_for_a_change() {
     for n in 0..5 {
         api.register(json!({"Name": "web", "ID": format!("w{n}"), "Port": 80}))
             .await;
-        let now = index(&api.get("/v1/catalog/services").await);
+        let now = consul_index(&api.get("/v1/catalog/services").await);
         assert!(now > last);
         last = now;
     }

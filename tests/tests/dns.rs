@@ -1,18 +1,13 @@
 //! DNS answers through the real interfaces: instances registered over HTTP, queried with
 //! hickory's client over UDP and TCP, raw messages for EDNS sizes and garbage, and `dig`.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 use serde_json::json;
 use waymark_e2e::dns::{self, addresses};
-use waymark_e2e::{have, Api, Resolver};
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
+use waymark_e2e::{have, ip, Api, Resolver};
 
 async fn mesh() -> (Resolver, Api) {
     let r = Resolver::start();

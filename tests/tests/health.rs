@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,46 +18,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use waymark_e2e::dns::{self, addresses};
-use waymark_e2e::{eventually, Api, Options, Resolver};
+use waymark_e2e::{ip, ips, tcp_listener, until, Api, Options, Resolver};
 
 /// The longest any single transition may take; checks run every 200–500 ms.
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A status that makes the check server never answer (the probe times out).
 const HANG: u16 = 0;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn ips(list: &[&str]) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = list.iter().map(|s| ip(s)).collect();
-    v.sort();
-    v
-}
-
-/// The A records answered for a name.
-async fn a(r: &Resolver, name: &str) -> Vec<IpAddr> {
-    addresses(&dns::udp(r.dns, name, RecordType::A).await)
-}
-
-/// The instance IDs `GET /v1/health/service/<name>?passing` returns, sorted.
-async fn passing(api: &Api, service: &str) -> Vec<String> {
-    let v: Value = api
-        .get(&format!("/v1/health/service/{service}?passing"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let mut ids: Vec<String> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["Service"]["ID"].as_str().unwrap().to_string())
-        .collect();
-    ids.sort();
-    ids
-}
 
 /// A check's status and output from `GET /v1/agent/checks` ("absent" when it is not there).
 async fn check(api: &Api, id: &str) -> (String, String) {
@@ -70,14 +36,6 @@ async fn check(api: &Api, id: &str) -> (String, String) {
         ),
         None => ("absent".into(), String::new()),
     }
-}
-
-/// The IDs of every registered instance (`GET /v1/agent/services`), sorted.
-async fn registered(api: &Api) -> Vec<String> {
-    let v: Value = api.get("/v1/agent/services").await.json().await.unwrap();
-    let mut ids: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
-    ids.sort();
-    ids
 }
 
 /// One look at an instance through every interface that shows its health.
@@ -93,8 +51,8 @@ struct Seen {
 }
 
 async fn seen(r: &Resolver, api: &Api, service: &str, check_id: &str) -> Seen {
-    let dns = a(r, &format!("{service}.mesh.internal.")).await;
-    let passing = passing(api, service).await;
+    let dns = dns::a_records(r.dns, &format!("{service}.mesh.internal.")).await;
+    let passing = api.passing_ids(service).await;
     let (status, output) = check(api, check_id).await;
     Seen {
         dns,
@@ -102,32 +60,6 @@ async fn seen(r: &Resolver, api: &Api, service: &str, check_id: &str) -> Seen {
         status,
         output,
     }
-}
-
-/// Polls `fetch` (through [`eventually`]) until `cond` holds, within `timeout`; returns the
-/// observation that satisfied it, or panics with the last one seen.
-async fn until<T, Fut>(
-    what: &str,
-    timeout: Duration,
-    fetch: impl Fn() -> Fut,
-    cond: impl Fn(&T) -> bool,
-) -> T
-where
-    T: Debug + Clone,
-    Fut: Future<Output = T>,
-{
-    let last: Mutex<Option<T>> = Mutex::new(None);
-    let (last_ref, fetch, cond) = (&last, &fetch, &cond);
-    let ok = eventually(timeout, move || async move {
-        let seen = fetch().await;
-        let ok = cond(&seen);
-        *last_ref.lock().unwrap() = Some(seen);
-        ok
-    })
-    .await;
-    let last = last.into_inner().unwrap();
-    assert!(ok, "{what}: not within {timeout:?}; last seen: {last:#?}");
-    last.expect("polled at least once")
 }
 
 /// What the check server answers, and what it has answered.
@@ -284,30 +216,6 @@ async fn answer_http(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
     let _ = stream.shutdown().await;
 }
 
-/// A TCP listener that accepts (and drops) connections until aborted.
-async fn tcp_listener(addr: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
-    let mut last_err = None;
-    for _ in 0..50 {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => {
-                let addr = listener.local_addr().unwrap();
-                let task = tokio::spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((stream, _)) => drop(stream),
-                            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                        }
-                    }
-                });
-                return (addr, task);
-            }
-            Err(e) => last_err = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cannot listen on {addr}: {last_err:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_check_follows_the_status_code_and_the_server_coming_and_going() {
     let r = Resolver::start();
@@ -390,7 +298,7 @@ async fn http_check_follows_the_status_code_and_the_server_coming_and_going() {
 async fn tcp_check_follows_a_listener_opening_and_closing() {
     let r = Resolver::start();
     let api = Api::new(&r);
-    let (addr, listener) = tcp_listener("127.0.0.1:0".parse().unwrap()).await;
+    let (addr, listener) = tcp_listener("127.0.0.1:0").await;
     api.register(
         json!({"Name": "db", "ID": "db-1", "Address": "127.0.2.1", "Port": 5432,
         "Check": {"CheckID": "db-1-tcp", "TCP": addr.to_string(), "Interval": "200ms"}}),
@@ -465,7 +373,7 @@ async fn ttl_checks_pass_expire_warn_and_fail() {
         beats += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
-            a(&r, "worker.mesh.internal.")
+            dns::a_records(r.dns, "worker.mesh.internal.")
                 .await
                 .contains(&ip("127.0.3.1")),
             "dropped while heartbeating (beat {beats})"
@@ -526,7 +434,7 @@ async fn ttl_checks_pass_expire_warn_and_fail() {
     // An expired check comes back with the next heartbeat.
     ok(api.put_empty("/v1/agent/check/pass/w-1-ttl").await);
     assert_eq!(
-        a(&r, "worker.mesh.internal.").await,
+        dns::a_records(r.dns, "worker.mesh.internal.").await,
         ips(&["127.0.3.1", "127.0.3.2"])
     );
 }
@@ -557,7 +465,7 @@ async fn one_failure_does_not_remove_an_instance_but_three_do() {
     until(
         "both passing",
         WAIT,
-        || a(&r, "flaky.mesh.internal."),
+        || dns::a_records(r.dns, "flaky.mesh.internal."),
         |d: &Vec<IpAddr>| *d == [h1, h2],
     )
     .await;
@@ -572,7 +480,7 @@ async fn one_failure_does_not_remove_an_instance_but_three_do() {
             started.elapsed() < WAIT,
             "the queued failures were never probed"
         );
-        let d = a(&r, "flaky.mesh.internal.").await;
+        let d = dns::a_records(r.dns, "flaky.mesh.internal.").await;
         assert!(
             d.contains(&h1),
             "dropped after fewer than 3 failures; served {:?}",
@@ -598,7 +506,7 @@ async fn one_failure_does_not_remove_an_instance_but_three_do() {
     let started = Instant::now();
     loop {
         assert!(started.elapsed() < WAIT, "never dropped");
-        let d = a(&r, "flaky.mesh.internal.").await;
+        let d = dns::a_records(r.dns, "flaky.mesh.internal.").await;
         if !d.contains(&h1) {
             let failures = steady.trailing(500);
             assert!(
@@ -611,7 +519,7 @@ async fn one_failure_does_not_remove_an_instance_but_three_do() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(check(&api, "h-1-http").await.0, "critical");
-    assert_eq!(a(&r, "flaky.mesh.internal.").await, [h2]);
+    assert_eq!(dns::a_records(r.dns, "flaky.mesh.internal.").await, [h2]);
 
     // The per-check override wins over the config: h-2 goes at its first failure, long
     // before a third one is even probed (its probes are 500 ms apart).
@@ -619,7 +527,7 @@ async fn one_failure_does_not_remove_an_instance_but_three_do() {
     let started = Instant::now();
     loop {
         assert!(started.elapsed() < WAIT, "h-2 never dropped");
-        let d = a(&r, "flaky.mesh.internal.").await;
+        let d = dns::a_records(r.dns, "flaky.mesh.internal.").await;
         let failures = twitchy.trailing(500);
         if !d.contains(&h2) {
             assert!(
@@ -662,7 +570,9 @@ async fn success_before_passing_holds_back_a_recovering_instance() {
         |n: &(usize, usize)| n.0 >= 2 && n.1 >= 1,
     )
     .await;
-    assert!(a(&r, "rising.mesh.internal.").await.is_empty());
+    assert!(dns::a_records(r.dns, "rising.mesh.internal.")
+        .await
+        .is_empty());
 
     // Two successes, then failures again: r-1 never comes up, though the successes were
     // seen (the output shows the 200 while the status stays critical).
@@ -674,7 +584,7 @@ async fn success_before_passing_holds_back_a_recovering_instance() {
             started.elapsed() < WAIT,
             "the queued successes were never probed"
         );
-        let d = a(&r, "rising.mesh.internal.").await;
+        let d = dns::a_records(r.dns, "rising.mesh.internal.").await;
         assert!(
             !d.contains(&r1),
             "answered after fewer than 3 successes; served {:?}",
@@ -700,7 +610,7 @@ async fn success_before_passing_holds_back_a_recovering_instance() {
     let started = Instant::now();
     loop {
         assert!(started.elapsed() < WAIT, "never answered");
-        let d = a(&r, "rising.mesh.internal.").await;
+        let d = dns::a_records(r.dns, "rising.mesh.internal.").await;
         if d.contains(&r1) {
             let successes = slow.trailing(200);
             assert!(
@@ -713,14 +623,14 @@ async fn success_before_passing_holds_back_a_recovering_instance() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(check(&api, "r-1-http").await.0, "passing");
-    assert_eq!(passing(&api, "rising").await, ["r-1"]);
+    assert_eq!(api.passing_ids("rising").await, ["r-1"]);
 
     // Without the setting, one success is enough.
     quick.set(200);
     let started = Instant::now();
     loop {
         assert!(started.elapsed() < WAIT, "r-2 never answered");
-        let d = a(&r, "rising.mesh.internal.").await;
+        let d = dns::a_records(r.dns, "rising.mesh.internal.").await;
         let successes = quick.trailing(200);
         if d.contains(&r2) {
             assert!(
@@ -731,7 +641,10 @@ async fn success_before_passing_holds_back_a_recovering_instance() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(a(&r, "rising.mesh.internal.").await, [r1, r2]);
+    assert_eq!(
+        dns::a_records(r.dns, "rising.mesh.internal.").await,
+        [r1, r2]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -767,11 +680,11 @@ async fn long_critical_instances_are_deregistered() {
     )
     .await;
     let all = ["kept", "later", "never", "web"];
-    assert_eq!(registered(&api).await, all);
+    assert_eq!(api.registered_ids().await, all);
     until(
         "web passing",
         WAIT,
-        || a(&r, "reap-web.mesh.internal."),
+        || dns::a_records(r.dns, "reap-web.mesh.internal."),
         |d: &Vec<IpAddr>| *d == [ip("127.0.6.3")],
     )
     .await;
@@ -782,7 +695,7 @@ async fn long_critical_instances_are_deregistered() {
     let ids = until(
         "the never-passing instance reaped",
         WAIT,
-        || registered(&api),
+        || api.registered_ids(),
         |ids: &Vec<String>| !ids.contains(&"never".to_string()),
     )
     .await;
@@ -806,7 +719,7 @@ async fn long_critical_instances_are_deregistered() {
     until(
         "the failed instance reaped",
         WAIT,
-        || registered(&api),
+        || api.registered_ids(),
         |ids: &Vec<String>| !ids.contains(&"later".to_string()),
     )
     .await;
@@ -818,7 +731,7 @@ async fn long_critical_instances_are_deregistered() {
     until(
         "the instance whose server died reaped",
         WAIT,
-        || registered(&api),
+        || api.registered_ids(),
         |ids: &Vec<String>| *ids == ["kept"],
     )
     .await;
@@ -843,21 +756,27 @@ async fn maintenance_drains_an_instance_and_disabling_brings_it_back() {
             .await;
     }
     let both = ips(&["127.0.7.1", "127.0.7.2"]);
-    assert_eq!(a(&r, "api.mesh.internal.").await, both);
+    assert_eq!(dns::a_records(r.dns, "api.mesh.internal.").await, both);
     let ok = |resp: reqwest::Response| assert_eq!(resp.status(), 200);
 
     ok(api
         .put_empty("/v1/agent/service/maintenance/api-1?enable=true&reason=deploy%2042")
         .await);
     // Acknowledged means drained: no wait needed.
-    assert_eq!(a(&r, "api.mesh.internal.").await, ips(&["127.0.7.2"]));
-    assert_eq!(a(&r, "v1.api.mesh.internal.").await, ips(&["127.0.7.2"]));
+    assert_eq!(
+        dns::a_records(r.dns, "api.mesh.internal.").await,
+        ips(&["127.0.7.2"])
+    );
+    assert_eq!(
+        dns::a_records(r.dns, "v1.api.mesh.internal.").await,
+        ips(&["127.0.7.2"])
+    );
     let m = dns::udp(r.dns, "api-1.instance.api.mesh.internal.", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.answers.is_empty(), "a draining instance is NODATA");
     let m = dns::udp(r.dns, "api.mesh.internal.", RecordType::SRV).await;
     assert_eq!(m.answers.len(), 1);
-    assert_eq!(passing(&api, "api").await, ["api-2"]);
+    assert_eq!(api.passing_ids("api").await, ["api-2"]);
     let (status, _) = check(&api, "_service_maintenance:api-1").await;
     assert_eq!(status, "critical");
     let all: Value = api
@@ -886,13 +805,16 @@ async fn maintenance_drains_an_instance_and_disabling_brings_it_back() {
         "Tags": ["v1"]}),
     )
     .await;
-    assert_eq!(a(&r, "api.mesh.internal.").await, ips(&["127.0.7.2"]));
+    assert_eq!(
+        dns::a_records(r.dns, "api.mesh.internal.").await,
+        ips(&["127.0.7.2"])
+    );
 
     ok(api
         .put_empty("/v1/agent/service/maintenance/api-1?enable=false")
         .await);
-    assert_eq!(a(&r, "api.mesh.internal.").await, both);
-    assert_eq!(passing(&api, "api").await, ["api-1", "api-2"]);
+    assert_eq!(dns::a_records(r.dns, "api.mesh.internal.").await, both);
+    assert_eq!(api.passing_ids("api").await, ["api-1", "api-2"]);
     assert_eq!(check(&api, "_service_maintenance:api-1").await.0, "absent");
     let m = dns::udp(r.dns, "api-1.instance.api.mesh.internal.", RecordType::A).await;
     assert_eq!(addresses(&m), ips(&["127.0.7.1"]));
@@ -941,10 +863,13 @@ async fn panic_threshold_answers_all_non_draining_instances() {
             .map(|n| format!("127.0.8.{n}").parse().unwrap())
             .collect()
     };
-    let payment = || a(&r, "payment.mesh.internal.");
+    let payment = || dns::a_records(r.dns, "payment.mesh.internal.");
 
     assert_eq!(payment().await, pay(&[1, 2, 3, 4]));
-    assert_eq!(a(&r, "ledger.mesh.internal.").await, ips(&["127.0.9.1"]));
+    assert_eq!(
+        dns::a_records(r.dns, "ledger.mesh.internal.").await,
+        ips(&["127.0.9.1"])
+    );
 
     // p4 drains: never answered from here on, panic or not.
     ok(api
@@ -978,7 +903,7 @@ async fn panic_threshold_answers_all_non_draining_instances() {
         ]
     );
     // The health API is not in panic: it reports what is really passing.
-    assert_eq!(passing(&api, "payment").await, ["p3"]);
+    assert_eq!(api.passing_ids("payment").await, ["p3"]);
 
     // None healthy: still every non-draining instance, still never the draining one, even
     // when it is the only one whose check passes.
@@ -1012,5 +937,8 @@ async fn panic_threshold_answers_all_non_draining_instances() {
     assert_eq!(payment().await, pay(&[1, 2, 3]));
 
     // The other service never panicked.
-    assert_eq!(a(&r, "ledger.mesh.internal.").await, ips(&["127.0.9.1"]));
+    assert_eq!(
+        dns::a_records(r.dns, "ledger.mesh.internal.").await,
+        ips(&["127.0.9.1"])
+    );
 }

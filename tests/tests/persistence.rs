@@ -5,43 +5,23 @@
 //! registrations loses none that were acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use waymark_e2e::dns::{self, addresses};
-use waymark_e2e::{eventually, Api, Resolver};
+use waymark_e2e::{consul_index, eventually, ips, tcp_listener, Api, Resolver};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn ips(list: &[&str]) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = list.iter().map(|s| s.parse().unwrap()).collect();
-    v.sort();
-    v
-}
-
-async fn a(r: &Resolver, name: &str) -> Vec<IpAddr> {
-    addresses(&dns::udp(r.dns, name, RecordType::A).await)
-}
-
-fn index(resp: &reqwest::Response) -> u64 {
-    resp.headers()["x-consul-index"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 /// `GET /v1/agent/services` and its X-Consul-Index.
 async fn services(api: &Api) -> (Value, u64) {
     let resp = api.get("/v1/agent/services").await;
     assert_eq!(resp.status(), 200);
-    let i = index(&resp);
+    let i = consul_index(&resp);
     (resp.json().await.unwrap(), i)
 }
 
@@ -49,40 +29,8 @@ async fn checks(api: &Api) -> Value {
     api.get("/v1/agent/checks").await.json().await.unwrap()
 }
 
-async fn passing(api: &Api, service: &str) -> Vec<String> {
-    let v: Value = api
-        .get(&format!("/v1/health/service/{service}?passing"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let mut ids: Vec<String> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["Service"]["ID"].as_str().unwrap().to_string())
-        .collect();
-    ids.sort();
-    ids
-}
-
 fn ok(resp: reqwest::Response) {
     assert_eq!(resp.status(), 200);
-}
-
-/// A TCP listener that accepts (and drops) connections until aborted.
-async fn tcp_listener() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => drop(stream),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    });
-    (addr, task)
 }
 
 /// What a client can see of the registry, for comparing before and after a restart.
@@ -101,8 +49,8 @@ async fn view(r: &Resolver, api: &Api) -> View {
         services,
         index,
         checks: checks(api).await,
-        payment_dns: a(r, "payment.mesh.internal.").await,
-        payment_passing: passing(api, "payment").await,
+        payment_dns: dns::a_records(r.dns, "payment.mesh.internal.").await,
+        payment_passing: api.passing_ids("payment").await,
     }
 }
 
@@ -111,7 +59,7 @@ async fn view(r: &Resolver, api: &Api) -> View {
 async fn survives(restart: impl FnOnce(&mut Resolver)) {
     let mut r = Resolver::start();
     let api = Api::new(&r);
-    let (tcp_addr, listener) = tcp_listener().await;
+    let (tcp_addr, listener) = tcp_listener("127.0.0.1:0").await;
 
     api.register(
         json!({"Name": "payment", "ID": "pay-1", "Address": "127.0.10.1", "Port": 9000,
@@ -184,7 +132,7 @@ async fn survives(restart: impl FnOnce(&mut Resolver)) {
     restart(&mut r);
 
     // No polling: restored state is served from the first request on.
-    let blink_right_after = a(&r, "blink.mesh.internal.").await;
+    let blink_right_after = dns::a_records(r.dns, "blink.mesh.internal.").await;
     let after = view(&r, &api).await;
     assert!(
         after.index >= before.index,
@@ -222,7 +170,9 @@ async fn survives(restart: impl FnOnce(&mut Resolver)) {
         "deploying"
     );
     assert_eq!(after.checks["ledger-1-ttl"]["Status"], "critical");
-    assert!(a(&r, "ledger.mesh.internal.").await.is_empty());
+    assert!(dns::a_records(r.dns, "ledger.mesh.internal.")
+        .await
+        .is_empty());
 
     // The restored passing TTL check answered at once, then expires when its TTL runs out
     // with no heartbeat: the restored state lasts until the check runs again.
@@ -231,7 +181,9 @@ async fn survives(restart: impl FnOnce(&mut Resolver)) {
     let r_ref = &r;
     assert!(
         eventually(Duration::from_secs(8), move || async move {
-            a(r_ref, "blink.mesh.internal.").await.is_empty()
+            dns::a_records(r_ref.dns, "blink.mesh.internal.")
+                .await
+                .is_empty()
         })
         .await,
         "the restored TTL check never expired"
@@ -253,15 +205,18 @@ async fn survives(restart: impl FnOnce(&mut Resolver)) {
         .await,
         "the restored TCP check does not run"
     );
-    assert!(a(&r, "payment.mesh.internal.").await == ips(&["127.0.10.1"]));
+    assert!(dns::a_records(r.dns, "payment.mesh.internal.").await == ips(&["127.0.10.1"]));
     // TTL checks take heartbeats, maintenance can be lifted.
     ok(api.put_empty("/v1/agent/check/pass/ledger-1-ttl").await);
-    assert_eq!(a(&r, "ledger.mesh.internal.").await, ips(&["127.0.10.10"]));
+    assert_eq!(
+        dns::a_records(r.dns, "ledger.mesh.internal.").await,
+        ips(&["127.0.10.10"])
+    );
     ok(api
         .put_empty("/v1/agent/service/maintenance/pay-3?enable=false")
         .await);
     assert_eq!(
-        a(&r, "payment.mesh.internal.").await,
+        dns::a_records(r.dns, "payment.mesh.internal.").await,
         ips(&["127.0.10.1", "127.0.10.3"])
     );
 }
@@ -315,7 +270,7 @@ async fn the_change_index_never_goes_back_across_restarts() {
         let resp = api
             .get(&format!("/v1/catalog/services?index={before}&wait=100ms"))
             .await;
-        assert!(index(&resp) >= before);
+        assert!(consul_index(&resp) >= before);
         last = after;
     }
     // With everything deregistered, nothing is left to restore: the index still holds.
@@ -478,7 +433,10 @@ async fn a_crash_during_concurrent_registrations_loses_nothing_acknowledged() {
     let again = again.as_object().unwrap();
     assert_eq!(again.len(), count + 1);
     assert!(again.contains_key("after-1"));
-    assert_eq!(a(&r, "after.mesh.internal.").await, ips(&["127.0.11.2"]));
+    assert_eq!(
+        dns::a_records(r.dns, "after.mesh.internal.").await,
+        ips(&["127.0.11.2"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

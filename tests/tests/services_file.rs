@@ -3,69 +3,21 @@
 //! in the file run, a broken file keeps the last good state while the server keeps serving,
 //! and after a restart the file (not the stale store) decides what is registered.
 
-use std::fmt::Debug;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{RData, RecordType};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use waymark_e2e::dns::{self, addresses};
-use waymark_e2e::{eventually, Api, Options, Resolver};
+use waymark_e2e::{ips, tcp_listener, until, Api, Options, Resolver};
 
 /// How long an edit may take to show: the file is checked every 200 ms.
 const WAIT: Duration = Duration::from_secs(10);
 
 /// What the resolver logs when it rejects a services file.
 const REJECTED: &str = "services file not applied";
-
-fn ips(list: &[&str]) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = list.iter().map(|s| s.parse().unwrap()).collect();
-    v.sort();
-    v
-}
-
-async fn a(r: &Resolver, name: &str) -> Vec<IpAddr> {
-    addresses(&dns::udp(r.dns, name, RecordType::A).await)
-}
-
-/// The IDs of every registered instance, sorted.
-async fn registered(api: &Api) -> Vec<String> {
-    let v: Value = api.get("/v1/agent/services").await.json().await.unwrap();
-    let mut ids: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
-    ids.sort();
-    ids
-}
-
-/// Polls `fetch` until `cond` holds, within `timeout`; panics with the last observation.
-async fn until<T, Fut>(
-    what: &str,
-    timeout: Duration,
-    fetch: impl Fn() -> Fut,
-    cond: impl Fn(&T) -> bool,
-) -> T
-where
-    T: Debug + Clone,
-    Fut: Future<Output = T>,
-{
-    let last: Mutex<Option<T>> = Mutex::new(None);
-    let (last_ref, fetch, cond) = (&last, &fetch, &cond);
-    let ok = eventually(timeout, move || async move {
-        let seen = fetch().await;
-        let ok = cond(&seen);
-        *last_ref.lock().unwrap() = Some(seen);
-        ok
-    })
-    .await;
-    let last = last.into_inner().unwrap();
-    assert!(ok, "{what}: not within {timeout:?}; last seen: {last:#?}");
-    last.expect("polled at least once")
-}
 
 /// Replaces the file in one step (write aside, rename), as config management does, so the
 /// resolver never reads a half-written file.
@@ -113,24 +65,9 @@ fn resolver_with_file(text: &str) -> (Resolver, PathBuf, tempfile::TempDir) {
     (r, path, dir)
 }
 
-/// A TCP listener that accepts (and drops) connections until aborted.
-async fn tcp_listener() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => drop(stream),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_entries_are_answered_and_edits_are_picked_up() {
-    let (tcp_addr, listener) = tcp_listener().await;
+    let (tcp_addr, listener) = tcp_listener("127.0.0.1:0").await;
     let db1 = entry("legacy-db", "db-1", "127.0.20.1", 5432, &["primary"]);
     let db2 = entry("legacy-db", "db-2", "127.0.20.2", 5432, &["replica"]);
     let ledger = entry_with_tcp_check("ledger", "ledger-1", "127.0.20.10", 8080, tcp_addr);
@@ -139,11 +76,11 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
 
     // The file is loaded before the resolver serves: answered from the first query.
     assert_eq!(
-        a(&r, "legacy-db.mesh.internal.").await,
+        dns::a_records(r.dns, "legacy-db.mesh.internal.").await,
         ips(&["127.0.20.1", "127.0.20.2"])
     );
     assert_eq!(
-        a(&r, "primary.legacy-db.mesh.internal.").await,
+        dns::a_records(r.dns, "primary.legacy-db.mesh.internal.").await,
         ips(&["127.0.20.1"])
     );
     let m = dns::udp(r.dns, "_legacy-db._tcp.mesh.internal.", RecordType::SRV).await;
@@ -154,12 +91,12 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
         };
         assert_eq!(srv.port, 5432);
     }
-    assert_eq!(registered(&api).await, ["db-1", "db-2", "ledger-1"]);
+    assert_eq!(api.registered_ids().await, ["db-1", "db-2", "ledger-1"]);
     // The check declared in the file runs: ledger answers once its TCP check passes.
     until(
         "ledger's TCP check passing",
         WAIT,
-        || a(&r, "ledger.mesh.internal."),
+        || dns::a_records(r.dns, "ledger.mesh.internal."),
         |d: &Vec<IpAddr>| *d == ips(&["127.0.20.10"]),
     )
     .await;
@@ -179,21 +116,21 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     until(
         "the edit answered",
         WAIT,
-        || a(&r, "legacy-db.mesh.internal."),
+        || dns::a_records(r.dns, "legacy-db.mesh.internal."),
         |d: &Vec<IpAddr>| *d == ips(&["127.0.20.11", "127.0.20.3", "127.0.20.50"]),
     )
     .await;
     eprintln!("edit picked up after {:?}", edited.elapsed());
     assert_eq!(
-        registered(&api).await,
+        api.registered_ids().await,
         ["db-1", "db-3", "db-api", "ledger-1"]
     );
     assert_eq!(
-        a(&r, "replica.legacy-db.mesh.internal.").await,
+        dns::a_records(r.dns, "replica.legacy-db.mesh.internal.").await,
         ips(&["127.0.20.3", "127.0.20.50"])
     );
     assert_eq!(
-        a(&r, "primary.legacy-db.mesh.internal.").await,
+        dns::a_records(r.dns, "primary.legacy-db.mesh.internal.").await,
         ips(&["127.0.20.11"])
     );
     let m = dns::udp(
@@ -207,7 +144,10 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     assert_eq!(v["db-3"]["Port"], 5433);
     assert_eq!(v["db-1"]["Address"], "127.0.20.11");
     // The file's ledger entry was untouched: its check kept its passing state.
-    assert_eq!(a(&r, "ledger.mesh.internal.").await, ips(&["127.0.20.10"]));
+    assert_eq!(
+        dns::a_records(r.dns, "ledger.mesh.internal.").await,
+        ips(&["127.0.20.10"])
+    );
 
     // An entry renamed in the file, keeping its check's ID: the check moves with it.
     let queue = |id: &str| {
@@ -223,7 +163,7 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     until(
         "queue-1 registered",
         WAIT,
-        || registered(&api),
+        || api.registered_ids(),
         |ids: &Vec<String>| ids.contains(&"queue-1".to_string()),
     )
     .await;
@@ -234,11 +174,14 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     until(
         "queue-1 renamed to queue-a",
         WAIT,
-        || registered(&api),
+        || api.registered_ids(),
         |ids: &Vec<String>| *ids == ["db-1", "db-3", "db-api", "ledger-1", "queue-a"],
     )
     .await;
-    assert_eq!(a(&r, "queue.mesh.internal.").await, ips(&["127.0.20.30"]));
+    assert_eq!(
+        dns::a_records(r.dns, "queue.mesh.internal.").await,
+        ips(&["127.0.20.30"])
+    );
     let checks: Value = api.get("/v1/agent/checks").await.json().await.unwrap();
     assert_eq!(checks["queue-check"]["ServiceID"], "queue-a");
 
@@ -248,7 +191,7 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     until(
         "ledger's TCP check failing",
         WAIT,
-        || a(&r, "ledger.mesh.internal."),
+        || dns::a_records(r.dns, "ledger.mesh.internal."),
         |d: &Vec<IpAddr>| d.is_empty(),
     )
     .await;
@@ -268,7 +211,7 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     )
     .await;
     assert_eq!(
-        registered(&api).await,
+        api.registered_ids().await,
         ["db-1", "db-3", "db-api", "queue-a"]
     );
 
@@ -277,12 +220,12 @@ async fn file_entries_are_answered_and_edits_are_picked_up() {
     until(
         "file entries removed",
         WAIT,
-        || registered(&api),
+        || api.registered_ids(),
         |ids: &Vec<String>| *ids == ["db-api"],
     )
     .await;
     assert_eq!(
-        a(&r, "legacy-db.mesh.internal.").await,
+        dns::a_records(r.dns, "legacy-db.mesh.internal.").await,
         ips(&["127.0.20.50"])
     );
 }
@@ -301,7 +244,10 @@ async fn a_broken_file_keeps_the_last_good_state() {
     let (r, path, _dir) = resolver_with_file(&format!("{inv1}{inv2}"));
     let api = Api::new(&r);
     let good = ips(&["127.0.21.1", "127.0.21.2"]);
-    assert_eq!(a(&r, "inventory.mesh.internal.").await, good);
+    assert_eq!(
+        dns::a_records(r.dns, "inventory.mesh.internal.").await,
+        good
+    );
 
     // Each of these would drop inv-2 and add inv-3 if any part of it were applied.
     let broken = [
@@ -332,11 +278,11 @@ async fn a_broken_file_keeps_the_last_good_state() {
         )
         .await;
         assert_eq!(
-            a(&r, "inventory.mesh.internal.").await,
+            dns::a_records(r.dns, "inventory.mesh.internal.").await,
             good,
             "{what} changed the answers"
         );
-        assert_eq!(registered(&api).await, ["inv-1", "inv-2"], "{what}");
+        assert_eq!(api.registered_ids().await, ["inv-1", "inv-2"], "{what}");
         // Still serving: DNS over TCP and registrations through the API.
         let m = dns::tcp(
             r.dns,
@@ -349,7 +295,10 @@ async fn a_broken_file_keeps_the_last_good_state() {
     }
     api.register(json!({"Name": "other", "ID": "other-1", "Address": "127.0.21.9", "Port": 1}))
         .await;
-    assert_eq!(a(&r, "other.mesh.internal.").await, ips(&["127.0.21.9"]));
+    assert_eq!(
+        dns::a_records(r.dns, "other.mesh.internal.").await,
+        ips(&["127.0.21.9"])
+    );
     let log = r.log();
     assert!(
         log.contains("prot") && log.contains("twice"),
@@ -361,11 +310,11 @@ async fn a_broken_file_keeps_the_last_good_state() {
     until(
         "the fixed file applied",
         WAIT,
-        || a(&r, "inventory.mesh.internal."),
+        || dns::a_records(r.dns, "inventory.mesh.internal."),
         |d: &Vec<IpAddr>| *d == ips(&["127.0.21.1", "127.0.21.3"]),
     )
     .await;
-    assert_eq!(registered(&api).await, ["inv-1", "inv-3", "other-1"]);
+    assert_eq!(api.registered_ids().await, ["inv-1", "inv-3", "other-1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,7 +324,7 @@ async fn after_a_restart_the_file_decides_what_is_registered() {
     let (mut r, path, _dir) = resolver_with_file(&format!("{old1}{old2}"));
     let api = Api::new(&r);
     assert_eq!(
-        a(&r, "cache.mesh.internal.").await,
+        dns::a_records(r.dns, "cache.mesh.internal.").await,
         ips(&["127.0.22.1", "127.0.22.2"])
     );
 
@@ -387,12 +336,12 @@ async fn after_a_restart_the_file_decides_what_is_registered() {
     r.restart_stopped();
     // Applied before serving: the stored registrations do not linger.
     assert_eq!(
-        a(&r, "cache.mesh.internal.").await,
+        dns::a_records(r.dns, "cache.mesh.internal.").await,
         ips(&["127.0.22.12", "127.0.22.3"])
     );
-    assert_eq!(registered(&api).await, ["cache-2", "cache-3"]);
+    assert_eq!(api.registered_ids().await, ["cache-2", "cache-3"]);
     assert_eq!(
-        a(&r, "moved.cache.mesh.internal.").await,
+        dns::a_records(r.dns, "moved.cache.mesh.internal.").await,
         ips(&["127.0.22.12"])
     );
 
@@ -400,6 +349,9 @@ async fn after_a_restart_the_file_decides_what_is_registered() {
     r.kill();
     write_file(&path, &new3);
     r.restart_stopped();
-    assert_eq!(a(&r, "cache.mesh.internal.").await, ips(&["127.0.22.3"]));
-    assert_eq!(registered(&api).await, ["cache-3"]);
+    assert_eq!(
+        dns::a_records(r.dns, "cache.mesh.internal.").await,
+        ips(&["127.0.22.3"])
+    );
+    assert_eq!(api.registered_ids().await, ["cache-3"]);
 }
