@@ -24,4 +24,14 @@ if ((${#missing[@]})); then
 fi
 
 bash tests/clients/install.sh
-cargo test --workspace "$@"
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, over every test binary.
+awk '/^test result:/ { p += $4; f += $6; s += $8 }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
