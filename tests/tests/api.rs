@@ -201,6 +201,20 @@ async fn blocking_queries_wait_for_a_change() {
     assert!(after > i);
     assert!(waited < Duration::from_secs(5));
     assert_eq!(body.as_array().unwrap().len(), 2);
+    let catalog: Value = api
+        .get("/v1/catalog/service/web?tag=")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut ports: Vec<u64> = catalog
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ServicePort"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [80, 81]);
 
     // The catalog's index never goes backwards.
     let mut last = 0;

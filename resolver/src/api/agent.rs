@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use serde_json::{json, Value};
-use waymark_shared::Health;
+use waymark_shared::{Health, Instance};
 
 use super::consul::{self, Node};
 use super::{json_body, read_body, with_index, ApiError, ApiState, Blocking};
@@ -185,26 +185,15 @@ pub async fn health_service(
     Path(name): Path<String>,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
     let passing = flag(&q, "passing")?;
-    let tag = q.get("tag").cloned();
-    let index = blocking
-        .wait(&state.mirror, || service_index(&state, &name))
-        .await;
-    let node = node(&state);
-    let entries: Vec<Value> = state
-        .mirror
-        .service(&name)
-        .map(|view| {
-            view.instances
-                .iter()
-                .filter(|i| !passing || (!i.draining && i.health() == Health::Passing))
-                .filter(|i| tag.as_deref().is_none_or(|t| i.has_tag(t)))
-                .map(|i| consul::health_entry(i, &node))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(with_index(&Value::Array(entries), index))
+    service_entries(
+        &state,
+        &name,
+        &q,
+        |i| !passing || (!i.draining && i.health() == Health::Passing),
+        consul::health_entry,
+    )
+    .await
 }
 
 pub async fn catalog_service(
@@ -212,33 +201,32 @@ pub async fn catalog_service(
     Path(name): Path<String>,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
-    let tag = q.get("tag").cloned();
+    service_entries(&state, &name, &q, |_| true, consul::catalog_entry).await
+}
+
+/// A blocking query over one service's instances (with the `tag` filter and `keep`),
+/// each rendered by `render`.
+async fn service_entries(
+    state: &ApiState,
+    name: &str,
+    q: &HashMap<String, String>,
+    keep: impl Fn(&Instance) -> bool,
+    render: impl Fn(&Instance, &Node) -> Value,
+) -> Result<Response, ApiError> {
+    let blocking = Blocking::parse(q, state.config.api.max_wait)?;
+    let tag = q.get("tag").filter(|t| !t.is_empty());
     let index = blocking
-        .wait(&state.mirror, || service_index(&state, &name))
+        .wait(&state.mirror, || service_index(state, name))
         .await;
-    let node = node(&state);
+    let node = node(state);
     let entries: Vec<Value> = state
         .mirror
-        .service(&name)
+        .service(name)
         .map(|view| {
             view.instances
                 .iter()
-                .filter(|i| tag.as_deref().is_none_or(|t| i.has_tag(t)))
-                .map(|i| {
-                    json!({
-                        "ID": "",
-                        "Node": node.name,
-                        "Address": node.address,
-                        "Datacenter": node.datacenter,
-                        "ServiceID": i.id,
-                        "ServiceName": i.service,
-                        "ServiceAddress": i.address,
-                        "ServicePort": i.port,
-                        "ServiceTags": i.tags,
-                        "ServiceMeta": i.meta,
-                    })
-                })
+                .filter(|i| tag.is_none_or(|t| i.has_tag(t)) && keep(i))
+                .map(|i| render(i, &node))
                 .collect()
         })
         .unwrap_or_default();

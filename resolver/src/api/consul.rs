@@ -300,6 +300,22 @@ pub fn health_entry(i: &Instance, node: &Node) -> Value {
     })
 }
 
+/// An entry of `GET /v1/catalog/service/<name>`.
+pub fn catalog_entry(i: &Instance, node: &Node) -> Value {
+    json!({
+        "ID": "",
+        "Node": node.name,
+        "Address": node.address,
+        "Datacenter": node.datacenter,
+        "ServiceID": i.id,
+        "ServiceName": i.service,
+        "ServiceAddress": i.address,
+        "ServicePort": i.port,
+        "ServiceTags": i.tags,
+        "ServiceMeta": i.meta,
+    })
+}
+
 /// Every check of every instance, keyed by check ID (`GET /v1/agent/checks`).
 pub fn agent_checks<'a>(instances: impl Iterator<Item = &'a Instance>, node: &Node) -> Value {
     let mut out = Map::new();
