@@ -61,12 +61,14 @@ impl Bound {
     }
 }
 
-/// Builds and starts the resolver.
+/// Builds and starts the resolver. The HTTP listener comes up first, so `/healthz/ready`
+/// can say what is still loading (the services file, then DNS).
 pub async fn build(config: Config) -> Result<Bound, AppError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(Readiness::default());
     ready.waiting_for("services file");
+    ready.waiting_for("dns");
 
     let (store, loaded) = Store::open(&config.store.data_dir)?;
     tracing::info!(
@@ -89,104 +91,45 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
-
-    // Third-party registrations: loaded before serving, then watched.
-    if let Some(sf) = &config.services_file {
-        let first = services_file::load(&registry, &sf.path).await?;
-        tasks.push(spawn_until_stopped(
-            stopped.clone(),
-            services_file::watch(
-                registry.clone(),
-                sf.path.clone(),
-                sf.reload_interval,
-                Some(first),
-            ),
-        ));
-    }
-    ready.done("services file");
-
-    // DNS.
-    let (udp, tcp) =
-        dns::server::bind(config.dns.addr)
-            .await
-            .map_err(|source| AppError::DnsBind {
-                addr: config.dns.addr,
-                source,
-            })?;
-    let dns_addr = udp.local_addr().map_err(|source| AppError::DnsBind {
-        addr: config.dns.addr,
-        source,
-    })?;
-    let upstreams = if config.dns.upstreams.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        resolv_conf_upstreams(&text, &[dns_addr, SocketAddr::new(dns_addr.ip(), 53)])
-    } else {
-        config.dns.upstreams.clone()
-    };
-    let ns_address = config
-        .dns
-        .ns_address
-        .or_else(|| (!dns_addr.ip().is_unspecified()).then(|| dns_addr.ip()));
-    let panic_config = config.clone();
-    let handler = dns::server::Handler {
-        zone: Zone::new(
-            &config.dns.zone,
-            config.dns.ttl,
-            config.dns.negative_ttl,
-            ns_address,
-        ),
-        mirror: mirror.clone(),
-        forwarder: Forwarder::new(
-            upstreams.clone(),
-            config.dns.upstream_timeout,
-            config.dns.forward_allow.clone(),
-            metrics.clone(),
-        ),
-        panic_threshold: Box::new(move |s| panic_config.panic_threshold(s)),
-        max_udp_payload: config.dns.max_udp_payload,
-        metrics: metrics.clone(),
-    };
-    let mut dns_server = dns::server::serve(handler, udp, tcp, config.dns.tcp_idle_timeout);
-    let mut dns_stopped = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let _ = dns_stopped.wait_for(|s| *s).await;
-        if let Err(e) = dns_server.shutdown_gracefully().await {
-            tracing::warn!(error = %e, "DNS server stopped with an error");
-        }
-    }));
-
-    // HTTP.
-    let listener = tokio::net::TcpListener::bind(config.api.addr)
-        .await
-        .map_err(|source| AppError::HttpBind {
-            addr: config.api.addr,
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| AppError::HttpBind {
-        addr: config.api.addr,
-        source,
-    })?;
     let state = Arc::new(ApiState {
         registry: registry.clone(),
         mirror: mirror.clone(),
         config: config.clone(),
         metrics: metrics.clone(),
-        ready,
+        ready: ready.clone(),
     });
-    let app = api::router(state);
-    let mut http_stopped = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_stopped.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
+    let (http_addr, http) = start_http(state, stopped.clone()).await?;
+    tasks.push(http);
+    let started = async {
+        // Third-party registrations: loaded before DNS answers, then watched.
+        if let Some(sf) = &config.services_file {
+            let first = services_file::load(&registry, &sf.path).await?;
+            let watch = services_file::watch(
+                registry.clone(),
+                sf.path.clone(),
+                sf.reload_interval,
+                Some(first),
+            );
+            tasks.push(spawn_until_stopped(stopped.clone(), watch));
         }
-    }));
+        ready.done("services file");
+        let (dns_addr, upstreams, dns) =
+            start_dns(&config, mirror, metrics, stopped.clone()).await?;
+        tasks.push(dns);
+        ready.done("dns");
+        Ok::<_, AppError>((dns_addr, upstreams))
+    };
+    let (dns_addr, upstreams) = match started.await {
+        Ok(bound) => bound,
+        Err(e) => {
+            let _ = stop.send(true);
+            return Err(e);
+        }
+    };
 
     // Deregister-after for long-critical instances.
     let reaper = registry.clone();
-    tasks.push(spawn_until_stopped(stopped.clone(), async move {
+    tasks.push(spawn_until_stopped(stopped, async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
@@ -203,6 +146,80 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         stop,
         tasks,
     })
+}
+
+/// Binds the HTTP listener and serves the API until stopped.
+async fn start_http(
+    state: Arc<ApiState>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), AppError> {
+    let addr = state.config.api.addr;
+    let bind_error = |source| AppError::HttpBind { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    let app = api::router(state);
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+/// Binds DNS (UDP and TCP on one port) and serves it until stopped. Returns the bound
+/// address and the upstreams in use.
+async fn start_dns(
+    config: &Arc<Config>,
+    mirror: Arc<Mirror>,
+    metrics: Arc<Metrics>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(SocketAddr, Vec<SocketAddr>, JoinHandle<()>), AppError> {
+    let addr = config.dns.addr;
+    let bind_error = |source| AppError::DnsBind { addr, source };
+    let (udp, tcp) = dns::server::bind(addr).await.map_err(bind_error)?;
+    let dns_addr = udp.local_addr().map_err(bind_error)?;
+    let upstreams = if config.dns.upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        resolv_conf_upstreams(&text, &[dns_addr, SocketAddr::new(dns_addr.ip(), 53)])
+    } else {
+        config.dns.upstreams.clone()
+    };
+    let ns_address = config
+        .dns
+        .ns_address
+        .or_else(|| (!dns_addr.ip().is_unspecified()).then(|| dns_addr.ip()));
+    let per_service = config.clone();
+    let handler = dns::server::Handler {
+        zone: Zone::new(
+            &config.dns.zone,
+            config.dns.ttl,
+            config.dns.negative_ttl,
+            ns_address,
+        ),
+        mirror,
+        forwarder: Forwarder::new(
+            upstreams.clone(),
+            config.dns.upstream_timeout,
+            config.dns.forward_allow.clone(),
+            metrics.clone(),
+        ),
+        panic_threshold: Box::new(move |s| per_service.panic_threshold(s)),
+        max_udp_payload: config.dns.max_udp_payload,
+        metrics,
+    };
+    let mut server = dns::server::serve(handler, udp, tcp, config.dns.tcp_idle_timeout);
+    let task = tokio::spawn(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        if let Err(e) = server.shutdown_gracefully().await {
+            tracing::warn!(error = %e, "DNS server stopped with an error");
+        }
+    });
+    Ok((dns_addr, upstreams, task))
 }
 
 fn spawn_until_stopped(

@@ -68,3 +68,20 @@ pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
             .into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_what_is_pending() {
+        let r = Readiness::default();
+        r.waiting_for("services file");
+        r.waiting_for("dns");
+        assert_eq!(r.pending(), ["dns", "services file"]);
+        r.done("services file");
+        assert_eq!(r.pending(), ["dns"]);
+        r.done("dns");
+        assert!(r.pending().is_empty());
+    }
+}
