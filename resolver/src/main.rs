@@ -129,15 +129,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             let mut config = args.config()?;
-            if args.data_dir.is_none() && args.config.is_none() {
-                config.store.data_dir =
-                    std::env::temp_dir().join(format!("waymark-demo-{}", std::process::id()));
+            // Without a data dir of its own, the demo keeps its state in a temporary one.
+            let scratch = (args.data_dir.is_none() && args.config.is_none())
+                .then(|| std::env::temp_dir().join(format!("waymark-demo-{}", std::process::id())));
+            if let Some(dir) = &scratch {
+                config.store.data_dir = dir.clone();
             }
             waymark_shared::telemetry::init(config.log_json);
             let running = demo::start(config).await?;
             println!("{}", running.instructions());
             shutdown_signal().await;
             running.stop().await;
+            if let Some(dir) = scratch {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             Ok(())
         }
         Command::CheckConfig { file } => {
