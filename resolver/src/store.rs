@@ -75,11 +75,12 @@ pub struct StoredReg {
     pub checks: Vec<StoredCheck>,
 }
 
+/// A log record: written from borrowed state (`Record<&StoredReg, &str>`), read back owned.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum Record {
-    Put { index: u64, reg: StoredReg },
-    Delete { index: u64, id: String },
+enum Record<R = StoredReg, I = String> {
+    Put { index: u64, reg: R },
+    Delete { index: u64, id: I },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -161,21 +162,15 @@ impl Store {
 
     /// Appends a registration's new state; durable when the returned [`Pending`] resolves.
     pub fn put(&self, index: u64, reg: &StoredReg) -> Pending {
-        self.append(&Record::Put {
-            index,
-            reg: reg.clone(),
-        })
+        self.append(&Record::<_, &str>::Put { index, reg })
     }
 
     /// Appends a deregistration.
     pub fn delete(&self, index: u64, id: &str) -> Pending {
-        self.append(&Record::Delete {
-            index,
-            id: id.to_string(),
-        })
+        self.append(&Record::<&StoredReg, _>::Delete { index, id })
     }
 
-    fn append(&self, record: &Record) -> Pending {
+    fn append(&self, record: &Record<&StoredReg, &str>) -> Pending {
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');
         let (ack, rx) = oneshot::channel();

@@ -278,9 +278,14 @@ impl Api {
         }
     }
 
+    /// The full URL of an API path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
-            .put(format!("{}{path}", self.base))
+            .put(self.url(path))
             .json(&body)
             .send()
             .await
@@ -289,7 +294,7 @@ impl Api {
 
     pub async fn put_empty(&self, path: &str) -> reqwest::Response {
         self.client
-            .put(format!("{}{path}", self.base))
+            .put(self.url(path))
             .send()
             .await
             .expect("API reachable")
@@ -297,7 +302,7 @@ impl Api {
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}{path}", self.base))
+            .get(self.url(path))
             .send()
             .await
             .expect("API reachable")

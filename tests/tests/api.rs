@@ -59,7 +59,7 @@ async fn bad_requests_get_clear_json_errors() {
     for (path, body, status, message) in cases {
         let resp = api
             .client
-            .put(format!("{}{path}", api.base))
+            .put(api.url(path))
             .body(body)
             .send()
             .await
@@ -110,7 +110,7 @@ async fn a_token_guards_every_write() {
     assert_eq!(resp.status(), 403);
     let resp = api
         .client
-        .put(api.url_for("/v1/agent/service/register"))
+        .put(api.url("/v1/agent/service/register"))
         .header("Authorization", "Bearer wrong")
         .json(&body)
         .send()
@@ -123,7 +123,7 @@ async fn a_token_guards_every_write() {
     ] {
         let resp = api
             .client
-            .put(api.url_for("/v1/agent/service/register"))
+            .put(api.url("/v1/agent/service/register"))
             .header(name, value)
             .json(&body)
             .send()
@@ -139,16 +139,6 @@ async fn a_token_guards_every_write() {
             .status(),
         403
     );
-}
-
-trait UrlFor {
-    fn url_for(&self, path: &str) -> String;
-}
-
-impl UrlFor for Api {
-    fn url_for(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
 }
 
 #[tokio::test]
@@ -177,7 +167,7 @@ async fn blocking_queries_wait_for_a_change() {
 
     // A change to another service does not wake it; a change to this one does, at once.
     let blocked = tokio::spawn({
-        let url = format!("{}/v1/health/service/web?index={i}&wait=10s", api.base);
+        let url = api.url(&format!("/v1/health/service/web?index={i}&wait=10s"));
         async move {
             let started = Instant::now();
             let resp = reqwest::get(url).await.unwrap();
@@ -276,7 +266,7 @@ async fn the_change_stream_resumes_without_loss() {
     // Server-sent events: the first event is the state since the given index; a reconnect
     // with Last-Event-ID picks up a change made while disconnected.
     let last_id = {
-        let resp = reqwest::get(api.url_for("/v1/waymark/events?index=0"))
+        let resp = reqwest::get(api.url("/v1/waymark/events?index=0"))
             .await
             .unwrap();
         assert!(resp.headers()["content-type"]
@@ -291,7 +281,7 @@ async fn the_change_stream_resumes_without_loss() {
         .await;
     let resp = api
         .client
-        .get(api.url_for("/v1/waymark/events"))
+        .get(api.url("/v1/waymark/events"))
         .header("Last-Event-ID", last_id.to_string())
         .send()
         .await

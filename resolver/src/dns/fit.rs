@@ -6,7 +6,7 @@
 //! RFC 2181 §9 allows.
 
 use hickory_proto::op::{Edns, Message, Metadata, Query};
-use hickory_proto::rr::Record;
+use hickory_proto::rr::{Name, RData, Record};
 
 use super::answer::Answer;
 
@@ -46,17 +46,18 @@ pub fn fit(
         }
         m.to_vec().map(|v| v.len()).unwrap_or(usize::MAX)
     };
-    let flat = |n: usize| -> Vec<Record> {
-        answer
-            .additionals
-            .iter()
-            .take(n)
-            .flatten()
-            .cloned()
-            .collect()
+    let all_additionals: Vec<Record> = answer.additionals.iter().flatten().cloned().collect();
+    let records = answer
+        .answers
+        .iter()
+        .chain(&answer.authority)
+        .chain(&all_additionals);
+    let fits = match size_bound(query, records, edns.is_some()) {
+        // Most answers are small: no trial encoding when even the uncompressed size fits.
+        Some(bound) if bound <= limit => true,
+        _ => size(&answer.answers, &all_additionals, &answer.authority) <= limit,
     };
-    let all_additionals = flat(answer.answers.len());
-    if size(&answer.answers, &all_additionals, &answer.authority) <= limit {
+    if fits {
         return Fitted {
             answers: answer.answers,
             authority: answer.authority,
@@ -94,6 +95,29 @@ pub fn fit(
         additionals,
         truncated,
     }
+}
+
+/// An upper bound of a reply's encoded size, without name compression; `None` when a
+/// record's data has no cheap bound. The OPT record is counted generously.
+fn size_bound<'a>(
+    query: &Query,
+    records: impl Iterator<Item = &'a Record>,
+    edns: bool,
+) -> Option<usize> {
+    let name = |n: &Name| n.len() + 1;
+    let mut total = 12 + name(query.name()) + 4 + if edns { 64 } else { 0 };
+    for r in records {
+        let rdata = match &r.data {
+            RData::A(_) => 4,
+            RData::AAAA(_) => 16,
+            RData::SRV(srv) => 6 + name(&srv.target),
+            RData::NS(ns) => name(&ns.0),
+            RData::SOA(soa) => name(&soa.mname) + name(&soa.rname) + 20,
+            _ => return None,
+        };
+        total += name(&r.name) + 10 + rdata;
+    }
+    Some(total)
 }
 
 #[cfg(test)]
@@ -187,6 +211,48 @@ mod tests {
         assert!(!f.truncated, "all SRV answers fit: {}", f.answers.len());
         assert_eq!(f.answers.len(), 6);
         assert!(f.additionals.len() < 6);
+    }
+
+    #[test]
+    fn the_size_bound_is_never_below_the_encoding() {
+        use hickory_proto::rr::rdata::{NS, SOA};
+        let q = Query::query(name("svc.mesh.internal."), RecordType::SRV);
+        let target = name("an-instance.instance.svc.mesh.internal.");
+        let records = [
+            Record::from_rdata(
+                name("svc.mesh.internal."),
+                5,
+                RData::SRV(SRV::new(1, 1, 80, target.clone())),
+            ),
+            Record::from_rdata(target, 5, RData::A(A(Ipv4Addr::new(10, 0, 0, 1)))),
+            Record::from_rdata(
+                name("mesh.internal."),
+                5,
+                RData::NS(NS(name("ns.mesh.internal."))),
+            ),
+            Record::from_rdata(
+                name("mesh.internal."),
+                5,
+                RData::SOA(SOA::new(
+                    name("ns.mesh.internal."),
+                    name("hostmaster.mesh.internal."),
+                    1,
+                    2,
+                    3,
+                    4,
+                    5,
+                )),
+            ),
+        ];
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        m.add_query(q.clone());
+        m.add_answers(records.iter().cloned());
+        m.set_edns(e);
+        let encoded = m.to_vec().unwrap().len();
+        let bound = size_bound(&q, records.iter(), true).unwrap();
+        assert!(bound >= encoded, "bound {bound} < encoded {encoded}");
     }
 
     #[test]

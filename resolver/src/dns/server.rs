@@ -105,11 +105,8 @@ impl Handler {
             e
         });
         let error = |code: ResponseCode| {
-            let mut b = MessageResponseBuilder::new(&request.queries, our_edns.as_ref());
-            if let Some(e) = &our_edns {
-                b.edns(e);
-            }
-            b.error_msg(&request.metadata, code)
+            MessageResponseBuilder::new(&request.queries, our_edns.as_ref())
+                .error_msg(&request.metadata, code)
         };
         if request.metadata.op_code != OpCode::Query {
             return (
@@ -161,11 +158,7 @@ impl Handler {
             metadata.truncation = true;
             self.metrics.dns_truncated.inc();
         }
-        let mut builder = MessageResponseBuilder::new(&request.queries, None);
-        if let Some(e) = &our_edns {
-            builder.edns(e);
-        }
-        let msg = builder.build(
+        let msg = MessageResponseBuilder::new(&request.queries, our_edns.as_ref()).build(
             metadata,
             fitted.answers.iter(),
             fitted.authority.iter(),
@@ -182,11 +175,8 @@ impl Handler {
         our_edns: &Option<Edns>,
     ) -> (&'static str, Sent) {
         let error = |code: ResponseCode| {
-            let mut b = MessageResponseBuilder::new(&request.queries, None);
-            if let Some(e) = our_edns {
-                b.edns(e);
-            }
-            b.error_msg(&request.metadata, code)
+            MessageResponseBuilder::new(&request.queries, our_edns.as_ref())
+                .error_msg(&request.metadata, code)
         };
         if !self.forwarder.allowed(request.src().ip()) {
             return (
@@ -197,11 +187,7 @@ impl Handler {
         let tcp = request.protocol() != Protocol::Udp;
         match self.forwarder.forward(request.as_slice(), tcp).await {
             Ok(reply) => {
-                let mut builder = MessageResponseBuilder::new(&request.queries, None);
-                if let Some(e) = &reply.edns {
-                    builder.edns(e);
-                }
-                let msg = builder.build(
+                let msg = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
                     reply.metadata,
                     reply.answers.iter(),
                     reply.authorities.iter(),
