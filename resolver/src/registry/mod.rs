@@ -61,7 +61,9 @@ pub struct Registry {
 
 #[derive(Default)]
 struct Inner {
-    regs: HashMap<String, Reg>,
+    /// Boxed: a `Reg` is a few hundred bytes, and the table keeps up to twice as many slots
+    /// as entries.
+    regs: HashMap<String, Box<Reg>>,
     /// Check ID → service ID.
     check_owner: HashMap<String, String>,
     /// Bumped for every check (re)start, so stale probe results are ignored.
@@ -490,11 +492,11 @@ impl Registry {
             checks,
             tasks,
         };
-        inner.regs.insert(id.clone(), reg);
+        inner.regs.insert(id.clone(), Box::new(reg));
         Ok(id)
     }
 
-    fn uninstall(&self, inner: &mut Inner, id: &str) -> Option<Reg> {
+    fn uninstall(&self, inner: &mut Inner, id: &str) -> Option<Box<Reg>> {
         let reg = inner.regs.remove(id)?;
         for c in &reg.checks {
             inner.check_owner.remove(&c.def.id);
@@ -575,7 +577,7 @@ impl Registry {
         if self.store.records_since_compaction() < threshold {
             return;
         }
-        let all = inner.regs.values().map(stored).collect();
+        let all = inner.regs.values().map(|r| stored(r)).collect();
         self.store.compact(self.mirror.index(), all);
     }
 
