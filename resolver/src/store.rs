@@ -295,7 +295,7 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
     let mut by_id: std::collections::HashMap<String, usize> = regs
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.def.id.clone(), i))
+        .map(|(i, r)| (r.def.id.to_string(), i))
         .collect();
     let mut slots: Vec<Option<StoredReg>> = regs.into_iter().map(Some).collect();
 
@@ -329,10 +329,10 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
         match serde_json::from_slice::<Record>(&line) {
             Ok(Record::Put { index: i, reg }) if complete => {
                 index = index.max(i);
-                match by_id.get(&reg.def.id) {
+                match by_id.get(reg.def.id.as_str()) {
                     Some(&slot) => slots[slot] = Some(reg),
                     None => {
-                        by_id.insert(reg.def.id.clone(), slots.len());
+                        by_id.insert(reg.def.id.to_string(), slots.len());
                         slots.push(Some(reg));
                     }
                 }

@@ -8,6 +8,7 @@
 //! ([`Mirror::changes_since`]); the bounded change log answers that without loss, and a follower
 //! that fell further behind than the log reaches is told to reset and given the whole state.
 
+use compact_str::CompactString;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,13 @@ use tokio::sync::watch;
 
 use crate::model::Instance;
 
+/// The map key of a service name: lowercased.
+fn key_of(name: &str) -> CompactString {
+    let mut key = CompactString::from(name);
+    key.make_ascii_lowercase();
+    key
+}
+
 /// Changes kept for followers by default.
 pub const DEFAULT_LOG_CAPACITY: usize = 65_536;
 
@@ -25,7 +33,7 @@ pub const DEFAULT_LOG_CAPACITY: usize = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceView {
     /// The service name as first registered.
-    pub name: String,
+    pub name: CompactString,
     /// The change index of the last change to this service.
     pub index: u64,
     pub instances: Vec<Arc<Instance>>,
@@ -49,7 +57,7 @@ pub struct Changes {
 #[derive(Debug)]
 pub struct Mirror {
     /// Keyed by the lowercased service name.
-    services: DashMap<String, Arc<ServiceView>>,
+    services: DashMap<CompactString, Arc<ServiceView>>,
     index: AtomicU64,
     /// Serializes writers so that change indexes and the log stay in order.
     log: Mutex<ChangeLog>,
@@ -60,7 +68,7 @@ pub struct Mirror {
 struct ChangeLog {
     capacity: usize,
     /// (index, lowercased service name), oldest first.
-    entries: VecDeque<(u64, String)>,
+    entries: VecDeque<(u64, CompactString)>,
     /// Indexes at or below this are not in the log any more.
     floor: u64,
 }
@@ -99,7 +107,7 @@ impl Mirror {
     pub fn service(&self, name: &str) -> Option<Arc<ServiceView>> {
         if name.bytes().any(|b| b.is_ascii_uppercase()) {
             self.services
-                .get(&name.to_ascii_lowercase())
+                .get(name.to_ascii_lowercase().as_str())
                 .map(|v| v.clone())
         } else {
             self.services.get(name).map(|v| v.clone())
@@ -133,7 +141,7 @@ impl Mirror {
     /// Inserts or replaces an instance (matched by ID within its service). Returns the change
     /// index, or `None` when the instance was already exactly so (no change is recorded).
     pub fn upsert(&self, instance: Instance) -> Option<u64> {
-        let key = instance.service.to_ascii_lowercase();
+        let key = key_of(&instance.service);
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.services.get(&key).map(|v| v.clone());
         let mut instances = current
@@ -153,7 +161,7 @@ impl Mirror {
 
     /// Removes an instance. Returns the change index, or `None` if there was no such instance.
     pub fn remove(&self, service: &str, id: &str) -> Option<u64> {
-        let key = service.to_ascii_lowercase();
+        let key = key_of(service);
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.services.get(&key).map(|v| v.clone())?;
         if !current.instances.iter().any(|i| i.id == id) {
@@ -174,19 +182,16 @@ impl Mirror {
     pub fn apply(&self, changes: &Changes) {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         if changes.reset {
-            let keep: BTreeSet<String> = changes
-                .services
-                .iter()
-                .map(|s| s.name.to_ascii_lowercase())
-                .collect();
+            let keep: BTreeSet<CompactString> =
+                changes.services.iter().map(|s| key_of(&s.name)).collect();
             self.services.retain(|k, _| keep.contains(k));
         }
         for view in &changes.services {
             self.services
-                .insert(view.name.to_ascii_lowercase(), Arc::new(view.clone()));
+                .insert(key_of(&view.name), Arc::new(view.clone()));
         }
         for name in &changes.removed {
-            self.services.remove(&name.to_ascii_lowercase());
+            self.services.remove(name.to_ascii_lowercase().as_str());
         }
         // A follower's log restarts at the source's index: older indexes are unknown here.
         log.entries.clear();
@@ -198,8 +203,8 @@ impl Mirror {
     fn commit(
         &self,
         log: &mut ChangeLog,
-        key: String,
-        next: Option<(String, Vec<Arc<Instance>>)>,
+        key: CompactString,
+        next: Option<(CompactString, Vec<Arc<Instance>>)>,
     ) -> u64 {
         let index = self.index.load(Ordering::Acquire) + 1;
         match next {

@@ -7,6 +7,7 @@
 //! a stale entry is simply not served and is replaced by the next answer computed. The cache
 //! holds at most `capacity` entries: when full, a random quarter is dropped.
 
+use compact_str::CompactString;
 use dashmap::DashMap;
 use waymark_shared::Mirror;
 
@@ -25,7 +26,10 @@ pub struct Entry {
 #[derive(Debug)]
 enum Depends {
     Zone,
-    Service { key: Box<str>, index: Option<u64> },
+    Service {
+        key: CompactString,
+        index: Option<u64>,
+    },
 }
 
 impl Entry {
@@ -36,7 +40,7 @@ impl Entry {
         let depends = match source {
             Source::Zone => Depends::Zone,
             Source::Service { key, index } => Depends::Service {
-                key: key.into_boxed_str(),
+                key: key.into(),
                 index,
             },
         };

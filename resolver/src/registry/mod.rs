@@ -10,6 +10,8 @@ pub mod def;
 pub mod health;
 
 use std::collections::HashMap;
+
+use compact_str::CompactString;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -63,7 +65,7 @@ pub struct Registry {
 struct Inner {
     /// Boxed: a `Reg` is a few hundred bytes, and the table keeps up to twice as many slots
     /// as entries.
-    regs: HashMap<String, Box<Reg>>,
+    regs: HashMap<CompactString, Box<Reg>>,
     /// Check ID → service ID.
     check_owner: HashMap<String, String>,
     /// Bumped for every check (re)start, so stale probe results are ignored.
@@ -306,7 +308,7 @@ impl Registry {
             .regs
             .values()
             .filter(|r| r.source == source)
-            .map(|r| r.def.id.clone())
+            .map(|r| r.def.id.to_string())
             .collect()
     }
 
@@ -329,7 +331,7 @@ impl Registry {
                         (Some(after), Some(since)) if now.duration_since(since) >= after)
                 })
             })
-            .map(|r| r.def.id.clone())
+            .map(|r| r.def.id.to_string())
             .collect();
         for id in expired {
             tracing::info!(id, "deregistering an instance critical for too long");
@@ -434,7 +436,7 @@ impl Registry {
         source: Source,
         maintenance: Option<String>,
         statuses: HashMap<String, (Health, String)>,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<CompactString, RegistryError> {
         let now = Instant::now();
         let mut checks = Vec::with_capacity(def.checks.len());
         for check in &def.checks {
@@ -483,7 +485,7 @@ impl Registry {
             .collect();
         let id = def.id.clone();
         for c in &checks {
-            inner.check_owner.insert(c.def.id.clone(), id.clone());
+            inner.check_owner.insert(c.def.id.clone(), id.to_string());
         }
         let reg = Reg {
             def,
@@ -549,7 +551,7 @@ impl Registry {
             id: def.id.clone(),
             service: def.name.clone(),
             address: if def.address.is_empty() {
-                self.settings.node_address.clone()
+                self.settings.node_address.as_str().into()
             } else {
                 def.address.clone()
             },
@@ -607,7 +609,7 @@ fn find_check<'a>(
         .ok_or_else(|| RegistryError::UnknownCheck(check_id.to_string()))?;
     let reg = inner
         .regs
-        .get_mut(owner)
+        .get_mut(owner.as_str())
         .ok_or_else(|| RegistryError::UnknownCheck(check_id.to_string()))?;
     let i = reg
         .checks
