@@ -22,7 +22,7 @@ use std::sync::Arc;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use waymark_shared::{Instance, Mirror, ServiceView};
+use waymark_shared::{Freshness, Instance, Mirror, ServiceView};
 
 /// The label that introduces per-instance names.
 pub const INSTANCE_LABEL: &str = "instance";
@@ -85,7 +85,7 @@ impl Zone {
 
 /// An authoritative answer. `additionals[i]` holds the addresses of `answers[i]`'s target,
 /// so a truncated reply can drop answers together with their additional records.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     pub rcode: ResponseCode,
     pub answers: Vec<Record>,
@@ -173,14 +173,28 @@ impl Outcome {
 }
 
 /// What an answer was computed from: a cached copy of it stays right exactly as long as
-/// its source is unchanged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// its source is current.
+#[derive(Debug, Clone)]
 pub enum Source {
     /// The zone's fixed parts only. (Negative answers and the apex SOA carry the mirror's
     /// index as the SOA serial, which a cached copy must refresh.)
     Zone,
-    /// One service, as of its change index; `index` is `None` when it did not exist.
-    Service { key: String, index: Option<u64> },
+    /// One service's view, current while its freshness lasts.
+    Service(Freshness),
+    /// A service that did not exist, as long as no service has appeared since: the mirror's
+    /// count of [`Mirror::creations`] then.
+    Absent { creations: u64 },
+}
+
+impl Source {
+    /// Whether an answer from this source is still right.
+    pub fn is_current(&self, mirror: &Mirror) -> bool {
+        match self {
+            Source::Zone => true,
+            Source::Service(fresh) => fresh.is_current(),
+            Source::Absent { creations } => mirror.creations() == *creations,
+        }
+    }
 }
 
 /// Answers a query for a name inside the zone. `qname` must be lowercased and inside the
@@ -237,14 +251,12 @@ pub fn answer(
             _ => nxdomain(),
         };
     };
-    let view = mirror.service(key);
-    let source = Source::Service {
-        key: key.to_string(),
-        index: view.as_ref().map(|v| v.index),
+    // Read before the lookup, so that a service created after it is always noticed.
+    let creations = mirror.creations();
+    let Some((view, fresh)) = mirror.service_fresh(key) else {
+        return nxdomain().from(Source::Absent { creations });
     };
-    let Some(view) = view else {
-        return nxdomain().from(source);
-    };
+    let source = Source::Service(fresh);
     let answer = match depth {
         1 => service_answer(
             zone,
@@ -637,5 +649,24 @@ mod tests {
     fn instance_labels_are_dns_safe() {
         assert_eq!(instance_label("Web:10.0.0.1:80"), "web-10-0-0-1-80");
         assert_eq!(instance_label(&"x".repeat(80)).len(), 63);
+    }
+
+    #[test]
+    fn answers_say_what_they_were_computed_from() {
+        let m = mirror();
+        let a = ask(&m, "payment.mesh.internal.", RecordType::A);
+        assert!(matches!(a.source, Source::Service(_)));
+        assert!(a.source.is_current(&m));
+        let nx = ask(&m, "nosuch.mesh.internal.", RecordType::A);
+        assert!(matches!(nx.source, Source::Absent { .. }));
+        let apex = ask(&m, "mesh.internal.", RecordType::SOA);
+        assert!(matches!(apex.source, Source::Zone));
+
+        m.upsert(inst("payment", "pay-9", "10.0.0.9", &[], Health::Passing));
+        assert!(!a.source.is_current(&m), "the service changed");
+        assert!(nx.source.is_current(&m), "no service appeared");
+        m.upsert(inst("other", "other-1", "10.0.0.10", &[], Health::Passing));
+        assert!(!nx.source.is_current(&m), "a service appeared");
+        assert!(apex.source.is_current(&m));
     }
 }

@@ -2,12 +2,12 @@
 //! (name, type, EDNS, size limit).
 //!
 //! An entry remembers the [`Source`] it was computed from and is served only while that is
-//! unchanged: for a service, while the mirror still holds the same change index for it (or
-//! still has no such service). Nothing has to invalidate entries when the registry changes;
-//! a stale entry is simply not served and is replaced by the next answer computed. The cache
-//! holds at most `capacity` entries: when full, a random quarter is dropped.
+//! current: for a service, while the view it was computed from is still the mirror's (one
+//! atomic load, see [`waymark_shared::Freshness`]); for a name whose service did not exist,
+//! while no service has appeared since. Nothing has to invalidate entries when the registry
+//! changes; a stale entry is simply not served and is replaced by the next answer computed.
+//! The cache holds at most `capacity` entries: when full, a random quarter is dropped.
 
-use compact_str::CompactString;
 use dashmap::DashMap;
 use waymark_shared::Mirror;
 
@@ -20,16 +20,7 @@ pub struct Entry {
     pub reply: Box<[u8]>,
     pub layout: Layout,
     pub outcome: Outcome,
-    depends: Depends,
-}
-
-#[derive(Debug)]
-enum Depends {
-    Zone,
-    Service {
-        key: CompactString,
-        index: Option<u64>,
-    },
+    source: Source,
 }
 
 impl Entry {
@@ -37,40 +28,26 @@ impl Entry {
     /// patch (see [`wire::layout`]).
     pub fn new(reply: Vec<u8>, source: Source, outcome: Outcome) -> Option<Entry> {
         let layout = wire::layout(&reply)?;
-        let depends = match source {
-            Source::Zone => Depends::Zone,
-            Source::Service { key, index } => Depends::Service {
-                key: key.into(),
-                index,
-            },
-        };
         Some(Entry {
             reply: reply.into_boxed_slice(),
             layout,
             outcome,
-            depends,
+            source,
         })
-    }
-
-    fn is_current(&self, mirror: &Mirror) -> bool {
-        match &self.depends {
-            Depends::Zone => true,
-            Depends::Service { key, index } => mirror.service_index(key) == *index,
-        }
     }
 }
 
 /// Encoded replies, shared by every UDP worker.
 #[derive(Debug)]
 pub struct AnswerCache {
-    map: DashMap<Box<[u8]>, Entry>,
+    map: DashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
     capacity: usize,
 }
 
 impl AnswerCache {
     pub fn new(capacity: usize) -> AnswerCache {
         AnswerCache {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(Default::default()),
             capacity,
         }
     }
@@ -83,7 +60,7 @@ impl AnswerCache {
         f: impl FnOnce(&Entry) -> R,
     ) -> Option<R> {
         let entry = self.map.get(key)?;
-        entry.is_current(mirror).then(|| f(&entry))
+        entry.source.is_current(mirror).then(|| f(&entry))
     }
 
     /// Stores an entry, replacing any older one for the key.
@@ -132,9 +109,11 @@ mod tests {
     }
 
     fn entry(mirror: &Mirror) -> Entry {
-        let source = Source::Service {
-            key: "web".into(),
-            index: mirror.service("web").map(|v| v.index),
+        let source = match mirror.service_fresh("web") {
+            Some((_, fresh)) => Source::Service(fresh),
+            None => Source::Absent {
+                creations: mirror.creations(),
+            },
         };
         Entry::new(reply(), source, Outcome::Answer).unwrap()
     }
