@@ -86,8 +86,8 @@ impl FastPath {
         }
     }
 
-    /// Answers `packet` from `client` into `out` (which must hold the largest UDP reply), or
-    /// says it is not for the fast path.
+    /// Answers `packet` from `client` into `out`, or says it is not for the fast path (also
+    /// when the reply would not fit in `out`).
     pub fn answer(
         &self,
         packet: &[u8],
@@ -115,9 +115,10 @@ impl FastPath {
         };
         let key = scratch.key.as_bytes();
         let hit = self.cache.with_current(key, &handler.mirror, |e| {
-            (wire::patch_into(&e.reply, &e.layout, patch, out), e.outcome)
+            (e.reply.len() <= out.len())
+                .then(|| (wire::patch_into(&e.reply, &e.layout, patch, out), e.outcome))
         });
-        if let Some((len, outcome)) = hit {
+        if let Some(Some((len, outcome))) = hit {
             self.hits.inc();
             self.count(outcome);
             return Verdict::Reply(len);
@@ -126,6 +127,9 @@ impl FastPath {
         let Some((entry, cacheable)) = self.compute(&query, &scratch.key, limit) else {
             return Verdict::Slow;
         };
+        if entry.reply.len() > out.len() {
+            return Verdict::Slow;
+        }
         let len = wire::patch_into(&entry.reply, &entry.layout, patch, out);
         self.count(entry.outcome);
         if cacheable {

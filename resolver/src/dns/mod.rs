@@ -5,11 +5,12 @@
 //! - [`forward`]: relaying names outside the zone to upstream resolvers.
 //! - [`server`]: the hickory `RequestHandler` (every query over TCP, and the UDP queries the
 //!   fast path leaves), and binding the sockets.
-//! - [`udp`]: the UDP worker threads.
+//! - [`udp`]: the UDP worker threads, receiving and sending in batches ([`batch`]).
 //! - [`fast`]: the UDP fast path, answering the zone from [`cache`], in the wire form that
 //!   [`wire`] reads and patches.
 
 pub mod answer;
+pub mod batch;
 pub mod cache;
 pub mod fast;
 pub mod fit;

@@ -1,12 +1,13 @@
 //! DNS over UDP: worker threads, each with its own `SO_REUSEPORT` socket on the DNS address
-//! (the kernel spreads clients across them), receiving in a plain blocking loop with a large
-//! receive buffer. The [`FastPath`] answers queries for the zone on the spot, without a task
+//! (the kernel spreads clients across them) and a large receive buffer, receiving and
+//! answering in batches ([`super::batch`]). The [`FastPath`] answers queries for the zone on the spot, without a task
 //! or an allocation; everything else — names to forward, unusual or malformed packets — goes
 //! to the tokio runtime, where hickory parses it and the [`Handler`] answers exactly as it
 //! does over TCP.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,14 +23,13 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponse;
 use socket2::{Domain, Socket, Type};
 
+use super::batch::{Inbox, Outbox};
 use super::fast::{FastPath, Scratch, Verdict};
 use super::server::Handler;
 use super::wire;
 
 /// How often a worker blocked in `recv` looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(200);
-/// Big enough for any datagram.
-const DATAGRAM: usize = 65_535;
 
 /// Binds `workers` sockets (at least one) on `addr`, all on the same port (the first one
 /// picks it when `addr` has port 0). Each asks for a `recv_buffer`-byte receive buffer.
@@ -120,12 +120,13 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        let mut buf = vec![0u8; DATAGRAM];
-        let mut out = vec![0u8; DATAGRAM];
+        let fd = self.socket.as_raw_fd();
+        let mut inbox = Inbox::default();
+        let mut outbox = Outbox::new(self.handler.max_udp_payload.max(512) as usize);
         let mut scratch = Scratch::default();
         while !self.stop.load(Ordering::Relaxed) {
-            let (len, src) = match self.socket.recv_from(&mut buf) {
-                Ok(got) => got,
+            let received = match inbox.receive(fd) {
+                Ok(n) => n,
                 Err(e) if is_transient(&e) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "UDP receive failed");
@@ -133,27 +134,27 @@ impl Worker {
                     continue;
                 }
             };
-            // Port 0 cannot be answered (and is a classic spoofing sign).
-            if src.port() == 0 {
-                continue;
-            }
-            let packet = &buf[..len];
-            match self.fast.answer(packet, src.ip(), &mut scratch, &mut out) {
-                Verdict::Reply(n) => {
-                    if let Err(e) = self.socket.send_to(&out[..n], src) {
-                        tracing::debug!(error = %e, %src, "UDP send failed");
+            for i in 0..received {
+                let (packet, src) = inbox.get(i);
+                // Port 0 cannot be answered (and is a classic spoofing sign).
+                if src.port() == 0 {
+                    continue;
+                }
+                let out = outbox.next_buffer();
+                match self.fast.answer(packet, src.ip(), &mut scratch, out) {
+                    Verdict::Reply(n) => outbox.queue(n, src),
+                    Verdict::Slow => {
+                        let job = slow(
+                            packet.to_vec(),
+                            src,
+                            self.socket.clone(),
+                            self.handler.clone(),
+                        );
+                        self.runtime.spawn(job);
                     }
                 }
-                Verdict::Slow => {
-                    let job = slow(
-                        packet.to_vec(),
-                        src,
-                        self.socket.clone(),
-                        self.handler.clone(),
-                    );
-                    self.runtime.spawn(job);
-                }
             }
+            outbox.flush(fd);
         }
     }
 }
