@@ -67,7 +67,8 @@ pub struct DnsConfig {
     /// Idle timeout of DNS-over-TCP connections.
     #[serde(with = "dur")]
     pub tcp_idle_timeout: Duration,
-    /// UDP worker threads, each with its own socket; 0: one per CPU the process may use.
+    /// UDP worker threads, each with its own socket; 0: one per CPU the process may use, at
+    /// most 8.
     pub udp_workers: usize,
     /// Receive buffer asked for each UDP socket, in bytes (capped by net.core.rmem_max).
     pub udp_recv_buffer: usize,
@@ -79,7 +80,7 @@ impl DnsConfig {
     /// The number of UDP workers to run.
     pub fn udp_worker_count(&self) -> usize {
         match self.udp_workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
             n => n,
         }
     }
