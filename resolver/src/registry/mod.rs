@@ -21,7 +21,9 @@ use waymark_shared::{CheckView, Health, Instance, Mirror};
 
 use crate::config::HealthConfig;
 use crate::metrics::{Metrics, TransitionLabels};
-use crate::store::{Pending, Source, Store, StoreError, StoredCheck, StoredReg};
+use crate::store::{
+    Pending, Source, Store, StoreError, StoredCheck, StoredCheckRef, StoredReg, StoredRegRef,
+};
 use def::{CheckDef, CheckKind, ServiceDef};
 
 /// Log records after which the store is compacted, at the least.
@@ -579,8 +581,8 @@ impl Registry {
         if self.store.records_since_compaction() < threshold {
             return;
         }
-        let all = inner.regs.values().map(|r| stored(r)).collect();
-        self.store.compact(self.mirror.index(), all);
+        self.store
+            .compact(self.mirror.index(), AllRegs(&inner.regs));
     }
 
     /// Finishes a client's write: compacts the store when due, then waits until the write is
@@ -637,6 +639,30 @@ fn set_status(check: &mut CheckState, status: Health, output: String, metrics: &
     check.status = status;
     check.output = output;
     true
+}
+
+/// Every registration, serialized in place for a snapshot (no copy of the table).
+struct AllRegs<'a>(&'a HashMap<CompactString, Box<Reg>>);
+
+impl serde::Serialize for AllRegs<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.values().map(|reg| {
+            StoredRegRef {
+                def: &reg.def,
+                source: reg.source,
+                maintenance: &reg.maintenance,
+                checks: reg
+                    .checks
+                    .iter()
+                    .map(|c| StoredCheckRef {
+                        id: &c.def.id,
+                        status: c.status,
+                        output: &c.output,
+                    })
+                    .collect(),
+            }
+        }))
+    }
 }
 
 fn stored(reg: &Reg) -> StoredReg {
