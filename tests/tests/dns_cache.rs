@@ -10,7 +10,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 use serde_json::json;
 use waymark_e2e::dns::{self, addresses};
-use waymark_e2e::{consul_index, ip, Api, Resolver};
+use waymark_e2e::{consul_index, ip, Api, Options, Resolver};
 
 /// Asks `n` times over UDP (raw messages, so the ID and spelling are ours).
 async fn ask_n(r: &Resolver, name: &str, t: RecordType, n: usize) -> Vec<Message> {
@@ -225,4 +225,40 @@ async fn cached_negative_answers_carry_the_current_serial() {
         assert_eq!(edns.0.edns.as_ref().map(|e| e.max_payload()), Some(1232));
         assert_eq!(addresses(&plain.0), addresses(&edns.0));
     }
+}
+
+#[tokio::test]
+async fn several_udp_workers_share_the_port_and_all_answer() {
+    let r = Resolver::with(Options {
+        config: Some("[dns]\nudp_workers = 3\nanswer_cache_entries = 2\n".into()),
+        ..Default::default()
+    });
+    let api = Api::new(&r);
+    for n in 0..4 {
+        api.register(json!({"Name": format!("s{n}"), "ID": format!("s{n}-1"),
+            "Address": format!("10.9.0.{n}"), "Port": 80}))
+            .await;
+    }
+    // Every query from its own socket (so its own source port, spread by SO_REUSEPORT over
+    // the workers), over more names than the tiny cache holds.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..120usize {
+        let dns = r.dns;
+        tasks.spawn(async move {
+            let n = i % 4;
+            let (m, _) = dns::send_udp(
+                dns,
+                &dns::query(&format!("s{n}.mesh.internal."), RecordType::A, None),
+            )
+            .await;
+            (n, addresses(&m))
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (n, got) = done.unwrap();
+        assert_eq!(got, ips(&[&format!("10.9.0.{n}")]));
+    }
+    // Names outside the zone still go the slow way (REFUSED/SERVFAIL, never silence).
+    let (m, _) = dns::send_udp(r.dns, &dns::query("example.org.", RecordType::A, None)).await;
+    assert_ne!(m.metadata.response_code, ResponseCode::NoError);
 }
