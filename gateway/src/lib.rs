@@ -1,0 +1,252 @@
+//! `waymark-gateway`: the north-south ingress gateway, on pingora.
+//!
+//! It mirrors the registry through the resolver's change stream and routes public requests
+//! (by host, path prefix and headers, from the config file and from registration metadata)
+//! to healthy instances, balancing by least outstanding requests of two random choices.
+//!
+//! - [`config`]: the TOML file and its defaults, checked by `validate()`.
+//! - [`mirror_client`]: follows the change stream into a [`Mirror`]; knows when it is stale.
+//! - [`routes`]: the pure route table.
+//! - [`balancer`]: two-choice least-outstanding balancing and outlier ejection.
+//! - [`limits`]: token buckets for rate limits and the retry budget.
+//! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
+//! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
+//! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
+//! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
+//!
+//! [`run`] owns the process: pingora runs the proxy and the background work, handles
+//! signals (SIGTERM: graceful stop within the configured grace period and timeout) and
+//! returns when it is done.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod headers;
+pub mod limits;
+pub mod mirror_client;
+pub mod proxy;
+pub mod routes;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use waymark_shared::Mirror;
+
+use crate::admin::{AdminState, Metrics};
+use crate::balancer::Balancer;
+use crate::config::Config;
+use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
+use crate::mirror_client::{MirrorClient, RegistryStatus};
+use crate::routes::{RouteError, RouteTable};
+use crate::tls::CertStore;
+
+/// How long one change-stream long poll waits for changes.
+const POLL_WAIT: Duration = Duration::from_secs(30);
+
+/// State shared by the proxy, the mirror follower and the admin API.
+pub struct Shared {
+    pub config: Config,
+    pub mirror: Arc<Mirror>,
+    pub status: Arc<RegistryStatus>,
+    pub routes: ArcSwap<RouteTable>,
+    pub route_count: Arc<AtomicU64>,
+    pub balancer: Balancer,
+    pub metrics: Arc<Metrics>,
+    pub retry_budget: RetryBudget,
+    pub client_limit: Option<PerClientLimit>,
+    /// By route name; config routes only.
+    pub route_limits: HashMap<String, SharedLimit>,
+    last_route_errors: Mutex<Vec<RouteError>>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        let route_limits = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.display_name(), SharedLimit::new(r.rate_limit?))))
+            .collect();
+        let shared = Shared {
+            mirror: Arc::new(Mirror::new(0)),
+            status: Arc::new(RegistryStatus::default()),
+            routes: ArcSwap::from_pointee(RouteTable::default()),
+            route_count: Arc::new(AtomicU64::new(0)),
+            balancer: Balancer::new(config.outlier.clone()),
+            metrics: Arc::new(Metrics::new()),
+            retry_budget: RetryBudget::new(&config.retry),
+            client_limit: config.client_rate_limit.map(PerClientLimit::new),
+            route_limits,
+            last_route_errors: Mutex::new(Vec::new()),
+            config,
+        };
+        shared.rebuild_routes();
+        shared
+    }
+
+    /// Rebuilds the route table from the config and the mirror; forgets balancer state of
+    /// instances that are gone. Bad metadata is logged once per change of the error set.
+    pub fn rebuild_routes(&self) {
+        let services = self.mirror.services();
+        let (table, errors) =
+            RouteTable::build(&self.config.routes, &services, self.config.metadata_routes);
+        {
+            let mut last = self
+                .last_route_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *last != errors {
+                for e in &errors {
+                    tracing::warn!(error = %e, "registration metadata makes no route");
+                }
+                *last = errors;
+            }
+        }
+        self.route_count.store(table.len() as u64, Ordering::Relaxed);
+        self.metrics.routes.set(table.len() as i64);
+        self.routes.store(Arc::new(table));
+        let live: HashSet<String> = services
+            .iter()
+            .flat_map(|s| s.instances.iter().map(|i| i.id.clone()))
+            .collect();
+        self.balancer.retain(&live);
+    }
+}
+
+/// The background work: following the registry, serving the admin API, reloading
+/// certificates. Stops when pingora signals shutdown.
+struct Control {
+    shared: Arc<Shared>,
+    admin: Mutex<Option<std::net::TcpListener>>,
+    certs: Option<Arc<CertStore>>,
+}
+
+#[async_trait]
+impl BackgroundService for Control {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let shared = self.shared.clone();
+        let follower_shared = shared.clone();
+        let follower = MirrorClient::new(
+            &shared.config.registry,
+            shared.mirror.clone(),
+            shared.status.clone(),
+            Arc::new(move |_m: &Mirror| follower_shared.rebuild_routes()),
+            POLL_WAIT,
+        );
+        let admin_listener = self
+            .admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let admin_state = Arc::new(AdminState {
+            metrics: shared.metrics.clone(),
+            status: shared.status.clone(),
+            mirror: shared.mirror.clone(),
+            routes: shared.route_count.clone(),
+        });
+        let admin_task = async {
+            if let Some(l) = admin_listener {
+                if let Err(e) = admin::serve(l, admin_state, shutdown.clone()).await {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            }
+        };
+        let certs_task = async {
+            if let Some(store) = self.certs.clone() {
+                store
+                    .watch(shared.config.tls_reload_interval, shutdown.clone())
+                    .await;
+            }
+        };
+        tokio::join!(follower.run(shutdown.clone()), admin_task, certs_task);
+        tracing::info!("background work stopped");
+    }
+}
+
+/// Runs the gateway until pingora is told to stop (SIGTERM: graceful; SIGINT: at once).
+pub fn run(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let admin = std::net::TcpListener::bind(config.admin_addr)
+        .with_context(|| format!("binding the admin listener {}", config.admin_addr))?;
+    let admin_addr = admin.local_addr()?;
+    let certs = match &config.tls_dir {
+        Some(dir) if config.tls_listen.is_some() => Some(Arc::new(
+            CertStore::load(dir).with_context(|| format!("loading certificates from {}", dir.display()))?,
+        )),
+        _ => None,
+    };
+
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.shutdown.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown.timeout.as_secs()),
+        // Pingora's own bound on tries; the gateway's policy decides below it.
+        max_retries: config.retry.attempts as usize,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let listen = config.listen;
+    let tls_listen = config.tls_listen;
+    let h2c = config.h2c;
+    let shared = Arc::new(Shared::new(config));
+    if let Some(store) = &certs {
+        shared.metrics.certificates.set(store.names().len() as i64);
+    }
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::Gateway {
+            shared: shared.clone(),
+        },
+        "waymark gateway",
+    );
+    if h2c {
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            app.server_options = Some(options);
+        }
+    }
+    if let Some(addr) = listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    if let (Some(addr), Some(store)) = (tls_listen, &certs) {
+        let mut tls = TlsSettings::intermediate("", "")?;
+        tls.enable_h2();
+        tls.set_cert_resolver(store.clone());
+        proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+    }
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "waymark control",
+        Control {
+            shared,
+            admin: Mutex::new(Some(admin)),
+            certs,
+        },
+    ));
+
+    let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+    println!(
+        "waymark-gateway listening http={} tls={} admin={admin_addr}",
+        show(listen),
+        show(tls_listen)
+    );
+    let _ = std::io::stdout().flush();
+    server.run(RunArgs::default());
+    tracing::info!("waymark-gateway stopped");
+    Ok(())
+}
