@@ -93,7 +93,11 @@ impl Metrics {
             duration.clone(),
         );
         let retries = Family::<RouteLabel, Counter>::default();
-        registry.register("retries", "Tries after the first, by route", retries.clone());
+        registry.register(
+            "retries",
+            "Tries after the first, by route",
+            retries.clone(),
+        );
         let ejections = Family::<ServiceLabel, Counter>::default();
         registry.register(
             "outlier_ejections",
@@ -107,7 +111,11 @@ impl Metrics {
             rate_limited.clone(),
         );
         let in_flight = Gauge::default();
-        registry.register("in_flight_requests", "Requests being proxied", in_flight.clone());
+        registry.register(
+            "in_flight_requests",
+            "Requests being proxied",
+            in_flight.clone(),
+        );
         let routes = Gauge::default();
         registry.register("routes", "Routes in the table", routes.clone());
         let registry_connected = Gauge::default();
@@ -259,7 +267,9 @@ mod tests {
             .observe(0.002);
         let text = m.encode();
         assert!(
-            text.contains("waymark_gateway_requests_total{route=\"api.test/pay\",status=\"200\"} 1"),
+            text.contains(
+                "waymark_gateway_requests_total{route=\"api.test/pay\",status=\"200\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("waymark_gateway_request_duration_seconds_bucket"));

@@ -189,7 +189,10 @@ impl Balancer {
             return Verdict::Fine;
         }
         let endpoint = self.endpoint(id);
-        let streak = endpoint.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let streak = endpoint
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         if streak < threshold || endpoint.ejected_at(now) {
             return Verdict::Fine;
         }
@@ -198,7 +201,10 @@ impl Balancer {
             .instances
             .iter()
             .filter(|i| i.is_serving() && i.id != id)
-            .filter(|i| self.endpoint_state(&i.id).is_some_and(|e| e.ejected_at(now)))
+            .filter(|i| {
+                self.endpoint_state(&i.id)
+                    .is_some_and(|e| e.ejected_at(now))
+            })
             .count();
         let allowed = (self.outlier.max_ejected_ratio * total as f64).floor() as usize;
         if ejected + 1 > allowed {
@@ -314,14 +320,18 @@ mod tests {
             let p = b.pick(&v, &[], &[], Instant::now(), &mut r).unwrap();
             assert_eq!(p.instance.id, "t");
         }
-        let p = b.pick(&v, &["V2".into()], &[], Instant::now(), &mut r).unwrap();
+        let p = b
+            .pick(&v, &["V2".into()], &[], Instant::now(), &mut r)
+            .unwrap();
         assert_eq!(p.addr, "127.0.0.1:4".parse().unwrap());
         assert_eq!(
-            b.pick(&v, &["v3".into()], &[], Instant::now(), &mut r).unwrap_err(),
+            b.pick(&v, &["v3".into()], &[], Instant::now(), &mut r)
+                .unwrap_err(),
             PickError::NoInstance("web".into())
         );
         assert_eq!(
-            b.pick(&v, &[], &["t".into()], Instant::now(), &mut r).unwrap_err(),
+            b.pick(&v, &[], &["t".into()], Instant::now(), &mut r)
+                .unwrap_err(),
             PickError::Exhausted("web".into())
         );
     }
@@ -334,7 +344,12 @@ mod tests {
         let mut to_b = 0;
         for _ in 0..4000 {
             // Dropped at once: nothing outstanding, so only weights decide.
-            if b.pick(&v, &[], &[], Instant::now(), &mut r).unwrap().instance.id == "b" {
+            if b.pick(&v, &[], &[], Instant::now(), &mut r)
+                .unwrap()
+                .instance
+                .id
+                == "b"
+            {
                 to_b += 1;
             }
         }
@@ -348,12 +363,18 @@ mod tests {
         let v = view(vec![inst("a", 1, 1), inst("b", 2, 1)]);
         let mut r = rng(3);
         let held: Vec<InFlight> = (0..10)
-            .map(|_| b.pick(&v, &[], &["b".into()], Instant::now(), &mut r).unwrap())
+            .map(|_| {
+                b.pick(&v, &[], &["b".into()], Instant::now(), &mut r)
+                    .unwrap()
+            })
             .collect();
         assert_eq!(b.endpoint_state("a").unwrap().outstanding(), 10);
         for _ in 0..20 {
             let p = b.pick(&v, &[], &[], Instant::now(), &mut r).unwrap();
-            assert_eq!(p.instance.id, "b", "with two instances both are always compared");
+            assert_eq!(
+                p.instance.id, "b",
+                "with two instances both are always compared"
+            );
         }
         drop(held);
         assert_eq!(b.endpoint_state("a").unwrap().outstanding(), 0);
@@ -370,7 +391,10 @@ mod tests {
             drop(b.pick(&v, &[], &[], t0, &mut r).unwrap());
         }
         assert_eq!(b.failure(&v, "a", t0), Verdict::Fine);
-        assert_eq!(b.failure(&v, "a", t0), Verdict::Ejected(Duration::from_secs(10)));
+        assert_eq!(
+            b.failure(&v, "a", t0),
+            Verdict::Ejected(Duration::from_secs(10))
+        );
         assert!(b.is_ejected("a", t0 + Duration::from_secs(9)));
         for _ in 0..30 {
             assert_ne!(b.pick(&v, &[], &[], t0, &mut r).unwrap().instance.id, "a");
@@ -382,10 +406,16 @@ mod tests {
         let t1 = t0 + Duration::from_secs(11);
         assert!(!b.is_ejected("a", t1));
         b.failure(&v, "a", t1);
-        assert_eq!(b.failure(&v, "a", t1), Verdict::Ejected(Duration::from_secs(20)));
+        assert_eq!(
+            b.failure(&v, "a", t1),
+            Verdict::Ejected(Duration::from_secs(20))
+        );
         let t2 = t1 + Duration::from_secs(21);
         b.failure(&v, "a", t2);
-        assert_eq!(b.failure(&v, "a", t2), Verdict::Ejected(Duration::from_secs(25)));
+        assert_eq!(
+            b.failure(&v, "a", t2),
+            Verdict::Ejected(Duration::from_secs(25))
+        );
         // A success ends a streak.
         let t3 = t2 + Duration::from_secs(26);
         b.failure(&v, "c", t3);

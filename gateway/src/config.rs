@@ -104,8 +104,9 @@ pub enum AccessLog {
     Off,
 }
 
-/// Graceful shutdown on SIGTERM: stop accepting after `grace_period`, then give in-flight
-/// requests at most `timeout` more.
+/// Graceful shutdown on SIGTERM: listeners close at once and requests in flight get
+/// `grace_period` to finish; then the runtimes get at most `timeout` to wind down. Whole
+/// seconds (pingora's unit).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
@@ -382,7 +383,9 @@ impl Config {
                     .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
             );
             if !seen.insert(key) {
-                return bad(format!("{what}: another route has the same host, path and header"));
+                return bad(format!(
+                    "{what}: another route has the same host, path and header"
+                ));
             }
         }
         Ok(())

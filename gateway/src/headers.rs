@@ -41,7 +41,12 @@ pub fn x_forwarded_for(existing: Option<&str>, client: IpAddr) -> String {
 }
 
 /// The value of `Forwarded` to send: one element appended to what came in.
-pub fn forwarded(existing: Option<&str>, client: IpAddr, proto: &str, host: Option<&str>) -> String {
+pub fn forwarded(
+    existing: Option<&str>,
+    client: IpAddr,
+    proto: &str,
+    host: Option<&str>,
+) -> String {
     let node = match client {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
@@ -63,8 +68,7 @@ pub fn forwarded(existing: Option<&str>, client: IpAddr, proto: &str, host: Opti
 fn is_token_or_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 255
-        && h
-            .bytes()
+        && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
 }
 
@@ -72,9 +76,7 @@ fn is_token_or_host(h: &str) -> bool {
 pub fn request_id(existing: Option<&str>, mut rand: impl FnMut() -> u64) -> (String, bool) {
     match existing {
         Some(id)
-            if !id.is_empty()
-                && id.len() <= 128
-                && id.bytes().all(|b| b.is_ascii_graphic()) =>
+            if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) =>
         {
             (id.to_string(), false)
         }
@@ -136,10 +138,11 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
     let parent_id = parts.next()?;
     let flags = parts.next()?;
     let is_hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
-    if !is_hex(version, 2) || version == "ff" || !is_hex(trace_id, 32) || !is_hex(parent_id, 16)
-    {
+    if !is_hex(version, 2) || version == "ff" || !is_hex(trace_id, 32) || !is_hex(parent_id, 16) {
         return None;
     }
     if !is_hex(flags, 2) {
@@ -252,7 +255,10 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_or_made() {
-        assert_eq!(request_id(Some("abc-1"), counter()), ("abc-1".into(), false));
+        assert_eq!(
+            request_id(Some("abc-1"), counter()),
+            ("abc-1".into(), false)
+        );
         let (id, new) = request_id(None, counter());
         assert!(new);
         assert_eq!(id, "00000000000000010000000000000002");
@@ -286,18 +292,24 @@ mod tests {
             assert_ne!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         }
         // A later version with extra fields is continued.
-        assert!(traceparent(
-            Some("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),
-            counter()
-        )
-        .continued);
+        assert!(
+            traceparent(
+                Some("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),
+                counter()
+            )
+            .continued
+        );
         // All-zero random words still make a valid ID.
-        assert_eq!(traceparent(None, || 0).trace_id, format!("{:016x}{:016x}", 1, 0));
+        assert_eq!(
+            traceparent(None, || 0).trace_id,
+            format!("{:016x}{:016x}", 1, 0)
+        );
     }
 
     #[test]
     fn hop_by_hop_headers_go_but_upgrades_and_trailers_stay() {
-        let plain = request_hop_by_hop(Some("keep-alive, X-Secret, Forwarded"), Some("gzip"), false);
+        let plain =
+            request_hop_by_hop(Some("keep-alive, X-Secret, Forwarded"), Some("gzip"), false);
         assert!(plain.contains(&"x-secret".to_string()));
         assert!(plain.contains(&"te".to_string()));
         assert!(plain.contains(&"upgrade".to_string()));

@@ -114,7 +114,8 @@ impl Shared {
                 *last = errors;
             }
         }
-        self.route_count.store(table.len() as u64, Ordering::Relaxed);
+        self.route_count
+            .store(table.len() as u64, Ordering::Relaxed);
         self.metrics.routes.set(table.len() as i64);
         self.routes.store(Arc::new(table));
         let live: HashSet<String> = services
@@ -145,11 +146,7 @@ impl BackgroundService for Control {
             Arc::new(move |_m: &Mirror| follower_shared.rebuild_routes()),
             POLL_WAIT,
         );
-        let admin_listener = self
-            .admin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let admin_listener = self.admin.lock().unwrap_or_else(|e| e.into_inner()).take();
         let admin_state = Arc::new(AdminState {
             metrics: shared.metrics.clone(),
             status: shared.status.clone(),
@@ -182,9 +179,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin listener {}", config.admin_addr))?;
     let admin_addr = admin.local_addr()?;
     let certs = match &config.tls_dir {
-        Some(dir) if config.tls_listen.is_some() => Some(Arc::new(
-            CertStore::load(dir).with_context(|| format!("loading certificates from {}", dir.display()))?,
-        )),
+        Some(dir) if config.tls_listen.is_some() => {
+            Some(Arc::new(CertStore::load(dir).with_context(|| {
+                format!("loading certificates from {}", dir.display())
+            })?))
+        }
         _ => None,
     };
 

@@ -145,7 +145,9 @@ impl RetryBudget {
     /// Whether a retry may happen now (spending a token when it may).
     pub fn try_spend(&self) -> bool {
         self.milli
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| m.checked_sub(1000))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                m.checked_sub(1000)
+            })
             .is_ok()
     }
 }
@@ -230,6 +232,9 @@ mod tests {
         for _ in 0..1000 {
             b.deposit();
         }
-        assert!(b.try_spend() && b.try_spend() && !b.try_spend(), "capped at the reserve");
+        assert!(
+            b.try_spend() && b.try_spend() && !b.try_spend(),
+            "capped at the reserve"
+        );
     }
 }

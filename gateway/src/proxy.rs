@@ -9,7 +9,8 @@
 //!   request already tried; no new try after the overall deadline (504).
 //! - `upstream_request_filter`: prefix stripping, hop-by-hop removal, forwarding headers.
 //! - `fail_to_connect`: a connect failure counts against the instance and is retried on
-//!   another one, whatever the method, within the retry budget.
+//!   another one, whatever the method; nothing reached the instance, so the retry budget
+//!   (which keeps retries from piling load on struggling instances) does not apply.
 //! - `upstream_response_filter`: a 5xx counts against the instance; a 502/503/504 to an
 //!   idempotent request is retried on another instance within the retry budget, before
 //!   anything was sent to the client.
@@ -97,9 +98,7 @@ impl Gateway {
         }
         ctx.local_status = Some(status);
         session.set_keepalive(None);
-        session
-            .write_response_header(Box::new(resp), false)
-            .await?;
+        session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from(body)), true)
             .await?;
@@ -107,8 +106,8 @@ impl Gateway {
     }
 
     /// Whether another try may start now: tries left, deadline not passed, an untried
-    /// serving instance exists, and the budget pays for it.
-    fn may_retry(&self, ctx: &Ctx) -> bool {
+    /// serving instance exists, and (unless `free`) the retry budget pays for it.
+    fn may_retry(&self, ctx: &Ctx, free: bool) -> bool {
         let cfg = &self.shared.config;
         if ctx.tried.len() >= cfg.retry.attempts as usize || Instant::now() >= ctx.deadline {
             return false;
@@ -121,7 +120,7 @@ impl Gateway {
                 && ctx.tags.iter().all(|t| i.has_tag(t))
                 && !ctx.tried.iter().any(|t| *t == i.id)
         });
-        another && self.shared.retry_budget.try_spend()
+        another && (free || self.shared.retry_budget.try_spend())
     }
 
     fn record_failure(&self, ctx: &Ctx) {
@@ -191,9 +190,7 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.https = session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some());
+        ctx.https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         shared.metrics.in_flight.inc();
         ctx.counted_in_flight = true;
         shared.retry_budget.deposit();
@@ -207,15 +204,19 @@ impl ProxyHttp for Gateway {
         );
         ctx.request_id = request_id;
         ctx.trace = Some(headers::traceparent(
-            req.headers
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok()),
+            req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
             || fastrand::u64(..),
         ));
 
         if Self::header_bytes(req) > cfg.limits.max_header_bytes {
             return self
-                .answer(session, ctx, 431, "request headers too large\n".into(), None)
+                .answer(
+                    session,
+                    ctx,
+                    431,
+                    "request headers too large\n".into(),
+                    None,
+                )
                 .await;
         }
         let declared = req
@@ -247,16 +248,12 @@ impl ProxyHttp for Gateway {
         }
 
         let req = session.req_header();
-        let host = req
-            .uri
-            .host()
-            .map(str::to_string)
-            .or_else(|| {
-                req.headers
-                    .get("host")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            });
+        let host = req.uri.host().map(str::to_string).or_else(|| {
+            req.headers
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
         let table = shared.routes.load();
         let route = table.find(host.as_deref(), req.uri.path(), |name| {
             req.headers.get(name).and_then(|v| v.to_str().ok())
@@ -330,10 +327,13 @@ impl ProxyHttp for Gateway {
         let Some(service) = ctx.service.clone() else {
             return Error::e_explain(HTTPStatus(503), "service not registered");
         };
-        let picked = self
-            .shared
-            .balancer
-            .pick(&service, &ctx.tags, &ctx.tried, Instant::now(), fastrand::f64);
+        let picked = self.shared.balancer.pick(
+            &service,
+            &ctx.tags,
+            &ctx.tried,
+            Instant::now(),
+            fastrand::f64,
+        );
         let inflight = match picked {
             Ok(p) => p,
             Err(PickError::NoInstance(s)) => {
@@ -359,12 +359,17 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(inflight.instance.id.clone());
         let mut peer = HttpPeer::new(inflight.addr, false, String::new());
         let left = ctx.deadline.saturating_duration_since(Instant::now());
-        peer.options.connection_timeout = Some(cfg.timeouts.connect.min(left.max(Duration::from_millis(1))));
+        peer.options.connection_timeout =
+            Some(cfg.timeouts.connect.min(left.max(Duration::from_millis(1))));
         peer.options.total_connection_timeout = Some(cfg.timeouts.connect);
         peer.options.read_timeout = Some(cfg.timeouts.per_try);
         peer.options.write_timeout = Some(cfg.timeouts.per_try);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        peer.options.alpn = if route.upstream_h2c { ALPN::H2 } else { ALPN::H1 };
+        peer.options.alpn = if route.upstream_h2c {
+            ALPN::H2
+        } else {
+            ALPN::H1
+        };
         ctx.current = Some(inflight);
         ctx.retry_on_status = None;
         Ok(Box::new(peer))
@@ -379,8 +384,10 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         tracing::debug!(%peer, error = %e, "connect failed");
         self.record_failure(ctx);
-        // Nothing reached the instance: any method may go to another one.
-        e.set_retry(self.may_retry(ctx));
+        // Nothing reached the instance: any method may go to another one, and the retry
+        // costs the instances nothing, so the budget (which protects them from retry storms)
+        // does not apply.
+        e.set_retry(self.may_retry(ctx, true));
         e
     }
 
@@ -478,7 +485,7 @@ impl ProxyHttp for Gateway {
         if matches!(status, 502..=504)
             && idempotent
             && !session.as_ref().retry_buffer_truncated()
-            && self.may_retry(ctx)
+            && self.may_retry(ctx, false)
         {
             ctx.retry_on_status = Some(status);
             return Error::e_explain(
@@ -531,7 +538,7 @@ impl ProxyHttp for Gateway {
         } else {
             e.retry.decide_reuse(client_reused);
             if e.retry() {
-                e.set_retry(self.may_retry(ctx));
+                e.set_retry(self.may_retry(ctx, false));
             }
         }
         e
@@ -540,7 +547,8 @@ impl ProxyHttp for Gateway {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             HTTPStatus(code) => *code,
-            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure => 502,
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
+            | TLSHandshakeFailure => 502,
             ReadTimedout | WriteTimedout => 504,
             _ => match e.esource() {
                 ErrorSource::Upstream => 502,
@@ -608,7 +616,11 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let client = ctx.client.map(|c| c.to_string()).unwrap_or_default();
         let upstream = ctx.tried.last().cloned().unwrap_or_default();
-        let trace_id = ctx.trace.as_ref().map(|t| t.trace_id.clone()).unwrap_or_default();
+        let trace_id = ctx
+            .trace
+            .as_ref()
+            .map(|t| t.trace_id.clone())
+            .unwrap_or_default();
         let error = e.map(|e| e.to_string());
         let version = format!("{:?}", req.version);
         let host = req

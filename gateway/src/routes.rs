@@ -110,7 +110,7 @@ impl Route {
             return path_and_query.to_string();
         }
         match path_and_query.strip_prefix(self.prefix.as_str()) {
-            Some(rest) if rest.is_empty() => "/".into(),
+            Some("") => "/".into(),
             Some(rest) if rest.starts_with('?') => format!("/{rest}"),
             Some(rest) => rest.to_string(),
             None => path_and_query.to_string(),
@@ -327,7 +327,8 @@ mod tests {
     }
 
     fn service_for(t: &RouteTable, host: &str, path: &str) -> Option<String> {
-        t.find(Some(host), path, no_headers).map(|r| r.service.clone())
+        t.find(Some(host), path, no_headers)
+            .map(|r| r.service.clone())
     }
 
     #[test]
@@ -343,12 +344,18 @@ mod tests {
         );
         assert!(errs.is_empty());
         assert_eq!(service_for(&t, "api.test", "/pay").as_deref(), Some("pay"));
-        assert_eq!(service_for(&t, "api.test", "/pay/x").as_deref(), Some("pay"));
+        assert_eq!(
+            service_for(&t, "api.test", "/pay/x").as_deref(),
+            Some("pay")
+        );
         assert_eq!(
             service_for(&t, "API.test:8080", "/pay/refunds/9").as_deref(),
             Some("refunds")
         );
-        assert_eq!(service_for(&t, "api.test", "/payment").as_deref(), Some("root"));
+        assert_eq!(
+            service_for(&t, "api.test", "/payment").as_deref(),
+            Some("root")
+        );
         assert_eq!(service_for(&t, "other.test", "/pay"), None);
         assert_eq!(t.find(None, "/pay", no_headers), None);
     }
@@ -394,7 +401,10 @@ mod tests {
             &[route(Some("api.test"), "/orders", "orders-from-config")],
             &[
                 view("payment", &[(META_HOST, "API.test"), (META_PATH, "/pay")]),
-                view("orders", &[(META_HOST, "api.test"), (META_PATH, "/orders/")]),
+                view(
+                    "orders",
+                    &[(META_HOST, "api.test"), (META_PATH, "/orders/")],
+                ),
                 view("www", &[(META_HOST, "www.test")]),
                 view("broken", &[(META_HOST, "b.test"), (META_PATH, "nope")]),
                 view("internal", &[]),
@@ -402,17 +412,22 @@ mod tests {
             true,
         );
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert_eq!(service_for(&t, "api.test", "/pay/1").as_deref(), Some("payment"));
+        assert_eq!(
+            service_for(&t, "api.test", "/pay/1").as_deref(),
+            Some("payment")
+        );
         assert_eq!(
             service_for(&t, "api.test", "/orders").as_deref(),
             Some("orders-from-config")
         );
-        assert_eq!(service_for(&t, "www.test", "/anything").as_deref(), Some("www"));
+        assert_eq!(
+            service_for(&t, "www.test", "/anything").as_deref(),
+            Some("www")
+        );
         assert_eq!(service_for(&t, "b.test", "/"), None);
         assert!(t.routes().any(|r| r.from_metadata));
 
-        let (off, _) =
-            RouteTable::build(&[], &[view("www", &[(META_HOST, "www.test")])], false);
+        let (off, _) = RouteTable::build(&[], &[view("www", &[(META_HOST, "www.test")])], false);
         assert!(off.is_empty());
     }
 

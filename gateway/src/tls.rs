@@ -122,7 +122,10 @@ impl CertStore {
                 Some(rest) => format!("*.{rest}"),
                 None => name,
             };
-            match load_pair(&self.dir.join(format!("{stem}.crt")), &self.dir.join(format!("{stem}.key"))) {
+            match load_pair(
+                &self.dir.join(format!("{stem}.crt")),
+                &self.dir.join(format!("{stem}.key")),
+            ) {
                 Ok(ck) => {
                     next.insert(name, Arc::new(ck));
                 }
@@ -151,7 +154,11 @@ impl CertStore {
     }
 
     /// Checks the directory every `interval` until `stop` turns true.
-    pub async fn watch(self: Arc<Self>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}

@@ -183,7 +183,8 @@ impl Gateway {
             while let Ok(line) = rx.try_recv() {
                 announced |= line.starts_with("waymark-gateway listening ");
             }
-            let up = |a: SocketAddr| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok();
+            let up =
+                |a: SocketAddr| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok();
             if announced && up(http) && tls.is_none_or(up) && ready(admin) {
                 return Ok(child);
             }

@@ -66,7 +66,11 @@ async fn get(c: &reqwest::Client, gw: &Gateway, host: &str, path: &str) -> (u16,
         .expect("gateway reachable");
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null), text)
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,16 +85,14 @@ async fn routes_from_config_and_metadata() {
     let sick = Backend::start(BACKEND, "sick-1");
     let v1 = Backend::start(BACKEND, "web-v1");
     let v2 = Backend::start(BACKEND, "web-v2");
-    api.register(payment.registration("payment", &[], json!({}), 0)).await;
-    api.register(refunds.registration("refunds", &[], json!({}), 0)).await;
-    api.register(canary.registration("payment-canary", &[], json!({}), 0)).await;
-    api.register(www.registration(
-        "www",
-        &[],
-        json!({"waymark-public-host": "www.test"}),
-        0,
-    ))
-    .await;
+    api.register(payment.registration("payment", &[], json!({}), 0))
+        .await;
+    api.register(refunds.registration("refunds", &[], json!({}), 0))
+        .await;
+    api.register(canary.registration("payment-canary", &[], json!({}), 0))
+        .await;
+    api.register(www.registration("www", &[], json!({"waymark-public-host": "www.test"}), 0))
+        .await;
     api.register(orders.registration(
         "orders",
         &[],
@@ -98,10 +100,14 @@ async fn routes_from_config_and_metadata() {
         0,
     ))
     .await;
-    api.register(sick.registration("nobody-healthy", &[], json!({}), 0)).await;
-    api.put_empty("/v1/agent/service/maintenance/sick-1?enable=true").await;
-    api.register(v1.registration("web", &["v1"], json!({}), 0)).await;
-    api.register(v2.registration("web", &["v2"], json!({}), 0)).await;
+    api.register(sick.registration("nobody-healthy", &[], json!({}), 0))
+        .await;
+    api.put_empty("/v1/agent/service/maintenance/sick-1?enable=true")
+        .await;
+    api.register(v1.registration("web", &["v1"], json!({}), 0))
+        .await;
+    api.register(v2.registration("web", &["v2"], json!({}), 0))
+        .await;
 
     let gw = Gateway::start(
         &resolver,
@@ -127,7 +133,10 @@ async fn routes_from_config_and_metadata() {
     assert_eq!(v["id"], "payment-1");
     assert_eq!(v["uri"], "/charge?x=1");
     let (_, v, _) = get(&c, &gw, "api.test:8080", "/pay").await;
-    assert_eq!((v["id"].as_str(), v["uri"].as_str()), (Some("payment-1"), Some("/")));
+    assert_eq!(
+        (v["id"].as_str(), v["uri"].as_str()),
+        (Some("payment-1"), Some("/"))
+    );
 
     // Longest prefix wins, and this route keeps its path.
     let (_, v, _) = get(&c, &gw, "api.test", "/pay/refunds/7").await;
@@ -167,13 +176,16 @@ async fn routes_from_config_and_metadata() {
     for _ in 0..200 {
         let (s, v, _) = get(&c, &gw, "split.test", "/").await;
         assert_eq!(s, 200);
-        *seen.entry(v["id"].as_str().unwrap().to_string()).or_default() += 1;
+        *seen
+            .entry(v["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     let v1n = seen.get("web-v1").copied().unwrap_or(0);
     assert!((110..=185).contains(&v1n), "split 3:1 gave {seen:?}");
 
     // Maintenance takes an instance out; the route then has nothing to serve.
-    api.put_empty("/v1/agent/service/maintenance/www-1?enable=true").await;
+    api.put_empty("/v1/agent/service/maintenance/www-1?enable=true")
+        .await;
     until(
         "drained www answers 503",
         WAIT,
@@ -197,14 +209,20 @@ async fn routes_from_config_and_metadata() {
         m.contains("waymark_gateway_requests_total{route=\"api.test/pay\",status=\"200\"} 2"),
         "{m}"
     );
-    assert!(m.contains("waymark_gateway_requests_total{route=\"-\",status=\"404\"}"), "{m}");
+    assert!(
+        m.contains("waymark_gateway_requests_total{route=\"-\",status=\"404\"}"),
+        "{m}"
+    );
     assert!(m.contains("waymark_gateway_registry_connected 1"), "{m}");
     let log = gw.log();
     let line = log
         .lines()
         .find(|l| l.contains("\\\"status\\\":503") || l.contains("\"status\":503"))
         .unwrap_or_else(|| panic!("no JSON access line for the 503 in:\n{log}"));
-    assert!(line.contains("nobody-healthy") || line.contains("api.test/empty"), "{line}");
+    assert!(
+        line.contains("nobody-healthy") || line.contains("api.test/empty"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +264,10 @@ async fn forwarding_headers_and_hop_by_hop() {
         tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"),
         "trace continued: {tp}"
     );
-    assert!(!tp.contains("00f067aa0ba902b7"), "the gateway's own span: {tp}");
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "the gateway's own span: {tp}"
+    );
     for gone in ["x-secret", "keep-alive", "proxy-authorization"] {
         assert!(h.get(gone).is_none(), "{gone} reached the backend: {h}");
     }
@@ -384,8 +405,14 @@ async fn readiness_and_metrics_follow_the_registry_link() {
         |(_, b)| b["registry"] == "unreachable",
     )
     .await;
-    assert_eq!(code, 200, "still ready: it serves the last good state: {body}");
-    assert!(gw.metrics().await.contains("waymark_gateway_registry_connected 0"));
+    assert_eq!(
+        code, 200,
+        "still ready: it serves the last good state: {body}"
+    );
+    assert!(gw
+        .metrics()
+        .await
+        .contains("waymark_gateway_registry_connected 0"));
     for _ in 0..20 {
         assert_eq!(get(&c, &gw, "r.test", "/").await.0, 200);
     }
@@ -399,6 +426,9 @@ async fn readiness_and_metrics_follow_the_registry_link() {
         |(_, b)| b["registry"] == "connected",
     )
     .await;
-    assert!(gw.metrics().await.contains("waymark_gateway_registry_connected 1"));
+    assert!(gw
+        .metrics()
+        .await
+        .contains("waymark_gateway_registry_connected 1"));
     assert_eq!(get(&c, &gw, "r.test", "/").await.0, 200);
 }

@@ -81,7 +81,9 @@ async fn describe(State(conf): State<Conf>, req: Request) -> Response {
     let version = format!("{:?}", req.version());
     let resp = answer(State(conf), req).await;
     let (parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
     let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     v["method"] = method.into();
     v["uri"] = uri.into();
@@ -98,7 +100,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--addr" => addr = value()?.parse()?,
             "--id" => conf.id = value()?,
