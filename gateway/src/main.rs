@@ -18,6 +18,11 @@ struct Cli {
 enum Command {
     /// Public HTTP(S) in, to healthy instances of registered services.
     Ingress(IngressArgs),
+    /// Parses and validates a config file; prints it with every default filled in.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -52,15 +57,27 @@ struct IngressArgs {
 }
 
 fn main() -> ExitCode {
-    let Command::Ingress(args) = Cli::parse().command;
-    waymark_shared::telemetry::init(args.log_json);
-    match ingress(args) {
+    let result = match Cli::parse().command {
+        Command::Ingress(args) => {
+            waymark_shared::telemetry::init(args.log_json);
+            ingress(args)
+        }
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("waymark-gateway: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    config.validate()?;
+    print!("{}", toml::to_string_pretty(&config)?);
+    Ok(())
 }
 
 fn ingress(args: IngressArgs) -> anyhow::Result<()> {
