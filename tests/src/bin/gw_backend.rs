@@ -6,6 +6,8 @@
 //!   `--status CODE` (the status of every answer except `/health`, default 200).
 //! - `?status=CODE` answers with that status; `?sleep_ms=N` waits first (at most 10 s).
 //! - `/health` answers 200 whatever `--status` says.
+//! - `/ws` is a WebSocket echo: every text or binary message comes back prefixed with the
+//!   backend's ID (`"<id>: <message>"` for text).
 //!
 //! Prints `gw_backend listening ADDR` once it accepts connections.
 
@@ -14,9 +16,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::Router;
 
 #[derive(Clone)]
@@ -91,6 +95,28 @@ async fn describe(State(conf): State<Conf>, req: Request) -> Response {
     Response::from_parts(parts, Body::from(v.to_string()))
 }
 
+async fn ws(State(conf): State<Conf>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| echo(socket, conf.id))
+}
+
+async fn echo(mut socket: WebSocket, id: String) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let reply = match msg {
+            Message::Text(t) => Message::Text(format!("{id}: {}", t.as_str()).into()),
+            Message::Binary(b) => {
+                let mut v = id.as_bytes().to_vec();
+                v.extend_from_slice(&b);
+                Message::Binary(v.into())
+            }
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut addr: SocketAddr = "127.0.0.1:0".parse()?;
@@ -113,7 +139,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("gw_backend listening {}", listener.local_addr()?);
-    let app = Router::new().fallback(describe).with_state(conf);
+    let app = Router::new()
+        .route("/ws", get(ws))
+        .fallback(describe)
+        .with_state(conf);
     axum::serve(listener, app).await?;
     Ok(())
 }
