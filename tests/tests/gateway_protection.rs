@@ -38,7 +38,8 @@ async fn start() -> (Resolver, Backend, reqwest::Client) {
     let resolver = Resolver::start();
     let api = Api::new(&resolver);
     let web = Backend::start(BACKEND, "web-1");
-    api.register(web.registration("web", &[], json!({}), 0)).await;
+    api.register(web.registration("web", &[], json!({}), 0))
+        .await;
     (resolver, web, client())
 }
 
@@ -83,10 +84,18 @@ async fn route_rate_limit_answers_429_with_retry_after() {
     let mut statuses = Vec::new();
     let mut retry_after = None;
     for _ in 0..6 {
-        let r = c.get(gw.url("/")).header("host", "limited.test").send().await.unwrap();
+        let r = c
+            .get(gw.url("/"))
+            .header("host", "limited.test")
+            .send()
+            .await
+            .unwrap();
         statuses.push(r.status().as_u16());
         if r.status() == 429 {
-            retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
             assert_eq!(r.text().await.unwrap(), "too many requests\n");
         }
     }
@@ -95,11 +104,21 @@ async fn route_rate_limit_answers_429_with_retry_after() {
     assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
     assert_eq!(retry_after.as_deref(), Some("1"));
     // Another route is not affected.
-    let r = c.get(gw.url("/")).header("host", "open.test").send().await.unwrap();
+    let r = c
+        .get(gw.url("/"))
+        .header("host", "open.test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // The bucket refills.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let r = c.get(gw.url("/")).header("host", "limited.test").send().await.unwrap();
+    let r = c
+        .get(gw.url("/"))
+        .header("host", "limited.test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let m = gw.metrics().await;
     assert!(
@@ -114,8 +133,9 @@ async fn client_rate_limit_is_per_ip() {
     let gw = Gateway::start(
         &resolver,
         GatewayOptions {
-            config: "client_rate_limit = { rate = 0.5, burst = 5 }\n[[routes]]\nservice = \"web\"\n"
-                .into(),
+            config:
+                "client_rate_limit = { rate = 0.5, burst = 5 }\n[[routes]]\nservice = \"web\"\n"
+                    .into(),
             ..Default::default()
         },
     );
@@ -220,7 +240,12 @@ async fn garbage_never_takes_the_gateway_down() {
         let _ = raw(&gw, input);
     }
     // Still serving.
-    let r = c.get(gw.url("/")).header("host", "open.test").send().await.unwrap();
+    let r = c
+        .get(gw.url("/"))
+        .header("host", "open.test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let live = reqwest::get(gw.admin_url("/healthz/live")).await.unwrap();
     assert_eq!(live.status(), 200);

@@ -43,7 +43,9 @@ async fn websocket_echo_through_the_gateway() {
     )
     .await;
 
-    let mut req = format!("ws://{}/ws", gw.http).into_client_request().unwrap();
+    let mut req = format!("ws://{}/ws", gw.http)
+        .into_client_request()
+        .unwrap();
     req.headers_mut().insert("host", "ws.test".parse().unwrap());
     let (mut ws, resp) = tokio::time::timeout(
         Duration::from_secs(10),
@@ -54,7 +56,9 @@ async fn websocket_echo_through_the_gateway() {
     .expect("WebSocket handshake through the gateway");
     assert_eq!(resp.status(), 101);
     for i in 0..20 {
-        ws.send(Message::Text(format!("hello {i}").into())).await.unwrap();
+        ws.send(Message::Text(format!("hello {i}").into()))
+            .await
+            .unwrap();
         let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
             .expect("echo in time")
@@ -62,7 +66,9 @@ async fn websocket_echo_through_the_gateway() {
             .expect("a message");
         assert_eq!(reply, Message::Text(format!("ws-1: hello {i}").into()));
     }
-    ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     let reply = ws.next().await.unwrap().unwrap();
     assert_eq!(reply, Message::Binary(b"ws-1\x01\x02\x03".to_vec().into()));
     ws.close(None).await.unwrap();
