@@ -1,5 +1,5 @@
 //! The gateway under failure, through its real interfaces: zero failed requests while backend
-//! processes are killed and restarted and one is drained; retries of 503s for idempotent
+//! processes are killed and restarted, one is drained and routes are rebuilt; retries of 503s for idempotent
 //! requests only; outlier ejection; graceful stop on SIGTERM.
 //!
 //! Every load loop is bounded in request count and in time.
@@ -136,6 +136,18 @@ async fn zero_failed_requests_while_instances_die_and_drain() {
     pause().await;
     api.put_empty("/v1/agent/service/maintenance/web-3?enable=false")
         .await;
+    pause().await;
+    // Routes rebuild while the load runs: another service exposes itself and goes away.
+    let other = Backend::start(BACKEND, "other-1");
+    api.register(other.registration(
+        "other",
+        &[],
+        json!({"waymark-public-host": "other.test"}),
+        0,
+    ))
+    .await;
+    pause().await;
+    api.put_empty("/v1/agent/service/deregister/other-1").await;
     pause().await;
     // Two at once, one after the other back.
     backends[0].kill();

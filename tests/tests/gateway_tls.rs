@@ -1,9 +1,12 @@
 //! TLS on the gateway: two server names on one port, each with its own certificate picked by
-//! SNI, HTTP/2 and HTTP/1.1 by ALPN, certificates reloaded when their files change, with
-//! reqwest (rustls) and curl (OpenSSL) as clients.
+//! SNI, HTTP/2 and HTTP/1.1 by ALPN, certificates reloaded when their files change (with no
+//! failed request under load while they do), with reqwest (rustls) and curl (OpenSSL) as
+//! clients.
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use waymark_e2e::gateway::{Backend, Gateway, GatewayOptions, TestCa};
@@ -101,7 +104,43 @@ async fn two_names_on_one_port_alpn_and_reload() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
     }
 
-    // Reload: b.test gets a certificate from a new CA; new connections see it.
+    // Reload under load: new TLS connections to a.test keep succeeding while a.test gets a
+    // re-issued certificate and b.test one from a new CA.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let successes = Arc::new(AtomicU64::new(0));
+    let loaders: Vec<_> = (0..2)
+        .map(|_| {
+            let c = reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(ca_a.pem().as_bytes()).unwrap(),
+                )
+                .resolve("a.test", gw.tls.unwrap())
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let (stop, failures, successes) = (stop.clone(), failures.clone(), successes.clone());
+            let u = url("a.test", &gw, "/load");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed)
+                    && n < 3000
+                    && started.elapsed() < Duration::from_secs(30)
+                {
+                    n += 1;
+                    match c.get(&u).send().await {
+                        Ok(r) if r.status() == 200 => successes.fetch_add(1, Ordering::Relaxed),
+                        _ => failures.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ca_a.write_leaf(certs.path(), "a.test");
     let ca_b2 = TestCa::new("second CA for b");
     ca_b2.write_leaf(certs.path(), "b.test");
     until(
@@ -119,6 +158,16 @@ async fn two_names_on_one_port_alpn_and_reload() {
         |s| *s == Some(200),
     )
     .await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.await.unwrap();
+    }
+    assert!(successes.load(Ordering::Relaxed) > 20, "the load ran");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during the reload"
+    );
     let old = client_for(&ca_b, "b.test", &gw, false);
     assert!(old.get(url("b.test", &gw, "/")).send().await.is_err());
     // a.test is untouched by b's reload.
