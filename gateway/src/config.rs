@@ -202,6 +202,10 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Request body in bytes; larger is refused with 413.
     pub max_body_bytes: u64,
+    /// The whole request head (line and headers) must arrive within this; a client that
+    /// trickles it is disconnected.
+    #[serde(with = "dur")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -209,6 +213,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -329,6 +334,9 @@ impl Config {
         }
         if self.limits.max_header_bytes < 1024 {
             return bad("limits.max_header_bytes must be at least 1024".into());
+        }
+        if self.limits.header_read_timeout.is_zero() {
+            return bad("limits.header_read_timeout must be positive".into());
         }
         if self.tls_reload_interval.is_zero() {
             return bad("tls_reload_interval must be positive".into());

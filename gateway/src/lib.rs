@@ -9,6 +9,7 @@
 //! - [`routes`]: the pure route table.
 //! - [`balancer`]: two-choice least-outstanding balancing and outlier ejection.
 //! - [`limits`]: token buckets for rate limits and the retry budget.
+//! - [`header_deadline`]: a total deadline for reading each request head (slow clients).
 //! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
@@ -21,6 +22,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod header_deadline;
 pub mod headers;
 pub mod limits;
 pub mod mirror_client;
@@ -43,11 +45,13 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use waymark_shared::Mirror;
 
 use crate::admin::{AdminState, Metrics};
 use crate::balancer::Balancer;
 use crate::config::Config;
+use crate::header_deadline::Guarded;
 use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
 use crate::mirror_client::{MirrorClient, RegistryStatus};
 use crate::routes::{RouteError, RouteTable};
@@ -201,24 +205,27 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let tls_listen = config.tls_listen;
     let h2c = config.h2c;
+    let header_read_timeout = config.limits.header_read_timeout;
     let shared = Arc::new(Shared::new(config));
     if let Some(store) = &certs {
         shared.metrics.certificates.set(store.names().len() as i64);
     }
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
+    let mut app = pingora::proxy::HttpProxy::new(
         proxy::Gateway {
             shared: shared.clone(),
         },
-        "waymark gateway",
+        server.configuration.clone(),
     );
+    app.handle_init_modules();
     if h2c {
-        if let Some(app) = proxy.app_logic_mut() {
-            let mut options = HttpServerOptions::default();
-            options.h2c = true;
-            app.server_options = Some(options);
-        }
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
     }
+    let mut proxy = Service::new(
+        "waymark gateway".to_string(),
+        Guarded::new(app, header_read_timeout),
+    );
     if let Some(addr) = listen {
         proxy.add_tcp(&addr.to_string());
     }

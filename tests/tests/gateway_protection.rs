@@ -1,6 +1,7 @@
 //! The gateway's protections through its real listener: per-route and per-client-IP rate
 //! limits (429 with Retry-After), oversized headers (431) and bodies (413, declared or
-//! streamed), and bad input that must never take the gateway down.
+//! streamed), slow clients (a total deadline for the request head), and bad input that must
+//! never take the gateway down.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,6 +17,7 @@ const CONFIG: &str = r#"
 [limits]
 max_header_bytes = 4096
 max_body_bytes = 1000
+header_read_timeout = "1s"
 
 [[routes]]
 host = "limited.test"
@@ -249,4 +251,124 @@ async fn garbage_never_takes_the_gateway_down() {
     assert_eq!(r.status(), 200);
     let live = reqwest::get(gw.admin_url("/healthz/live")).await.unwrap();
     assert_eq!(live.status(), 200);
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `s`.
+fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    let _ = s.read_exact(&mut body);
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// Whether the gateway closed `s` (EOF or reset) within `within`, and when.
+fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    while started.elapsed() < within {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_at_the_header_deadline() {
+    let (resolver, _web, c) = start().await;
+    let gw = Gateway::start(
+        &resolver,
+        GatewayOptions {
+            config: CONFIG.into(),
+            ..Default::default()
+        },
+    );
+    wait_routed(&c, &gw, "open.test").await;
+    let addr = gw.http;
+    let outcome = tokio::task::spawn_blocking(move || {
+        // Trickling headers: a line every 200 ms, never the empty line that ends them.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: open.test\r\n")
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut cut_after = None;
+        for i in 0..25 {
+            std::thread::sleep(Duration::from_millis(200));
+            if slow
+                .write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .is_err()
+            {
+                cut_after = Some(started.elapsed());
+                break;
+            }
+            if closed_within(&mut slow, Duration::from_millis(1)).is_some() {
+                cut_after = Some(started.elapsed());
+                break;
+            }
+        }
+        // Silent: connects and sends nothing.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        let silent_cut = closed_within(&mut silent, Duration::from_secs(5));
+
+        // A kept-alive connection idle longer than the deadline between requests is fine:
+        // the clock runs from each request's first byte.
+        let mut keep = TcpStream::connect(addr).unwrap();
+        keep.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = b"GET /one HTTP/1.1\r\nHost: open.test\r\n\r\n";
+        keep.write_all(req).unwrap();
+        let first = read_response(&mut keep);
+        std::thread::sleep(Duration::from_millis(1500));
+        keep.write_all(b"GET /two HTTP/1.1\r\nHost: open.test\r\n\r\n")
+            .unwrap();
+        let second = read_response(&mut keep);
+        (cut_after, silent_cut, first, second)
+    })
+    .await
+    .unwrap();
+    let (cut_after, silent_cut, first, second) = outcome;
+    let cut_after = cut_after.expect("the trickling client was cut off");
+    assert!(
+        cut_after < Duration::from_secs(3),
+        "cut after {cut_after:?}"
+    );
+    let silent_cut = silent_cut.expect("the silent client was cut off");
+    assert!(
+        silent_cut < Duration::from_secs(3),
+        "cut after {silent_cut:?}"
+    );
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    // Still serving everyone else.
+    let r = c
+        .get(gw.url("/"))
+        .header("host", "open.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
