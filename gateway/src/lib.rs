@@ -17,7 +17,8 @@
 //!
 //! [`run`] owns the process: pingora runs the proxy and the background work, handles
 //! signals (SIGTERM: graceful stop within the configured grace period and timeout) and
-//! returns when it is done.
+//! returns when it is done. The config file's routes reload when the file changes or on
+//! SIGHUP; certificates reload when their directory changes.
 
 pub mod admin;
 pub mod balancer;
@@ -33,6 +34,7 @@ pub mod tls;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +52,7 @@ use waymark_shared::Mirror;
 
 use crate::admin::{AdminState, Metrics};
 use crate::balancer::Balancer;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, RouteConfig};
 use crate::header_deadline::Guarded;
 use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
 use crate::mirror_client::{MirrorClient, RegistryStatus};
@@ -60,9 +62,42 @@ use crate::tls::CertStore;
 /// How long one change-stream long poll waits for changes.
 const POLL_WAIT: Duration = Duration::from_secs(30);
 
+/// The routes from the config file and their rate limits: what a config reload replaces.
+pub struct RouteSet {
+    pub routes: Vec<RouteConfig>,
+    /// By route name.
+    pub limits: HashMap<String, Arc<SharedLimit>>,
+}
+
+impl RouteSet {
+    /// Builds the set, keeping the buckets of `previous` routes whose name and limit stayed.
+    fn new(routes: Vec<RouteConfig>, previous: Option<&RouteSet>) -> RouteSet {
+        let limits = routes
+            .iter()
+            .filter_map(|r| {
+                let limit = r.rate_limit?;
+                let name = r.display_name();
+                let kept = previous
+                    .and_then(|p| p.limits.get(&name))
+                    .filter(|l| l.limit() == limit)
+                    .cloned();
+                Some((
+                    name,
+                    kept.unwrap_or_else(|| Arc::new(SharedLimit::new(limit))),
+                ))
+            })
+            .collect();
+        RouteSet { routes, limits }
+    }
+}
+
 /// State shared by the proxy, the mirror follower and the admin API.
 pub struct Shared {
+    /// The config as started (its `routes` are the first route set; see `route_set`).
     pub config: Config,
+    /// Where the config came from; reloads read it again.
+    pub config_path: Option<PathBuf>,
+    pub route_set: ArcSwap<RouteSet>,
     pub mirror: Arc<Mirror>,
     pub status: Arc<RegistryStatus>,
     pub routes: ArcSwap<RouteTable>,
@@ -71,19 +106,14 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub retry_budget: RetryBudget,
     pub client_limit: Option<PerClientLimit>,
-    /// By route name; config routes only.
-    pub route_limits: HashMap<String, SharedLimit>,
     last_route_errors: Mutex<Vec<RouteError>>,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Shared {
-        let route_limits = config
-            .routes
-            .iter()
-            .filter_map(|r| Some((r.display_name(), SharedLimit::new(r.rate_limit?))))
-            .collect();
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Shared {
         let shared = Shared {
+            config_path,
+            route_set: ArcSwap::from_pointee(RouteSet::new(config.routes.clone(), None)),
             mirror: Arc::new(Mirror::new(0)),
             status: Arc::new(RegistryStatus::default()),
             routes: ArcSwap::from_pointee(RouteTable::default()),
@@ -92,7 +122,6 @@ impl Shared {
             metrics: Arc::new(Metrics::new()),
             retry_budget: RetryBudget::new(&config.retry),
             client_limit: config.client_rate_limit.map(PerClientLimit::new),
-            route_limits,
             last_route_errors: Mutex::new(Vec::new()),
             config,
         };
@@ -100,12 +129,34 @@ impl Shared {
         shared
     }
 
+    /// Reads the config file again and puts its routes in force when it is valid; an invalid
+    /// file changes nothing. Only routes (and their rate limits) reload: other settings take
+    /// a restart. Returns whether the routes changed.
+    pub fn reload_routes(&self) -> Result<bool, ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Ok(false);
+        };
+        let next = Config::load(path)?;
+        next.validate()?;
+        let current = self.route_set.load_full();
+        if current.routes == next.routes {
+            return Ok(false);
+        }
+        self.route_set
+            .store(Arc::new(RouteSet::new(next.routes, Some(&current))));
+        self.rebuild_routes();
+        Ok(true)
+    }
+
     /// Rebuilds the route table from the config and the mirror; forgets balancer state of
     /// instances that are gone. Bad metadata is logged once per change of the error set.
     pub fn rebuild_routes(&self) {
         let services = self.mirror.services();
-        let (table, errors) =
-            RouteTable::build(&self.config.routes, &services, self.config.metadata_routes);
+        let (table, errors) = RouteTable::build(
+            &self.route_set.load().routes,
+            &services,
+            self.config.metadata_routes,
+        );
         {
             let mut last = self
                 .last_route_errors
@@ -171,13 +222,70 @@ impl BackgroundService for Control {
                     .await;
             }
         };
-        tokio::join!(follower.run(shutdown.clone()), admin_task, certs_task);
+        let config_task = async {
+            if shared.config_path.is_some() {
+                watch_config(&shared, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(
+            follower.run(shutdown.clone()),
+            admin_task,
+            certs_task,
+            config_task
+        );
         tracing::info!("background work stopped");
     }
 }
 
+/// Reloads the routes when the config file changes (checked every `tls_reload_interval`) or
+/// on SIGHUP, until `stop` turns true.
+async fn watch_config(shared: &Shared, mut stop: ShutdownWatch) {
+    let Some(path) = shared.config_path.clone() else {
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut seen = stamp(&path);
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; config reloads on file change only");
+            None
+        }
+    };
+    loop {
+        let signalled = tokio::select! {
+            _ = tokio::time::sleep(shared.config.tls_reload_interval) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = stop.changed() => return,
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let now = stamp(&path);
+        if !signalled && now == seen {
+            continue;
+        }
+        seen = now;
+        match shared.reload_routes() {
+            Ok(true) => {
+                tracing::info!(path = %path.display(), routes = shared.route_set.load().routes.len(), "config routes reloaded")
+            }
+            Ok(false) => {
+                tracing::info!(path = %path.display(), "config reloaded; routes unchanged")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config not reloaded; keeping the routes in force")
+            }
+        }
+    }
+}
+
 /// Runs the gateway until pingora is told to stop (SIGTERM: graceful; SIGINT: at once).
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     config.validate()?;
     let admin = std::net::TcpListener::bind(config.admin_addr)
         .with_context(|| format!("binding the admin listener {}", config.admin_addr))?;
@@ -206,7 +314,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let tls_listen = config.tls_listen;
     let h2c = config.h2c;
     let header_read_timeout = config.limits.header_read_timeout;
-    let shared = Arc::new(Shared::new(config));
+    let shared = Arc::new(Shared::new(config, config_path));
     if let Some(store) = &certs {
         shared.metrics.certificates.set(store.names().len() as i64);
     }
@@ -255,4 +363,82 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     server.run(RunArgs::default());
     tracing::info!("waymark-gateway stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimit;
+
+    fn route(path: &str, limit: Option<RateLimit>) -> RouteConfig {
+        RouteConfig {
+            name: None,
+            host: Some("a.test".into()),
+            path: path.into(),
+            header: None,
+            service: "svc".into(),
+            tags: vec![],
+            strip_prefix: false,
+            split: vec![],
+            upstream_h2c: false,
+            rate_limit: limit,
+        }
+    }
+
+    #[test]
+    fn a_route_set_keeps_buckets_of_unchanged_limits() {
+        let l = RateLimit {
+            rate: 1.0,
+            burst: 1,
+        };
+        let first = RouteSet::new(vec![route("/a", Some(l)), route("/b", Some(l))], None);
+        let a = first.limits["a.test/a"].clone();
+        let b = first.limits["a.test/b"].clone();
+        let faster = RateLimit {
+            rate: 2.0,
+            burst: 1,
+        };
+        let next = RouteSet::new(
+            vec![
+                route("/a", Some(l)),
+                route("/b", Some(faster)),
+                route("/c", None),
+            ],
+            Some(&first),
+        );
+        assert!(
+            Arc::ptr_eq(&a, &next.limits["a.test/a"]),
+            "same limit: same bucket"
+        );
+        assert!(
+            !Arc::ptr_eq(&b, &next.limits["a.test/b"]),
+            "changed limit: new bucket"
+        );
+        assert!(!next.limits.contains_key("a.test/c"));
+    }
+
+    #[test]
+    fn reload_takes_a_valid_file_and_refuses_a_broken_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, "[[routes]]\nhost = \"a.test\"\nservice = \"one\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        let shared = Shared::new(config, Some(path.clone()));
+        assert_eq!(shared.routes.load().len(), 1);
+        assert!(!shared.reload_routes().unwrap(), "unchanged");
+        std::fs::write(
+            &path,
+            "[[routes]]\nhost = \"a.test\"\nservice = \"one\"\n[[routes]]\nhost = \"b.test\"\nservice = \"two\"\n",
+        )
+        .unwrap();
+        assert!(shared.reload_routes().unwrap());
+        assert_eq!(shared.routes.load().len(), 2);
+        std::fs::write(&path, "[[routes]]\nservice = \"\"\n").unwrap();
+        assert!(shared.reload_routes().is_err());
+        assert_eq!(
+            shared.routes.load().len(),
+            2,
+            "a broken file changes nothing"
+        );
+    }
 }

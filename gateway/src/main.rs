@@ -111,5 +111,5 @@ fn ingress(args: IngressArgs) -> anyhow::Result<()> {
             other => anyhow::bail!("--access-log {other:?}: expected text, json or off"),
         };
     }
-    waymark_gateway::run(config)
+    waymark_gateway::run(config, args.config)
 }

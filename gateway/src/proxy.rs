@@ -265,7 +265,8 @@ impl ProxyHttp for Gateway {
         };
         ctx.route = Some(route.clone());
 
-        if let Some(limit) = shared.route_limits.get(&route.name) {
+        let route_limit = shared.route_set.load().limits.get(&route.name).cloned();
+        if let Some(limit) = route_limit {
             if let Err(wait) = limit.take(now) {
                 shared
                     .metrics

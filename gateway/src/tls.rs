@@ -205,3 +205,65 @@ fn load_pair(crt: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
         .map_err(|e| bad(format!("key does not match certificate: {e}")))?;
     Ok(ck)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) {
+        let ck = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), ck.key_pair.serialize_pem()).unwrap();
+        std::fs::write(dir.join(format!("{stem}.crt")), ck.cert.pem()).unwrap();
+    }
+
+    #[test]
+    fn loads_pairs_by_name_with_wildcards() {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(dir.path(), "a.test", &["a.test"]);
+        write_pair(dir.path(), "_wildcard.b.test", &["*.b.test"]);
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let store = CertStore::load(dir.path()).unwrap();
+        assert_eq!(
+            store.names(),
+            vec!["*.b.test".to_string(), "a.test".to_string()]
+        );
+        assert!(store.lookup("A.TEST.").is_some());
+        assert!(store.lookup("x.b.test").is_some());
+        assert!(store.lookup("y.x.b.test").is_none(), "one label only");
+        assert!(store.lookup("c.test").is_none());
+    }
+
+    #[test]
+    fn a_broken_pair_keeps_the_old_certificate_and_an_empty_dir_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            CertStore::load(dir.path()),
+            Err(TlsError::Empty(_))
+        ));
+        write_pair(dir.path(), "a.test", &["a.test"]);
+        let store = CertStore::load(dir.path()).unwrap();
+        let before = store.lookup("a.test").unwrap();
+        std::fs::write(dir.path().join("a.test.crt"), "garbage").unwrap();
+        assert!(store.reload_if_changed().unwrap());
+        assert!(Arc::ptr_eq(&before, &store.lookup("a.test").unwrap()));
+        assert!(!store.reload_if_changed().unwrap(), "nothing changed since");
+        // A key that does not match its certificate is refused too.
+        write_pair(dir.path(), "c.test", &["c.test"]);
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("c.test.key"), other.serialize_pem()).unwrap();
+        let errors = store.reload().unwrap();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("does not match")),
+            "{errors:?}"
+        );
+        assert!(store.lookup("c.test").is_none());
+    }
+}

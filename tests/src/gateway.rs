@@ -208,6 +208,11 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The config file the gateway was started with (rewrite it to reload routes).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
     /// A scratch directory that lives as long as the gateway.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -4,11 +4,13 @@
 //!
 //! Covers routes from the config file and from registration metadata, longest prefix, prefix
 //! stripping, header matches, weighted splits, 404 for no route, 503 for no healthy instance,
-//! the forwarding headers, and the admin endpoints.
+//! the forwarding headers, the admin endpoints, and config routes reloading under load.
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use waymark_e2e::gateway::{Backend, Gateway, GatewayOptions};
@@ -431,4 +433,108 @@ async fn readiness_and_metrics_follow_the_registry_link() {
         .await
         .contains("waymark_gateway_registry_connected 1"));
     assert_eq!(get(&c, &gw, "r.test", "/").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_routes_reload_under_load_without_a_failed_request() {
+    let resolver = Resolver::start();
+    let api = Api::new(&resolver);
+    let one = Backend::start(BACKEND, "one-1");
+    let two = Backend::start(BACKEND, "two-1");
+    api.register(one.registration("one", &[], json!({}), 0))
+        .await;
+    api.register(two.registration("two", &[], json!({}), 0))
+        .await;
+    let first = "tls_reload_interval = \"100ms\"\n[[routes]]\nhost = \"cfg.test\"\npath = \"/a\"\nservice = \"one\"\n";
+    let gw = Gateway::start(
+        &resolver,
+        GatewayOptions {
+            config: first.into(),
+            ..Default::default()
+        },
+    );
+    let c = client();
+    until(
+        "route /a",
+        WAIT,
+        || async { get(&c, &gw, "cfg.test", "/a").await.0 },
+        |s| *s == 200,
+    )
+    .await;
+
+    // Load on /a for the whole reload sequence.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
+        let url = gw.url("/a/x");
+        tokio::spawn(async move {
+            let c = client();
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed)
+                && done.load(Ordering::Relaxed) < 20_000
+                && started.elapsed() < Duration::from_secs(20)
+            {
+                match c.get(&url).header("host", "cfg.test").send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    // A new route appears and /a starts stripping its prefix.
+    let second = format!(
+        "{first}strip_prefix = true\n[[routes]]\nhost = \"cfg.test\"\npath = \"/b\"\nservice = \"two\"\nrate_limit = {{ rate = 100.0, burst = 100 }}\n"
+    );
+    std::fs::write(gw.config_path(), &second).unwrap();
+    until(
+        "route /b after the file changed",
+        WAIT,
+        || async { get(&c, &gw, "cfg.test", "/b").await.0 },
+        |s| *s == 200,
+    )
+    .await;
+    let (_, v, _) = get(&c, &gw, "cfg.test", "/a/x").await;
+    assert_eq!(v["uri"], "/x", "/a now strips its prefix");
+
+    // A broken file changes nothing.
+    std::fs::write(gw.config_path(), "[[routes]]\npath = \"nope\"\n").unwrap();
+    until(
+        "the broken config is reported",
+        WAIT,
+        || async { gw.log() },
+        |log| log.contains("config not reloaded"),
+    )
+    .await;
+    assert_eq!(get(&c, &gw, "cfg.test", "/b").await.0, 200);
+
+    // Back to the first file, with SIGHUPs sent meanwhile: they must not stop the gateway
+    // (the default action of SIGHUP would), and /b goes away.
+    std::fs::write(gw.config_path(), first).unwrap();
+    let pid = gw.pid().unwrap().to_string();
+    until(
+        "route /b gone after SIGHUP",
+        WAIT,
+        || async {
+            let _ = Command::new("kill").args(["-HUP", &pid]).status();
+            get(&c, &gw, "cfg.test", "/b").await.0
+        },
+        |s| *s == 404,
+    )
+    .await;
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(done.load(Ordering::Relaxed) > 50, "the load ran");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads"
+    );
+    assert_eq!(get(&c, &gw, "cfg.test", "/a/y").await.0, 200);
 }
