@@ -412,6 +412,13 @@ impl ProxyHttp for Gateway {
                 upstream.set_uri(uri);
             }
         }
+        // An HTTP/2 request names its host in :authority; an HTTP/1.1 instance needs Host.
+        let h1_upstream = ctx.route.as_ref().is_none_or(|r| !r.upstream_h2c);
+        if h1_upstream && upstream.headers.get("host").is_none() {
+            if let Some(authority) = session.req_header().uri.authority() {
+                upstream.insert_header("host", authority.as_str())?;
+            }
+        }
         let upgrade = session.is_upgrade_req();
         let connection = upstream
             .headers

@@ -320,6 +320,12 @@ async fn http2_cleartext_with_reqwest_and_curl() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["id"], "web-1");
     assert_eq!(v["uri"], "/over-h2");
+    assert_eq!(v["version"], "HTTP/1.1", "HTTP/1.1 to the instance");
+    assert_eq!(
+        v["headers"]["host"].as_str(),
+        Some(format!("h2.test:{}", gw.http.port()).as_str()),
+        "the :authority becomes Host"
+    );
     // Many concurrent streams on one connection.
     let mut tasks = Vec::new();
     for i in 0..20 {
