@@ -3,10 +3,10 @@
 # nginx and HAProxy configured as equivalent reverse proxies (one worker each, keep-alive to
 # the backend, no logging), all on loopback. Reports requests per second, p50/p99 latency and
 # the proxy's CPU time per request, with ratios, as Markdown on stdout and in
-# bench/results/gateway.md.
+# tests/bench/results/gateway.md.
 #
-#   bash bench/gateway.sh                         # 10 s per run, 32 connections
-#   DURATION=30s CONNECTIONS=64 bash bench/gateway.sh
+#   bash tests/bench/gateway.sh                         # 10 s per run, 32 connections
+#   DURATION=30s CONNECTIONS=64 bash tests/bench/gateway.sh
 #
 # Two loads per target: saturation (CONNECTIONS connections) and light (1 connection, where
 # the added latency of a proxy shows best). wrk sends as fast as it can, so "light" stands in
@@ -14,7 +14,7 @@
 # could not measure; results depend on the machine being otherwise idle.
 # Needs wrk, nginx and haproxy (Debian packages; installed when run as root).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
@@ -212,5 +212,5 @@ report() {
     done
 }
 
-mkdir -p bench/results
-report | tee bench/results/gateway.md
+mkdir -p tests/bench/results
+report | tee tests/bench/results/gateway.md
