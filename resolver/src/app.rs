@@ -12,7 +12,7 @@ use waymark_shared::Mirror;
 
 use crate::api::{self, admin::Readiness, ApiState};
 use crate::config::{resolv_conf_upstreams, Config};
-use crate::dns::{self, forward::Forwarder, Zone};
+use crate::dns::{self, fast::FastPath, forward::Forwarder, udp::UdpServer, Zone};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Settings};
 use crate::services_file;
@@ -181,8 +181,13 @@ async fn start_dns(
 ) -> Result<(SocketAddr, Vec<SocketAddr>, JoinHandle<()>), AppError> {
     let addr = config.dns.addr;
     let bind_error = |source| AppError::DnsBind { addr, source };
-    let (udp, tcp) = dns::server::bind(addr).await.map_err(bind_error)?;
-    let dns_addr = udp.local_addr().map_err(bind_error)?;
+    let (udp, tcp) = dns::server::bind(
+        addr,
+        config.dns.udp_worker_count(),
+        config.dns.udp_recv_buffer,
+    )
+    .map_err(bind_error)?;
+    let dns_addr = udp[0].local_addr().map_err(bind_error)?;
     let upstreams = if config.dns.upstreams.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         resolv_conf_upstreams(&text, &[dns_addr, SocketAddr::new(dns_addr.ip(), 53)])
@@ -194,7 +199,7 @@ async fn start_dns(
         .ns_address
         .or_else(|| (!dns_addr.ip().is_unspecified()).then(|| dns_addr.ip()));
     let per_service = config.clone();
-    let handler = dns::server::Handler {
+    let handler = Arc::new(dns::server::Handler {
         zone: Zone::new(
             &config.dns.zone,
             config.dns.ttl,
@@ -211,10 +216,22 @@ async fn start_dns(
         panic_threshold: Box::new(move |s| per_service.panic_threshold(s)),
         max_udp_payload: config.dns.max_udp_payload,
         metrics,
-    };
-    let mut server = dns::server::serve(handler, udp, tcp, config.dns.tcp_idle_timeout);
+    });
+    let fast = Arc::new(FastPath::new(
+        handler.clone(),
+        config.dns.answer_cache_entries,
+    ));
+    let udp = UdpServer::start(
+        udp,
+        fast,
+        handler.clone(),
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(bind_error)?;
+    let mut server = dns::server::serve_tcp(handler, tcp, config.dns.tcp_idle_timeout);
     let task = tokio::spawn(async move {
         let _ = stopped.wait_for(|s| *s).await;
+        let _ = tokio::task::spawn_blocking(move || udp.stop()).await;
         if let Err(e) = server.shutdown_gracefully().await {
             tracing::warn!(error = %e, "DNS server stopped with an error");
         }

@@ -67,6 +67,23 @@ pub struct DnsConfig {
     /// Idle timeout of DNS-over-TCP connections.
     #[serde(with = "dur")]
     pub tcp_idle_timeout: Duration,
+    /// UDP worker threads, each with its own socket; 0: one per CPU the process may use, at
+    /// most 8.
+    pub udp_workers: usize,
+    /// Receive buffer asked for each UDP socket, in bytes (capped by net.core.rmem_max).
+    pub udp_recv_buffer: usize,
+    /// Encoded UDP replies kept in the answer cache; 0 turns the cache off.
+    pub answer_cache_entries: usize,
+}
+
+impl DnsConfig {
+    /// The number of UDP workers to run.
+    pub fn udp_worker_count(&self) -> usize {
+        match self.udp_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            n => n,
+        }
+    }
 }
 
 impl Default for DnsConfig {
@@ -85,6 +102,9 @@ impl Default for DnsConfig {
                 "::1/128".parse().expect("valid"),
             ],
             tcp_idle_timeout: Duration::from_secs(10),
+            udp_workers: 0,
+            udp_recv_buffer: 4 << 20,
+            answer_cache_entries: 250_000,
         }
     }
 }
@@ -238,6 +258,12 @@ impl Config {
             return bad(format!(
                 "dns.max_udp_payload {} is under 512",
                 self.dns.max_udp_payload
+            ));
+        }
+        if self.dns.udp_workers > 256 {
+            return bad(format!(
+                "dns.udp_workers {} is over 256",
+                self.dns.udp_workers
             ));
         }
         if self.dns.upstream_timeout.is_zero() {

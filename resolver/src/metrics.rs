@@ -47,6 +47,8 @@ pub struct Metrics {
     registry: Registry,
     pub dns_queries: Family<DnsLabels, Counter>,
     pub dns_truncated: Counter,
+    pub dns_cache_hits: Counter,
+    pub dns_cache_misses: Counter,
     pub upstream_queries: Family<UpstreamLabels, Counter>,
     pub api_requests: Family<ApiLabels, Counter>,
     pub instances: Gauge,
@@ -70,6 +72,8 @@ impl Metrics {
             registry: Registry::default(),
             dns_queries: Family::default(),
             dns_truncated: Counter::default(),
+            dns_cache_hits: Counter::default(),
+            dns_cache_misses: Counter::default(),
             upstream_queries: Family::default(),
             api_requests: Family::default(),
             instances: Gauge::default(),
@@ -88,6 +92,16 @@ impl Metrics {
             "dns_truncated",
             "UDP answers cut to fit the client's payload size (TC set)",
             m.dns_truncated.clone(),
+        );
+        registry.register(
+            "dns_cache_hits",
+            "UDP queries for the zone answered from the answer cache",
+            m.dns_cache_hits.clone(),
+        );
+        registry.register(
+            "dns_cache_misses",
+            "UDP queries for the zone whose answer had to be computed",
+            m.dns_cache_misses.clone(),
         );
         registry.register(
             "dns_upstream_queries",

@@ -90,7 +90,7 @@ pub async fn apply(
         path: path.to_path_buf(),
         source,
     };
-    let wanted: BTreeSet<String> = defs.iter().map(|d| d.id.clone()).collect();
+    let wanted: BTreeSet<String> = defs.iter().map(|d| d.id.to_string()).collect();
     // Removals first: an entry renamed in the file may keep its check IDs, which stay taken
     // until the old entry is gone.
     for id in registry.ids_from(Source::File) {
@@ -106,7 +106,7 @@ pub async fn apply(
         if current.as_ref() != Some(&(def.clone(), Source::File)) {
             let id = def.id.clone();
             if let Err(e) = registry.register(def, Source::File).await {
-                tracing::warn!(id, error = %e, "services file entry not registered");
+                tracing::warn!(id = %id, error = %e, "services file entry not registered");
                 first_error.get_or_insert(e);
             }
         }

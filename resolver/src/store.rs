@@ -83,10 +83,30 @@ enum Record<R = StoredReg, I = String> {
     Delete { index: u64, id: I },
 }
 
+/// The snapshot file: read back owned, written from borrowed state (any `Serialize` that
+/// writes a sequence of [`StoredReg`]-shaped records), so that compacting a large registry
+/// does not copy it first.
 #[derive(Serialize, Deserialize)]
-struct Snapshot {
+struct Snapshot<R = Vec<StoredReg>> {
     index: u64,
-    registrations: Vec<StoredReg>,
+    registrations: R,
+}
+
+/// A [`StoredReg`] written from borrowed parts; serializes exactly like one.
+#[derive(Serialize)]
+pub struct StoredRegRef<'a> {
+    pub def: &'a ServiceDef,
+    pub source: Source,
+    pub maintenance: &'a Option<String>,
+    pub checks: Vec<StoredCheckRef<'a>>,
+}
+
+/// A [`StoredCheck`] written from borrowed parts.
+#[derive(Serialize)]
+pub struct StoredCheckRef<'a> {
+    pub id: &'a str,
+    pub status: Health,
+    pub output: &'a str,
 }
 
 /// What was on disk at startup.
@@ -184,9 +204,10 @@ impl Store {
         self.appended.load(Ordering::Relaxed)
     }
 
-    /// Replaces the snapshot with this complete state and empties the log. The caller must
-    /// hand over the state as of every record queued before this call.
-    pub fn compact(&self, index: u64, registrations: Vec<StoredReg>) {
+    /// Replaces the snapshot with this complete state (a sequence of [`StoredReg`]s, owned or
+    /// [`StoredRegRef`]s) and empties the log. The caller must hand over the state as of
+    /// every record queued before this call.
+    pub fn compact(&self, index: u64, registrations: impl Serialize) {
         let bytes = serde_json::to_vec(&Snapshot {
             index,
             registrations,
@@ -295,7 +316,7 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
     let mut by_id: std::collections::HashMap<String, usize> = regs
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.def.id.clone(), i))
+        .map(|(i, r)| (r.def.id.to_string(), i))
         .collect();
     let mut slots: Vec<Option<StoredReg>> = regs.into_iter().map(Some).collect();
 
@@ -329,10 +350,10 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
         match serde_json::from_slice::<Record>(&line) {
             Ok(Record::Put { index: i, reg }) if complete => {
                 index = index.max(i);
-                match by_id.get(&reg.def.id) {
+                match by_id.get(reg.def.id.as_str()) {
                     Some(&slot) => slots[slot] = Some(reg),
                     None => {
-                        by_id.insert(reg.def.id.clone(), slots.len());
+                        by_id.insert(reg.def.id.to_string(), slots.len());
                         slots.push(Some(reg));
                     }
                 }
@@ -389,6 +410,35 @@ mod tests {
             maintenance: None,
             checks: vec![],
         }
+    }
+
+    #[test]
+    fn borrowed_records_serialize_like_owned_ones() {
+        let mut owned = reg("a", 1);
+        owned.maintenance = Some("upgrade".into());
+        owned.checks.push(StoredCheck {
+            id: "service:a".into(),
+            status: Health::Warning,
+            output: "slow".into(),
+        });
+        let borrowed = StoredRegRef {
+            def: &owned.def,
+            source: owned.source,
+            maintenance: &owned.maintenance,
+            checks: owned
+                .checks
+                .iter()
+                .map(|c| StoredCheckRef {
+                    id: &c.id,
+                    status: c.status,
+                    output: &c.output,
+                })
+                .collect(),
+        };
+        assert_eq!(
+            serde_json::to_value(&borrowed).unwrap(),
+            serde_json::to_value(&owned).unwrap()
+        );
     }
 
     #[tokio::test]

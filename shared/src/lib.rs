@@ -11,5 +11,5 @@ pub mod mirror;
 pub mod model;
 pub mod telemetry;
 
-pub use mirror::{Changes, Mirror, ServiceView};
+pub use mirror::{Changes, Freshness, Mirror, ServiceView};
 pub use model::{CheckView, Health, Instance};

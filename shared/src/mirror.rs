@@ -8,8 +8,9 @@
 //! ([`Mirror::changes_since`]); the bounded change log answers that without loss, and a follower
 //! that fell further behind than the log reaches is told to reset and given the whole state.
 
+use compact_str::CompactString;
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -18,6 +19,13 @@ use tokio::sync::watch;
 
 use crate::model::Instance;
 
+/// The map key of a service name: lowercased.
+fn key_of(name: &str) -> CompactString {
+    let mut key = CompactString::from(name);
+    key.make_ascii_lowercase();
+    key
+}
+
 /// Changes kept for followers by default.
 pub const DEFAULT_LOG_CAPACITY: usize = 65_536;
 
@@ -25,7 +33,7 @@ pub const DEFAULT_LOG_CAPACITY: usize = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceView {
     /// The service name as first registered.
-    pub name: String,
+    pub name: CompactString,
     /// The change index of the last change to this service.
     pub index: u64,
     pub instances: Vec<Arc<Instance>>,
@@ -45,11 +53,53 @@ pub struct Changes {
     pub removed: Vec<String>,
 }
 
+/// Says, without a lookup, whether a service view is still the current one: it turns false
+/// once a newer view replaces it or the service is removed. Caches of answers computed from
+/// a view keep its `Freshness` to know when they went stale.
+#[derive(Debug, Clone)]
+pub struct Freshness(Arc<AtomicBool>);
+
+impl Freshness {
+    fn new() -> Freshness {
+        Freshness(Arc::new(AtomicBool::new(true)))
+    }
+
+    pub fn is_current(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn end(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A service's current view and its freshness.
+#[derive(Debug)]
+struct Slot {
+    view: Arc<ServiceView>,
+    fresh: Freshness,
+}
+
+impl Slot {
+    fn new(view: ServiceView) -> Slot {
+        Slot {
+            view: Arc::new(view),
+            fresh: Freshness::new(),
+        }
+    }
+}
+
+/// Service names are hashed on every DNS answer: a fast hasher, randomly seeded.
+type Hasher = foldhash::fast::RandomState;
+
 /// The in-memory registry mirror. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Mirror {
     /// Keyed by the lowercased service name.
-    services: DashMap<String, Arc<ServiceView>>,
+    services: DashMap<CompactString, Slot, Hasher>,
+    /// Bumped whenever a service name appears that was not there: an answer for an absent
+    /// service stays right while this is unchanged.
+    creations: AtomicU64,
     index: AtomicU64,
     /// Serializes writers so that change indexes and the log stay in order.
     log: Mutex<ChangeLog>,
@@ -60,7 +110,7 @@ pub struct Mirror {
 struct ChangeLog {
     capacity: usize,
     /// (index, lowercased service name), oldest first.
-    entries: VecDeque<(u64, String)>,
+    entries: VecDeque<(u64, CompactString)>,
     /// Indexes at or below this are not in the log any more.
     floor: u64,
 }
@@ -74,7 +124,8 @@ impl Mirror {
     pub fn with_log_capacity(start: u64, capacity: usize) -> Self {
         let (notify, _) = watch::channel(start);
         Mirror {
-            services: DashMap::new(),
+            services: DashMap::with_hasher(Hasher::default()),
+            creations: AtomicU64::new(0),
             index: AtomicU64::new(start),
             log: Mutex::new(ChangeLog {
                 capacity: capacity.max(1),
@@ -99,16 +150,31 @@ impl Mirror {
     pub fn service(&self, name: &str) -> Option<Arc<ServiceView>> {
         if name.bytes().any(|b| b.is_ascii_uppercase()) {
             self.services
-                .get(&name.to_ascii_lowercase())
-                .map(|v| v.clone())
+                .get(name.to_ascii_lowercase().as_str())
+                .map(|s| s.view.clone())
         } else {
-            self.services.get(name).map(|v| v.clone())
+            self.services.get(name).map(|s| s.view.clone())
         }
+    }
+
+    /// The service by its lowercased name, with the view's freshness.
+    pub fn service_fresh(&self, key: &str) -> Option<(Arc<ServiceView>, Freshness)> {
+        self.services
+            .get(key)
+            .map(|s| (s.view.clone(), s.fresh.clone()))
+    }
+
+    /// How many times a service name has appeared (see [`Freshness`] for views).
+    pub fn creations(&self) -> u64 {
+        self.creations.load(Ordering::Acquire)
     }
 
     /// Every service, in no particular order.
     pub fn services(&self) -> Vec<Arc<ServiceView>> {
-        self.services.iter().map(|e| e.value().clone()).collect()
+        self.services
+            .iter()
+            .map(|e| e.value().view.clone())
+            .collect()
     }
 
     pub fn service_count(&self) -> usize {
@@ -127,9 +193,9 @@ impl Mirror {
     /// Inserts or replaces an instance (matched by ID within its service). Returns the change
     /// index, or `None` when the instance was already exactly so (no change is recorded).
     pub fn upsert(&self, instance: Instance) -> Option<u64> {
-        let key = instance.service.to_ascii_lowercase();
+        let key = key_of(&instance.service);
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.services.get(&key).map(|v| v.clone());
+        let current = self.services.get(&key).map(|s| s.view.clone());
         let mut instances = current
             .as_ref()
             .map(|v| v.instances.clone())
@@ -147,9 +213,9 @@ impl Mirror {
 
     /// Removes an instance. Returns the change index, or `None` if there was no such instance.
     pub fn remove(&self, service: &str, id: &str) -> Option<u64> {
-        let key = service.to_ascii_lowercase();
+        let key = key_of(service);
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.services.get(&key).map(|v| v.clone())?;
+        let current = self.services.get(&key).map(|s| s.view.clone())?;
         if !current.instances.iter().any(|i| i.id == id) {
             return None;
         }
@@ -168,19 +234,21 @@ impl Mirror {
     pub fn apply(&self, changes: &Changes) {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         if changes.reset {
-            let keep: BTreeSet<String> = changes
-                .services
-                .iter()
-                .map(|s| s.name.to_ascii_lowercase())
-                .collect();
-            self.services.retain(|k, _| keep.contains(k));
+            let keep: BTreeSet<CompactString> =
+                changes.services.iter().map(|s| key_of(&s.name)).collect();
+            self.services.retain(|k, s| {
+                let keep = keep.contains(k);
+                if !keep {
+                    s.fresh.end();
+                }
+                keep
+            });
         }
         for view in &changes.services {
-            self.services
-                .insert(view.name.to_ascii_lowercase(), Arc::new(view.clone()));
+            self.replace(key_of(&view.name), Some(view.clone()));
         }
         for name in &changes.removed {
-            self.services.remove(&name.to_ascii_lowercase());
+            self.replace(key_of(name), None);
         }
         // A follower's log restarts at the source's index: older indexes are unknown here.
         log.entries.clear();
@@ -192,25 +260,16 @@ impl Mirror {
     fn commit(
         &self,
         log: &mut ChangeLog,
-        key: String,
-        next: Option<(String, Vec<Arc<Instance>>)>,
+        key: CompactString,
+        next: Option<(CompactString, Vec<Arc<Instance>>)>,
     ) -> u64 {
         let index = self.index.load(Ordering::Acquire) + 1;
-        match next {
-            Some((name, instances)) => {
-                self.services.insert(
-                    key.clone(),
-                    Arc::new(ServiceView {
-                        name,
-                        index,
-                        instances,
-                    }),
-                );
-            }
-            None => {
-                self.services.remove(&key);
-            }
-        }
+        let view = next.map(|(name, instances)| ServiceView {
+            name,
+            index,
+            instances,
+        });
+        self.replace(key.clone(), view);
         if log.entries.len() == log.capacity {
             if let Some((dropped, _)) = log.entries.pop_front() {
                 log.floor = dropped;
@@ -220,6 +279,23 @@ impl Mirror {
         self.index.store(index, Ordering::Release);
         self.notify.send_replace(index);
         index
+    }
+
+    /// Installs a service's new view (or removes it), then ends the old view's freshness.
+    fn replace(&self, key: CompactString, view: Option<ServiceView>) {
+        let old = match view {
+            Some(view) => {
+                let old = self.services.insert(key, Slot::new(view));
+                if old.is_none() {
+                    self.creations.fetch_add(1, Ordering::AcqRel);
+                }
+                old
+            }
+            None => self.services.remove(&key).map(|(_, s)| s),
+        };
+        if let Some(old) = old {
+            old.fresh.end();
+        }
     }
 
     /// What changed after `since`. When `since` is older than the change log reaches, or newer
@@ -247,8 +323,8 @@ impl Mirror {
         let mut services = Vec::new();
         let mut removed = Vec::new();
         for key in touched {
-            match self.services.get(key) {
-                Some(view) => services.push((**view).clone()),
+            match self.services.get(key).map(|s| s.view.clone()) {
+                Some(view) => services.push((*view).clone()),
                 None => removed.push(key.to_string()),
             }
         }

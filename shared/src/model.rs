@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Health of one check or of an instance as a whole (the worst of its checks).
@@ -56,12 +57,13 @@ pub struct CheckView {
 /// One instance of a service, as every mirror sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    /// Unique across the registry (Consul's service ID).
-    pub id: String,
+    /// Unique across the registry (Consul's service ID). Compact strings keep short ones
+    /// inline: a registry of 300,000 instances saves one allocation per field.
+    pub id: CompactString,
     /// The service name as registered (DNS matches it case-insensitively).
-    pub service: String,
+    pub service: CompactString,
     /// The address as registered: usually an IP, possibly a host name.
-    pub address: String,
+    pub address: CompactString,
     pub port: u16,
     #[serde(default)]
     pub tags: Vec<String>,

@@ -130,7 +130,7 @@ pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
     let mut out = serde_json::Map::new();
     for view in state.mirror.services() {
         for i in &view.instances {
-            out.insert(i.id.clone(), consul::agent_service(i, dc));
+            out.insert(i.id.to_string(), consul::agent_service(i, dc));
         }
     }
     with_index(&Value::Object(out), state.mirror.index())
@@ -153,7 +153,7 @@ pub async fn catalog_services(
     let index = blocking.wait(&state.mirror, || state.mirror.index()).await;
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for view in state.mirror.services() {
-        let tags = out.entry(view.name.clone()).or_default();
+        let tags = out.entry(view.name.to_string()).or_default();
         for i in &view.instances {
             tags.extend(i.tags.iter().cloned());
         }

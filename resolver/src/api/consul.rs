@@ -145,9 +145,9 @@ pub fn parse_service(body: &[u8]) -> Result<ServiceDef, ParseError> {
         Some(_) => return Err(o.err("Checks", "must be a list of checks")),
     }
     Ok(ServiceDef {
-        name,
-        id: o.string("id", "ID")?.unwrap_or_default(),
-        address: o.string("address", "Address")?.unwrap_or_default(),
+        name: name.into(),
+        id: o.string("id", "ID")?.unwrap_or_default().into(),
+        address: o.string("address", "Address")?.unwrap_or_default().into(),
         port: o.uint("port", "Port", u16::MAX as u64)?.unwrap_or(0) as u16,
         tags,
         meta,

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use waymark_shared::{Instance, Mirror};
+use waymark_shared::{Freshness, Instance, Mirror, ServiceView};
 
 /// The label that introduces per-instance names.
 pub const INSTANCE_LABEL: &str = "instance";
@@ -85,12 +85,13 @@ impl Zone {
 
 /// An authoritative answer. `additionals[i]` holds the addresses of `answers[i]`'s target,
 /// so a truncated reply can drop answers together with their additional records.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     pub rcode: ResponseCode,
     pub answers: Vec<Record>,
     pub additionals: Vec<Vec<Record>>,
     pub authority: Vec<Record>,
+    pub source: Source,
 }
 
 impl Answer {
@@ -100,6 +101,7 @@ impl Answer {
             answers,
             additionals,
             authority: Vec::new(),
+            source: Source::Zone,
         }
     }
 
@@ -109,6 +111,21 @@ impl Answer {
             answers: Vec::new(),
             additionals: Vec::new(),
             authority: vec![zone.soa(serial)],
+            source: Source::Zone,
+        }
+    }
+
+    fn from(mut self, source: Source) -> Answer {
+        self.source = source;
+        self
+    }
+
+    /// What kind of answer this is.
+    pub fn outcome(&self) -> Outcome {
+        match self.rcode {
+            ResponseCode::NXDomain => Outcome::NxDomain,
+            _ if self.is_nodata() => Outcome::NoData,
+            _ => Outcome::Answer,
         }
     }
 
@@ -136,6 +153,50 @@ pub fn instance_label(id: &str) -> String {
     label
 }
 
+/// The kind of an answer, as metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Answer,
+    NoData,
+    NxDomain,
+}
+
+impl Outcome {
+    /// The `outcome` label of `dns_queries`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Answer => "answer",
+            Outcome::NoData => "nodata",
+            Outcome::NxDomain => "nxdomain",
+        }
+    }
+}
+
+/// What an answer was computed from: a cached copy of it stays right exactly as long as
+/// its source is current.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The zone's fixed parts only. (Negative answers and the apex SOA carry the mirror's
+    /// index as the SOA serial, which a cached copy must refresh.)
+    Zone,
+    /// One service's view, current while its freshness lasts.
+    Service(Freshness),
+    /// A service that did not exist, as long as no service has appeared since: the mirror's
+    /// count of [`Mirror::creations`] then.
+    Absent { creations: u64 },
+}
+
+impl Source {
+    /// Whether an answer from this source is still right.
+    pub fn is_current(&self, mirror: &Mirror) -> bool {
+        match self {
+            Source::Zone => true,
+            Source::Service(fresh) => fresh.is_current(),
+            Source::Absent { creations } => mirror.creations() == *creations,
+        }
+    }
+}
+
 /// Answers a query for a name inside the zone. `qname` must be lowercased and inside the
 /// zone. `panic_threshold` gives a service's panic threshold (0 = off).
 pub fn answer(
@@ -153,109 +214,110 @@ pub fn answer(
     let nxdomain = || Answer::negative(zone, serial, ResponseCode::NXDomain);
     let nodata = || Answer::negative(zone, serial, ResponseCode::NoError);
 
-    match depth {
-        0 => match qtype {
-            RecordType::SOA => Answer::records(vec![zone.soa(serial)], vec![vec![]]),
-            RecordType::NS => {
-                let ns = Record::from_rdata(
-                    zone.origin.clone(),
-                    zone.ttl,
-                    RData::NS(NS(zone.ns_name.clone())),
-                );
-                let glue = zone
-                    .ns_address
-                    .map(|ip| address_record(&zone.ns_name, ip, zone.ttl))
-                    .into_iter()
-                    .collect();
-                Answer::records(vec![ns], vec![glue])
-            }
-            _ => nodata(),
-        },
-        1 if label(0) == "ns" => match (qtype, zone.ns_address) {
-            (RecordType::A, Some(ip @ IpAddr::V4(_)))
-            | (RecordType::AAAA, Some(ip @ IpAddr::V6(_))) => {
-                Answer::records(vec![address_record(qname, ip, zone.ttl)], vec![vec![]])
-            }
-            _ => nodata(),
-        },
+    // The one service the name is about, if any: every answer below reads only its view.
+    let service_key = match depth {
+        1 if label(0) != "ns" => Some(label(0)),
+        2 if label(1) == "_tcp" && label(0).starts_with('_') => Some(&label(0)[1..]),
+        2 => Some(label(1)),
+        3 if label(1) == INSTANCE_LABEL => Some(label(2)),
+        _ => None,
+    };
+    let Some(key) = service_key else {
+        return match depth {
+            0 => match qtype {
+                RecordType::SOA => Answer::records(vec![zone.soa(serial)], vec![vec![]]),
+                RecordType::NS => {
+                    let ns = Record::from_rdata(
+                        zone.origin.clone(),
+                        zone.ttl,
+                        RData::NS(NS(zone.ns_name.clone())),
+                    );
+                    let glue = zone
+                        .ns_address
+                        .map(|ip| address_record(&zone.ns_name, ip, zone.ttl))
+                        .into_iter()
+                        .collect();
+                    Answer::records(vec![ns], vec![glue])
+                }
+                _ => nodata(),
+            },
+            1 => match (qtype, zone.ns_address) {
+                (RecordType::A, Some(ip @ IpAddr::V4(_)))
+                | (RecordType::AAAA, Some(ip @ IpAddr::V6(_))) => {
+                    Answer::records(vec![address_record(qname, ip, zone.ttl)], vec![vec![]])
+                }
+                _ => nodata(),
+            },
+            _ => nxdomain(),
+        };
+    };
+    // Read before the lookup, so that a service created after it is always noticed.
+    let creations = mirror.creations();
+    let Some((view, fresh)) = mirror.service_fresh(key) else {
+        return nxdomain().from(Source::Absent { creations });
+    };
+    let source = Source::Service(fresh);
+    let answer = match depth {
         1 => service_answer(
             zone,
-            mirror,
+            &view,
             panic_threshold,
             qname,
-            label(0),
             None,
             qtype,
+            serial,
             rng,
-        )
-        .unwrap_or_else(nxdomain),
-        2 if label(1) == "_tcp" && label(0).starts_with('_') => {
-            let service = &label(0)[1..];
-            if qtype != RecordType::SRV && qtype != RecordType::ANY {
-                return match mirror.service(service) {
-                    Some(_) => nodata(),
-                    None => nxdomain(),
-                };
-            }
-            service_answer(
+        ),
+        2 if label(1) == "_tcp" && label(0).starts_with('_') => match qtype {
+            RecordType::SRV | RecordType::ANY => service_answer(
                 zone,
-                mirror,
+                &view,
                 panic_threshold,
                 qname,
-                service,
                 None,
                 RecordType::SRV,
+                serial,
                 rng,
-            )
-            .unwrap_or_else(nxdomain)
-        }
+            ),
+            _ => Some(nodata()),
+        },
         2 => service_answer(
             zone,
-            mirror,
+            &view,
             panic_threshold,
             qname,
-            label(1),
             Some(label(0)),
             qtype,
+            serial,
             rng,
-        )
-        .unwrap_or_else(nxdomain),
-        3 if label(1) == INSTANCE_LABEL => {
-            let Some(view) = mirror.service(label(2)) else {
-                return nxdomain();
-            };
-            let Some(inst) = view
-                .instances
-                .iter()
-                .find(|i| instance_label(&i.id) == label(0))
-            else {
-                return nxdomain();
-            };
-            match (inst.is_serving(), inst.ip(), qtype) {
+        ),
+        _ => view
+            .instances
+            .iter()
+            .find(|i| instance_label(&i.id) == label(0))
+            .map(|inst| match (inst.is_serving(), inst.ip(), qtype) {
                 (true, Some(ip @ IpAddr::V4(_)), RecordType::A | RecordType::ANY)
                 | (true, Some(ip @ IpAddr::V6(_)), RecordType::AAAA | RecordType::ANY) => {
                     Answer::records(vec![address_record(qname, ip, zone.ttl)], vec![vec![]])
                 }
                 _ => nodata(),
-            }
-        }
-        _ => nxdomain(),
-    }
+            }),
+    };
+    answer.unwrap_or_else(nxdomain).from(source)
 }
 
 /// The answer for a service (or its tagged subset); `None` when no such name exists.
 #[allow(clippy::too_many_arguments)]
 fn service_answer(
     zone: &Zone,
-    mirror: &Mirror,
+    view: &ServiceView,
     panic_threshold: &dyn Fn(&str) -> f64,
     qname: &Name,
-    service: &str,
     tag: Option<&str>,
     qtype: RecordType,
+    serial: u64,
     rng: &mut fastrand::Rng,
 ) -> Option<Answer> {
-    let view = mirror.service(service)?;
     let candidates: Vec<&Arc<Instance>> = view
         .instances
         .iter()
@@ -305,11 +367,7 @@ fn service_answer(
         }
     }
     if answers.is_empty() {
-        return Some(Answer::negative(
-            zone,
-            mirror.index(),
-            ResponseCode::NoError,
-        ));
+        return Some(Answer::negative(zone, serial, ResponseCode::NoError));
     }
     Some(Answer::records(answers, additionals))
 }
@@ -591,5 +649,24 @@ mod tests {
     fn instance_labels_are_dns_safe() {
         assert_eq!(instance_label("Web:10.0.0.1:80"), "web-10-0-0-1-80");
         assert_eq!(instance_label(&"x".repeat(80)).len(), 63);
+    }
+
+    #[test]
+    fn answers_say_what_they_were_computed_from() {
+        let m = mirror();
+        let a = ask(&m, "payment.mesh.internal.", RecordType::A);
+        assert!(matches!(a.source, Source::Service(_)));
+        assert!(a.source.is_current(&m));
+        let nx = ask(&m, "nosuch.mesh.internal.", RecordType::A);
+        assert!(matches!(nx.source, Source::Absent { .. }));
+        let apex = ask(&m, "mesh.internal.", RecordType::SOA);
+        assert!(matches!(apex.source, Source::Zone));
+
+        m.upsert(inst("payment", "pay-9", "10.0.0.9", &[], Health::Passing));
+        assert!(!a.source.is_current(&m), "the service changed");
+        assert!(nx.source.is_current(&m), "no service appeared");
+        m.upsert(inst("other", "other-1", "10.0.0.10", &[], Health::Passing));
+        assert!(!nx.source.is_current(&m), "a service appeared");
+        assert!(apex.source.is_current(&m));
     }
 }

@@ -129,6 +129,7 @@ mod tests {
     use hickory_proto::rr::{Name, RData, RecordType};
 
     use super::*;
+    use crate::dns::answer::Source;
 
     fn name(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
@@ -149,6 +150,7 @@ mod tests {
             answers,
             additionals: vec![vec![]; n as usize],
             authority: vec![],
+            source: Source::Zone,
         }
     }
 
@@ -206,6 +208,7 @@ mod tests {
             answers,
             additionals,
             authority: vec![],
+            source: Source::Zone,
         };
         let f = fit(answer, meta(), &q, None, 512);
         assert!(!f.truncated, "all SRV answers fit: {}", f.answers.len());

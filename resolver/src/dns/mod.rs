@@ -3,11 +3,20 @@
 //! - [`answer`]: the pure decision — which records a query gets, from a mirror snapshot.
 //! - [`fit`]: sizing a reply to the client's payload limit (truncation).
 //! - [`forward`]: relaying names outside the zone to upstream resolvers.
-//! - [`server`]: the hickory `RequestHandler` that ties them to sockets.
+//! - [`server`]: the hickory `RequestHandler` (every query over TCP, and the UDP queries the
+//!   fast path leaves), and binding the sockets.
+//! - [`udp`]: the UDP worker threads, receiving and sending in batches ([`batch`]).
+//! - [`fast`]: the UDP fast path, answering the zone from [`cache`], in the wire form that
+//!   [`wire`] reads and patches.
 
 pub mod answer;
+pub mod batch;
+pub mod cache;
+pub mod fast;
 pub mod fit;
 pub mod forward;
 pub mod server;
+pub mod udp;
+pub mod wire;
 
 pub use answer::Zone;

@@ -6,18 +6,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_net::xfer::Protocol;
+use hickory_proto::op::Query;
 use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::rr::{DNSClass, Name, Record};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo, Server};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use waymark_shared::Mirror;
 
-use super::answer::{self, Zone};
-use super::fit;
+use super::answer::{self, Outcome, Source, Zone};
+use super::fit::{self, Fitted};
 use super::forward::Forwarder;
+use super::udp;
 use crate::metrics::{DnsLabels, Metrics};
+
+/// A zone answer with its header, fitted to the client's limit, ready to encode.
+pub struct ZoneReply {
+    pub metadata: Metadata,
+    pub fitted: Fitted,
+    pub outcome: Outcome,
+    pub source: Source,
+}
 
 /// Everything a query needs.
 pub struct Handler {
@@ -29,14 +39,23 @@ pub struct Handler {
     pub metrics: Arc<Metrics>,
 }
 
-/// Binds UDP and TCP on the same address; with port 0, on the same free port.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+/// Binds UDP (`udp_workers` sockets) and TCP on the same address; with port 0, on the same
+/// free port.
+pub fn bind(
+    addr: SocketAddr,
+    udp_workers: usize,
+    recv_buffer: usize,
+) -> std::io::Result<(Vec<std::net::UdpSocket>, TcpListener)> {
     let mut last = None;
     for _ in 0..20 {
-        let udp = UdpSocket::bind(addr).await?;
-        let port = udp.local_addr()?.port();
-        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let udp = udp::bind(addr, udp_workers, recv_buffer)?;
+        let port = udp[0].local_addr()?.port();
+        let tcp = std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port));
+        match tcp {
+            Ok(tcp) => {
+                tcp.set_nonblocking(true)?;
+                return Ok((udp, TcpListener::from_std(tcp)?));
+            }
             Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
                 last = Some(e)
             }
@@ -46,17 +65,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)>
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
-/// Starts serving DNS on the bound sockets.
-pub fn serve(
-    handler: Handler,
-    udp: UdpSocket,
-    tcp: TcpListener,
-    tcp_idle: Duration,
-) -> Server<Handler> {
-    let mut server = Server::new(handler);
-    server.register_socket(udp);
+/// Serves DNS over TCP with hickory. (UDP is [`udp::UdpServer`]'s.)
+pub fn serve_tcp(handler: Arc<Handler>, tcp: TcpListener, tcp_idle: Duration) -> Server<Shared> {
+    let mut server = Server::new(Shared(handler));
     server.register_listener(tcp, tcp_idle, 64);
     server
+}
+
+/// The handler, shared between hickory's server and the UDP slow path.
+pub struct Shared(pub Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        self.0.handle_request::<R, T>(request, response).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -132,40 +159,64 @@ impl Handler {
                 response.send_response(error(ResponseCode::Refused)).await,
             );
         }
-        let answer = answer::answer(
-            &self.zone,
-            &self.mirror,
-            &*self.panic_threshold,
-            &qname,
-            query.query_type(),
-            &mut fastrand::Rng::new(),
-        );
-        let outcome = match answer.rcode {
-            ResponseCode::NXDomain => "nxdomain",
-            _ if answer.is_nodata() => "nodata",
-            _ => "answer",
-        };
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.authoritative = true;
-        metadata.recursion_available = self.forwarder.allowed(request.src().ip());
-        metadata.response_code = answer.rcode;
         let limit = match request.protocol() {
             Protocol::Udp => fit::udp_limit(request.edns.as_ref(), self.max_udp_payload),
             _ => u16::MAX as usize,
         };
-        let fitted = fit::fit(answer, metadata, query.original(), our_edns.as_ref(), limit);
+        let reply = self.zone_reply(
+            &request.metadata,
+            query.original(),
+            &qname,
+            limit,
+            our_edns.as_ref(),
+            self.forwarder.allowed(request.src().ip()),
+        );
+        let msg = MessageResponseBuilder::new(&request.queries, our_edns.as_ref()).build(
+            reply.metadata,
+            reply.fitted.answers.iter(),
+            reply.fitted.authority.iter(),
+            std::iter::empty::<&Record>(),
+            reply.fitted.additionals.iter(),
+        );
+        (reply.outcome.label(), response.send_response(msg).await)
+    }
+
+    /// The reply to a query for a name in the zone (`qname`, lowercased), cut to `limit`
+    /// bytes. No I/O: the UDP fast path encodes it itself, the hickory path sends it.
+    pub fn zone_reply(
+        &self,
+        request: &Metadata,
+        query: &Query,
+        qname: &Name,
+        limit: usize,
+        our_edns: Option<&Edns>,
+        recursion_available: bool,
+    ) -> ZoneReply {
+        let answer = answer::answer(
+            &self.zone,
+            &self.mirror,
+            &*self.panic_threshold,
+            qname,
+            query.query_type(),
+            &mut fastrand::Rng::new(),
+        );
+        let outcome = answer.outcome();
+        let source = answer.source.clone();
+        let mut metadata = Metadata::response_from_request(request);
+        metadata.authoritative = true;
+        metadata.recursion_available = recursion_available;
+        metadata.response_code = answer.rcode;
+        let fitted = fit::fit(answer, metadata, query, our_edns, limit);
         if fitted.truncated {
             metadata.truncation = true;
             self.metrics.dns_truncated.inc();
         }
-        let msg = MessageResponseBuilder::new(&request.queries, our_edns.as_ref()).build(
+        ZoneReply {
             metadata,
-            fitted.answers.iter(),
-            fitted.authority.iter(),
-            std::iter::empty::<&Record>(),
-            fitted.additionals.iter(),
-        );
-        (outcome, response.send_response(msg).await)
+            fitted,
+            outcome,
+            source,
+        }
     }
 
     async fn forward<R: ResponseHandler>(

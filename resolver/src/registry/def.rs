@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use waymark_shared::Health;
 
@@ -13,13 +14,13 @@ use super::RegistryError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceDef {
-    pub name: String,
+    pub name: CompactString,
     /// Unique instance ID; defaults to the name.
     #[serde(default)]
-    pub id: String,
+    pub id: CompactString,
     /// Empty means the node's address.
     #[serde(default)]
-    pub address: String,
+    pub address: CompactString,
     #[serde(default)]
     pub port: u16,
     #[serde(default)]
@@ -166,7 +167,7 @@ impl CheckDef {
 impl ServiceDef {
     /// Fills defaults (ID, check IDs and names) and checks the definition.
     pub fn normalize(mut self) -> Result<ServiceDef, RegistryError> {
-        self.name = self.name.trim().to_string();
+        self.name = self.name.trim().into();
         if self.name.is_empty() {
             return Err(RegistryError::Invalid("missing service Name".into()));
         }
@@ -234,8 +235,8 @@ mod tests {
     fn def() -> ServiceDef {
         ServiceDef {
             name: "pay".into(),
-            id: String::new(),
-            address: String::new(),
+            id: CompactString::new(""),
+            address: CompactString::new(""),
             port: 80,
             tags: vec![],
             meta: BTreeMap::new(),

@@ -10,6 +10,8 @@ pub mod def;
 pub mod health;
 
 use std::collections::HashMap;
+
+use compact_str::CompactString;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,9 @@ use waymark_shared::{CheckView, Health, Instance, Mirror};
 
 use crate::config::HealthConfig;
 use crate::metrics::{Metrics, TransitionLabels};
-use crate::store::{Pending, Source, Store, StoreError, StoredCheck, StoredReg};
+use crate::store::{
+    Pending, Source, Store, StoreError, StoredCheck, StoredCheckRef, StoredReg, StoredRegRef,
+};
 use def::{CheckDef, CheckKind, ServiceDef};
 
 /// Log records after which the store is compacted, at the least.
@@ -61,7 +65,9 @@ pub struct Registry {
 
 #[derive(Default)]
 struct Inner {
-    regs: HashMap<String, Reg>,
+    /// Boxed: a `Reg` is a few hundred bytes, and the table keeps up to twice as many slots
+    /// as entries.
+    regs: HashMap<CompactString, Box<Reg>>,
     /// Check ID → service ID.
     check_owner: HashMap<String, String>,
     /// Bumped for every check (re)start, so stale probe results are ignored.
@@ -304,7 +310,7 @@ impl Registry {
             .regs
             .values()
             .filter(|r| r.source == source)
-            .map(|r| r.def.id.clone())
+            .map(|r| r.def.id.to_string())
             .collect()
     }
 
@@ -327,7 +333,7 @@ impl Registry {
                         (Some(after), Some(since)) if now.duration_since(since) >= after)
                 })
             })
-            .map(|r| r.def.id.clone())
+            .map(|r| r.def.id.to_string())
             .collect();
         for id in expired {
             tracing::info!(id, "deregistering an instance critical for too long");
@@ -432,7 +438,7 @@ impl Registry {
         source: Source,
         maintenance: Option<String>,
         statuses: HashMap<String, (Health, String)>,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<CompactString, RegistryError> {
         let now = Instant::now();
         let mut checks = Vec::with_capacity(def.checks.len());
         for check in &def.checks {
@@ -481,7 +487,7 @@ impl Registry {
             .collect();
         let id = def.id.clone();
         for c in &checks {
-            inner.check_owner.insert(c.def.id.clone(), id.clone());
+            inner.check_owner.insert(c.def.id.clone(), id.to_string());
         }
         let reg = Reg {
             def,
@@ -490,11 +496,11 @@ impl Registry {
             checks,
             tasks,
         };
-        inner.regs.insert(id.clone(), reg);
+        inner.regs.insert(id.clone(), Box::new(reg));
         Ok(id)
     }
 
-    fn uninstall(&self, inner: &mut Inner, id: &str) -> Option<Reg> {
+    fn uninstall(&self, inner: &mut Inner, id: &str) -> Option<Box<Reg>> {
         let reg = inner.regs.remove(id)?;
         for c in &reg.checks {
             inner.check_owner.remove(&c.def.id);
@@ -547,7 +553,7 @@ impl Registry {
             id: def.id.clone(),
             service: def.name.clone(),
             address: if def.address.is_empty() {
-                self.settings.node_address.clone()
+                self.settings.node_address.as_str().into()
             } else {
                 def.address.clone()
             },
@@ -575,8 +581,8 @@ impl Registry {
         if self.store.records_since_compaction() < threshold {
             return;
         }
-        let all = inner.regs.values().map(stored).collect();
-        self.store.compact(self.mirror.index(), all);
+        self.store
+            .compact(self.mirror.index(), AllRegs(&inner.regs));
     }
 
     /// Finishes a client's write: compacts the store when due, then waits until the write is
@@ -605,7 +611,7 @@ fn find_check<'a>(
         .ok_or_else(|| RegistryError::UnknownCheck(check_id.to_string()))?;
     let reg = inner
         .regs
-        .get_mut(owner)
+        .get_mut(owner.as_str())
         .ok_or_else(|| RegistryError::UnknownCheck(check_id.to_string()))?;
     let i = reg
         .checks
@@ -633,6 +639,30 @@ fn set_status(check: &mut CheckState, status: Health, output: String, metrics: &
     check.status = status;
     check.output = output;
     true
+}
+
+/// Every registration, serialized in place for a snapshot (no copy of the table).
+struct AllRegs<'a>(&'a HashMap<CompactString, Box<Reg>>);
+
+impl serde::Serialize for AllRegs<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.values().map(|reg| {
+            StoredRegRef {
+                def: &reg.def,
+                source: reg.source,
+                maintenance: &reg.maintenance,
+                checks: reg
+                    .checks
+                    .iter()
+                    .map(|c| StoredCheckRef {
+                        id: &c.def.id,
+                        status: c.status,
+                        output: &c.output,
+                    })
+                    .collect(),
+            }
+        }))
+    }
 }
 
 fn stored(reg: &Reg) -> StoredReg {

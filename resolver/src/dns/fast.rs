@@ -1,0 +1,185 @@
+//! The UDP fast path: a query for a name in the zone is answered from the [`AnswerCache`],
+//! patched for the query at hand; on a miss the reply is computed (the same
+//! [`Handler::zone_reply`] the hickory path uses), encoded, cached and served. Anything else
+//! — names outside the zone, unusual or malformed packets — is handed back as
+//! [`Verdict::Slow`] for hickory. No I/O here: [`super::udp`] owns the sockets.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable};
+use prometheus_client::metrics::counter::Counter;
+
+use super::answer::Outcome;
+use super::cache::{AnswerCache, Entry};
+use super::server::Handler;
+use super::wire::{self, Key, Patch};
+use crate::metrics::DnsLabels;
+
+/// What to do with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The reply is in the output buffer, this long.
+    Reply(usize),
+    /// Not for the fast path: give it to hickory.
+    Slow,
+}
+
+/// Per-worker scratch space, so that a hit allocates nothing.
+pub struct Scratch {
+    key: Key,
+    rng: fastrand::Rng,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            key: Key::default(),
+            rng: fastrand::Rng::new(),
+        }
+    }
+}
+
+/// The fast path's state, shared by every UDP worker.
+pub struct FastPath {
+    handler: Arc<Handler>,
+    /// The zone's origin, lowercased wire form.
+    origin: Vec<u8>,
+    cache: AnswerCache,
+    our_edns: Edns,
+    /// `dns_queries{proto="udp",outcome}` for answer, nodata and nxdomain.
+    outcomes: [Counter; 3],
+    hits: Counter,
+    misses: Counter,
+}
+
+impl FastPath {
+    pub fn new(handler: Arc<Handler>, cache_capacity: usize) -> FastPath {
+        let origin = handler
+            .zone
+            .origin
+            .to_bytes()
+            .expect("a valid zone name encodes");
+        debug_assert_eq!(origin.last(), Some(&0));
+        let counter = |outcome| {
+            handler
+                .metrics
+                .dns_queries
+                .get_or_create(&DnsLabels {
+                    proto: "udp",
+                    outcome,
+                })
+                .clone()
+        };
+        let mut our_edns = Edns::new();
+        our_edns.set_max_payload(handler.max_udp_payload);
+        FastPath {
+            origin,
+            cache: AnswerCache::new(cache_capacity),
+            our_edns,
+            outcomes: [counter("answer"), counter("nodata"), counter("nxdomain")],
+            hits: handler.metrics.dns_cache_hits.clone(),
+            misses: handler.metrics.dns_cache_misses.clone(),
+            handler,
+        }
+    }
+
+    /// Answers `packet` from `client` into `out`, or says it is not for the fast path (also
+    /// when the reply would not fit in `out`).
+    pub fn answer(
+        &self,
+        packet: &[u8],
+        client: IpAddr,
+        scratch: &mut Scratch,
+        out: &mut [u8],
+    ) -> Verdict {
+        let Some(query) = wire::parse_query(packet, &mut scratch.key) else {
+            return Verdict::Slow;
+        };
+        if !scratch.key.is_under(&self.origin) {
+            return Verdict::Slow;
+        }
+        let handler = &self.handler;
+        let limit = wire::udp_limit(query.edns_payload, handler.max_udp_payload);
+        scratch
+            .key
+            .seal(query.qtype, query.edns_payload.is_some(), limit);
+        let patch = Patch {
+            query: &query,
+            packet,
+            recursion_available: handler.forwarder.allowed(client),
+            serial: handler.mirror.index() as u32,
+            turn: scratch.rng.usize(..),
+        };
+        let key = scratch.key.as_bytes();
+        let hit = self.cache.with_current(key, &handler.mirror, |e| {
+            (e.reply.len() <= out.len())
+                .then(|| (wire::patch_into(&e.reply, &e.layout, patch, out), e.outcome))
+        });
+        if let Some(Some((len, outcome))) = hit {
+            self.hits.inc();
+            self.count(outcome);
+            return Verdict::Reply(len);
+        }
+        self.misses.inc();
+        let Some((entry, cacheable)) = self.compute(&query, &scratch.key, limit) else {
+            return Verdict::Slow;
+        };
+        if entry.reply.len() > out.len() {
+            return Verdict::Slow;
+        }
+        let len = wire::patch_into(&entry.reply, &entry.layout, patch, out);
+        self.count(entry.outcome);
+        if cacheable {
+            self.cache.insert(key, entry);
+        }
+        Verdict::Reply(len)
+    }
+
+    fn count(&self, outcome: Outcome) {
+        let i = match outcome {
+            Outcome::Answer => 0,
+            Outcome::NoData => 1,
+            Outcome::NxDomain => 2,
+        };
+        self.outcomes[i].inc();
+    }
+
+    /// Computes and encodes the reply for a cache miss. The reply is cacheable unless it
+    /// was truncated: a cut answer set would otherwise always show the same instances.
+    fn compute(&self, query: &wire::Query, key: &Key, limit: u16) -> Option<(Entry, bool)> {
+        let qname = Name::read(&mut BinDecoder::new(key.name())).ok()?;
+        let qtype = RecordType::from(query.qtype);
+        let hquery = Query::query(qname.clone(), qtype);
+        let mut request = Metadata::new(
+            u16::from_be_bytes(query.id),
+            MessageType::Query,
+            OpCode::Query,
+        );
+        request.recursion_desired = query.recursion_desired;
+        request.checking_disabled = query.checking_disabled;
+        let edns = query.edns_payload.map(|_| &self.our_edns);
+        let reply = self
+            .handler
+            .zone_reply(&request, &hquery, &qname, limit as usize, edns, false);
+        let mut message = Message::new(request.id, MessageType::Response, OpCode::Query);
+        message.metadata = reply.metadata;
+        message.add_query(hquery);
+        message.add_answers(reply.fitted.answers);
+        message.add_authorities(reply.fitted.authority);
+        message.add_additionals(reply.fitted.additionals);
+        if let Some(e) = edns {
+            message.set_edns(e.clone());
+        }
+        let bytes = message.to_vec().ok()?;
+        let entry = Entry::new(bytes, reply.source, reply.outcome)?;
+        Some((entry, !reply.fitted.truncated))
+    }
+
+    /// Entries in the answer cache.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+}
