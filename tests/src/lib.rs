@@ -3,6 +3,7 @@
 //! with real DNS and HTTP clients, and stops only the processes it started, by PID.
 
 pub mod dns;
+pub mod gateway;
 
 use std::fmt::{Debug, Display};
 use std::future::Future;

@@ -1,0 +1,278 @@
+//! The admin listener and the gateway's metrics.
+//!
+//! - `GET /metrics`: Prometheus text format: requests by route and status, latency by
+//!   route, retries, outlier ejections, rate-limited requests, and the registry link.
+//! - `GET /healthz/live`: 200 while the process serves.
+//! - `GET /healthz/ready`: 200 once the gateway has received the registry's state, and while
+//!   it keeps serving that state; the JSON body says whether the registry is reachable right
+//!   now and how old the state is. 503 before the first state arrives.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::mirror_client::RegistryStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub route: String,
+    /// `client` or `route`.
+    pub scope: String,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub duration: Family<RouteLabel, Histogram>,
+    pub retries: Family<RouteLabel, Counter>,
+    pub ejections: Family<ServiceLabel, Counter>,
+    pub rate_limited: Family<LimitLabel, Counter>,
+    pub in_flight: Gauge,
+    pub routes: Gauge,
+    pub registry_connected: Gauge,
+    pub registry_index: Gauge,
+    pub registry_age_ms: Gauge,
+    pub certificates: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("waymark_gateway");
+        let requests = Family::<RouteStatus, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and status (route \"-\": none matched)",
+            requests.clone(),
+        );
+        let duration = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response, by route",
+            duration.clone(),
+        );
+        let retries = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "retries",
+            "Tries after the first, by route",
+            retries.clone(),
+        );
+        let ejections = Family::<ServiceLabel, Counter>::default();
+        registry.register(
+            "outlier_ejections",
+            "Instances ejected after consecutive failures, by service",
+            ejections.clone(),
+        );
+        let rate_limited = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429, by route and limit",
+            rate_limited.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being proxied",
+            in_flight.clone(),
+        );
+        let routes = Gauge::default();
+        registry.register("routes", "Routes in the table", routes.clone());
+        let registry_connected = Gauge::default();
+        registry.register(
+            "registry_connected",
+            "1 while the registry answers the change stream, 0 while the gateway serves its last good state",
+            registry_connected.clone(),
+        );
+        let registry_index = Gauge::default();
+        registry.register(
+            "registry_index",
+            "The registry change index the gateway has applied",
+            registry_index.clone(),
+        );
+        let registry_age_ms = Gauge::default();
+        registry.register(
+            "registry_state_age_milliseconds",
+            "Time since the registry last answered (-1 before it ever did)",
+            registry_age_ms.clone(),
+        );
+        let certificates = Gauge::default();
+        registry.register(
+            "tls_certificates",
+            "Server names with a loaded certificate",
+            certificates.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            retries,
+            ejections,
+            rate_limited,
+            in_flight,
+            routes,
+            registry_connected,
+            registry_index,
+            registry_age_ms,
+            certificates,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// What the admin handlers read.
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<RegistryStatus>,
+    pub mirror: Arc<waymark_shared::Mirror>,
+    pub routes: Arc<AtomicU64>,
+}
+
+fn refresh(s: &AdminState) {
+    s.metrics
+        .registry_connected
+        .set(i64::from(s.status.connected()));
+    s.metrics.registry_index.set(s.mirror.index() as i64);
+    s.metrics.registry_age_ms.set(
+        s.status
+            .since_last_ok()
+            .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+    );
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    refresh(&s);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn live() -> &'static str {
+    "live\n"
+}
+
+async fn ready(State(s): State<Arc<AdminState>>) -> Response {
+    refresh(&s);
+    let synced = s.status.synced();
+    let body = serde_json::json!({
+        "ready": synced,
+        "registry": if s.status.connected() { "connected" } else { "unreachable" },
+        "state_age_ms": s.status.since_last_ok().map(|d| d.as_millis() as u64),
+        "index": s.mirror.index(),
+        "services": s.mirror.service_count(),
+        "routes": s.routes.load(std::sync::atomic::Ordering::Relaxed),
+        "last_error": if s.status.connected() { None } else { s.status.last_error() },
+    });
+    let code = if synced {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz/live", get(live))
+        .route("/healthz/ready", get(ready))
+        .with_state(state)
+}
+
+/// Serves the admin API on an already bound listener until `stop` turns true.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), AdminError> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_encode_with_labels() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RouteStatus {
+                route: "api.test/pay".into(),
+                status: "200".into(),
+            })
+            .inc();
+        m.duration
+            .get_or_create(&RouteLabel {
+                route: "api.test/pay".into(),
+            })
+            .observe(0.002);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "waymark_gateway_requests_total{route=\"api.test/pay\",status=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("waymark_gateway_request_duration_seconds_bucket"));
+        assert!(text.contains("waymark_gateway_registry_connected"));
+    }
+}

@@ -1,0 +1,447 @@
+//! Load balancing: least outstanding requests between two random choices, weighted by the
+//! registry's weights, over a service's serving (healthy, non-draining) instances; and passive
+//! outlier ejection, which takes an instance out for a while after consecutive failures.
+//!
+//! Two choices: draw two distinct instances with probability proportional to their weight,
+//! then send to the one with fewer requests in flight per unit of weight. This keeps load even
+//! without a global queue and avoids the herd that "always the least loaded" causes.
+//!
+//! Ejection: `consecutive_failures` 5xx answers or connect failures in a row eject an
+//! instance for `base_ejection`, doubled at each further ejection up to `max_ejection`. An
+//! ejection that would take out more than `max_ejected_ratio` of the service's instances does
+//! not happen, and if every candidate is ejected anyway they are all used.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use waymark_shared::{Health, Instance, ServiceView};
+
+use crate::config::OutlierConfig;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PickError {
+    #[error("no serving instance of {0}")]
+    NoInstance(String),
+    #[error("every serving instance of {0} was already tried")]
+    Exhausted(String),
+}
+
+/// What the balancer keeps about one instance, by instance ID.
+#[derive(Debug, Default)]
+pub struct Endpoint {
+    outstanding: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl Endpoint {
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    fn ejected_at(&self, now: Instant) -> bool {
+        let until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|u| u > now)
+    }
+}
+
+/// A request in flight to one instance: counted while this lives.
+#[derive(Debug)]
+pub struct InFlight {
+    pub instance: Arc<Instance>,
+    pub addr: SocketAddr,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What an outcome did to the instance, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Fine,
+    /// Ejected for this long.
+    Ejected(Duration),
+    /// Would have been ejected, but too much of the service is out already.
+    KeptForCapacity,
+}
+
+#[derive(Debug)]
+pub struct Balancer {
+    outlier: OutlierConfig,
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+}
+
+impl Balancer {
+    pub fn new(outlier: OutlierConfig) -> Balancer {
+        Balancer {
+            outlier,
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn endpoint(&self, id: &str) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get(id) {
+            return e.clone();
+        }
+        let e = Arc::new(Endpoint::default());
+        map.insert(id.to_string(), e.clone());
+        e
+    }
+
+    /// The state kept for an instance, if any.
+    pub fn endpoint_state(&self, id: &str) -> Option<Arc<Endpoint>> {
+        let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(id).cloned()
+    }
+
+    /// Forgets instances that are no longer registered.
+    pub fn retain(&self, live: &HashSet<String>) {
+        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|id, e| live.contains(id) || e.outstanding() > 0);
+    }
+
+    /// Picks an instance of `service` carrying every tag in `tags`, not in `avoid`. `roll`
+    /// yields random numbers in `0..1`.
+    pub fn pick(
+        &self,
+        service: &ServiceView,
+        tags: &[String],
+        avoid: &[String],
+        now: Instant,
+        mut roll: impl FnMut() -> f64,
+    ) -> Result<InFlight, PickError> {
+        let serving: Vec<(&Arc<Instance>, u32, SocketAddr)> = service
+            .instances
+            .iter()
+            .filter(|i| i.is_serving() && tags.iter().all(|t| i.has_tag(t)))
+            .filter_map(|i| {
+                let weight = match i.health() {
+                    Health::Passing => i.weight_passing,
+                    _ => i.weight_warning,
+                };
+                let addr = SocketAddr::new(i.ip()?, i.port);
+                (weight > 0).then_some((i, weight, addr))
+            })
+            .collect();
+        if serving.is_empty() {
+            return Err(PickError::NoInstance(service.name.clone()));
+        }
+        let fresh: Vec<_> = serving
+            .into_iter()
+            .filter(|(i, _, _)| !avoid.iter().any(|a| *a == i.id))
+            .map(|(i, w, a)| (i, w, a, self.endpoint(&i.id)))
+            .collect();
+        if fresh.is_empty() {
+            return Err(PickError::Exhausted(service.name.clone()));
+        }
+        let healthy: Vec<_> = fresh
+            .iter()
+            .filter(|(_, _, _, e)| !e.ejected_at(now))
+            .cloned()
+            .collect();
+        // Every candidate ejected: use them all rather than fail.
+        let pool = if healthy.is_empty() { fresh } else { healthy };
+        let weights: Vec<u32> = pool.iter().map(|c| c.1).collect();
+        let first = weighted_index(&weights, roll());
+        let chosen = if pool.len() == 1 {
+            first
+        } else {
+            let mut rest = weights.clone();
+            rest[first] = 0;
+            let second = weighted_index(&rest, roll());
+            let load = |k: usize| pool[k].3.outstanding() as f64 / f64::from(pool[k].1);
+            if load(second) < load(first) {
+                second
+            } else {
+                first
+            }
+        };
+        let (instance, _, addr, endpoint) = &pool[chosen];
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        Ok(InFlight {
+            instance: (*instance).clone(),
+            addr: *addr,
+            endpoint: endpoint.clone(),
+        })
+    }
+
+    /// Records a success: the failure streak ends.
+    pub fn success(&self, id: &str) {
+        if let Some(e) = self.endpoint_state(id) {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure (a 5xx answer or a connect failure) of instance `id` of `service`;
+    /// ejects it when its streak reaches the threshold and the service can spare it.
+    pub fn failure(&self, service: &ServiceView, id: &str, now: Instant) -> Verdict {
+        let threshold = self.outlier.consecutive_failures;
+        if threshold == 0 {
+            return Verdict::Fine;
+        }
+        let endpoint = self.endpoint(id);
+        let streak = endpoint
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if streak < threshold || endpoint.ejected_at(now) {
+            return Verdict::Fine;
+        }
+        let total = service.instances.iter().filter(|i| i.is_serving()).count();
+        let ejected = service
+            .instances
+            .iter()
+            .filter(|i| i.is_serving() && i.id != id)
+            .filter(|i| {
+                self.endpoint_state(&i.id)
+                    .is_some_and(|e| e.ejected_at(now))
+            })
+            .count();
+        let allowed = (self.outlier.max_ejected_ratio * total as f64).floor() as usize;
+        if ejected + 1 > allowed {
+            return Verdict::KeptForCapacity;
+        }
+        let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed);
+        let factor = 1u32.checked_shl(times.min(16)).unwrap_or(u32::MAX);
+        let length = self
+            .outlier
+            .base_ejection
+            .saturating_mul(factor)
+            .min(self.outlier.max_ejection);
+        *endpoint
+            .ejected_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(now + length);
+        endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+        Verdict::Ejected(length)
+    }
+
+    /// Whether the instance is ejected now.
+    pub fn is_ejected(&self, id: &str, now: Instant) -> bool {
+        self.endpoint_state(id).is_some_and(|e| e.ejected_at(now))
+    }
+}
+
+/// An index drawn with probability proportional to `weights` (`roll` in `0..1`); at least one
+/// weight must be positive.
+fn weighted_index(weights: &[u32], roll: f64) -> usize {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let mut point = (roll.clamp(0.0, 1.0) * total as f64) as u64;
+    for (k, w) in weights.iter().enumerate() {
+        if point < u64::from(*w) {
+            return k;
+        }
+        point -= u64::from(*w);
+    }
+    weights.iter().rposition(|w| *w > 0).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use waymark_shared::CheckView;
+
+    use super::*;
+
+    fn inst(id: &str, port: u16, weight: u32) -> Arc<Instance> {
+        Arc::new(Instance {
+            id: id.into(),
+            service: "web".into(),
+            address: "127.0.0.1".into(),
+            port,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            weight_passing: weight,
+            weight_warning: 1,
+            checks: vec![],
+            draining: false,
+        })
+    }
+
+    fn view(instances: Vec<Arc<Instance>>) -> ServiceView {
+        ServiceView {
+            name: "web".into(),
+            index: 1,
+            instances,
+        }
+    }
+
+    fn outlier() -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 2,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(25),
+            max_ejected_ratio: 0.5,
+        }
+    }
+
+    fn rng(seed: u64) -> impl FnMut() -> f64 {
+        let mut r = fastrand::Rng::with_seed(seed);
+        move || r.f64()
+    }
+
+    #[test]
+    fn only_serving_tagged_instances_with_weight_are_picked() {
+        let b = Balancer::new(outlier());
+        let mut draining = (*inst("d", 1, 1)).clone();
+        draining.draining = true;
+        let mut critical = (*inst("c", 2, 1)).clone();
+        critical.checks.push(CheckView {
+            id: "x".into(),
+            name: "x".into(),
+            kind: "ttl".into(),
+            status: Health::Critical,
+            output: String::new(),
+            notes: String::new(),
+        });
+        let mut hostname = (*inst("h", 3, 1)).clone();
+        hostname.address = "backend.internal".into();
+        let mut tagged = (*inst("t", 4, 1)).clone();
+        tagged.tags = vec!["v2".into()];
+        let v = view(vec![
+            Arc::new(draining),
+            Arc::new(critical),
+            Arc::new(hostname),
+            inst("zero", 5, 0),
+            Arc::new(tagged),
+        ]);
+        let mut r = rng(1);
+        for _ in 0..50 {
+            let p = b.pick(&v, &[], &[], Instant::now(), &mut r).unwrap();
+            assert_eq!(p.instance.id, "t");
+        }
+        let p = b
+            .pick(&v, &["V2".into()], &[], Instant::now(), &mut r)
+            .unwrap();
+        assert_eq!(p.addr, "127.0.0.1:4".parse().unwrap());
+        assert_eq!(
+            b.pick(&v, &["v3".into()], &[], Instant::now(), &mut r)
+                .unwrap_err(),
+            PickError::NoInstance("web".into())
+        );
+        assert_eq!(
+            b.pick(&v, &[], &["t".into()], Instant::now(), &mut r)
+                .unwrap_err(),
+            PickError::Exhausted("web".into())
+        );
+    }
+
+    #[test]
+    fn weights_shape_the_share() {
+        let b = Balancer::new(outlier());
+        let v = view(vec![inst("a", 1, 1), inst("b", 2, 3)]);
+        let mut r = rng(7);
+        let mut to_b = 0;
+        for _ in 0..4000 {
+            // Dropped at once: nothing outstanding, so only weights decide.
+            if b.pick(&v, &[], &[], Instant::now(), &mut r)
+                .unwrap()
+                .instance
+                .id
+                == "b"
+            {
+                to_b += 1;
+            }
+        }
+        // Nothing in flight: a tie, which goes to the first (weighted) draw: b's share is 3/4.
+        assert!((2700..=3300).contains(&to_b), "b got {to_b} of 4000");
+    }
+
+    #[test]
+    fn the_less_loaded_of_two_wins() {
+        let b = Balancer::new(outlier());
+        let v = view(vec![inst("a", 1, 1), inst("b", 2, 1)]);
+        let mut r = rng(3);
+        let held: Vec<InFlight> = (0..10)
+            .map(|_| {
+                b.pick(&v, &[], &["b".into()], Instant::now(), &mut r)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(b.endpoint_state("a").unwrap().outstanding(), 10);
+        for _ in 0..20 {
+            let p = b.pick(&v, &[], &[], Instant::now(), &mut r).unwrap();
+            assert_eq!(
+                p.instance.id, "b",
+                "with two instances both are always compared"
+            );
+        }
+        drop(held);
+        assert_eq!(b.endpoint_state("a").unwrap().outstanding(), 0);
+    }
+
+    #[test]
+    fn failures_eject_for_a_growing_time_but_never_more_than_half() {
+        let b = Balancer::new(outlier());
+        let v = view(vec![inst("a", 1, 1), inst("b", 2, 1), inst("c", 3, 1)]);
+        let t0 = Instant::now();
+        let mut r = rng(5);
+        // Picks create the endpoint states.
+        for _ in 0..10 {
+            drop(b.pick(&v, &[], &[], t0, &mut r).unwrap());
+        }
+        assert_eq!(b.failure(&v, "a", t0), Verdict::Fine);
+        assert_eq!(
+            b.failure(&v, "a", t0),
+            Verdict::Ejected(Duration::from_secs(10))
+        );
+        assert!(b.is_ejected("a", t0 + Duration::from_secs(9)));
+        for _ in 0..30 {
+            assert_ne!(b.pick(&v, &[], &[], t0, &mut r).unwrap().instance.id, "a");
+        }
+        // One of three ejected already: floor(1.5) = 1, so b stays in.
+        b.failure(&v, "b", t0);
+        assert_eq!(b.failure(&v, "b", t0), Verdict::KeptForCapacity);
+        // After the ejection ends, the next one is twice as long, then capped.
+        let t1 = t0 + Duration::from_secs(11);
+        assert!(!b.is_ejected("a", t1));
+        b.failure(&v, "a", t1);
+        assert_eq!(
+            b.failure(&v, "a", t1),
+            Verdict::Ejected(Duration::from_secs(20))
+        );
+        let t2 = t1 + Duration::from_secs(21);
+        b.failure(&v, "a", t2);
+        assert_eq!(
+            b.failure(&v, "a", t2),
+            Verdict::Ejected(Duration::from_secs(25))
+        );
+        // A success ends a streak.
+        let t3 = t2 + Duration::from_secs(26);
+        b.failure(&v, "c", t3);
+        b.success("c");
+        assert_eq!(b.failure(&v, "c", t3), Verdict::Fine);
+    }
+
+    #[test]
+    fn all_ejected_still_serves() {
+        let b = Balancer::new(OutlierConfig {
+            max_ejected_ratio: 1.0,
+            ..outlier()
+        });
+        let v = view(vec![inst("a", 1, 1)]);
+        let t0 = Instant::now();
+        drop(b.pick(&v, &[], &[], t0, rng(1)).unwrap());
+        b.failure(&v, "a", t0);
+        assert!(matches!(b.failure(&v, "a", t0), Verdict::Ejected(_)));
+        assert_eq!(b.pick(&v, &[], &[], t0, rng(2)).unwrap().instance.id, "a");
+    }
+
+    #[test]
+    fn weighted_index_covers_the_range() {
+        assert_eq!(weighted_index(&[1, 0, 1], 0.0), 0);
+        assert_eq!(weighted_index(&[1, 0, 1], 0.5), 2);
+        assert_eq!(weighted_index(&[1, 0, 1], 1.0), 2);
+        assert_eq!(weighted_index(&[0, 5], 0.3), 1);
+    }
+}

@@ -1,0 +1,444 @@
+//! `waymark-gateway`: the north-south ingress gateway, on pingora.
+//!
+//! It mirrors the registry through the resolver's change stream and routes public requests
+//! (by host, path prefix and headers, from the config file and from registration metadata)
+//! to healthy instances, balancing by least outstanding requests of two random choices.
+//!
+//! - [`config`]: the TOML file and its defaults, checked by `validate()`.
+//! - [`mirror_client`]: follows the change stream into a [`Mirror`]; knows when it is stale.
+//! - [`routes`]: the pure route table.
+//! - [`balancer`]: two-choice least-outstanding balancing and outlier ejection.
+//! - [`limits`]: token buckets for rate limits and the retry budget.
+//! - [`header_deadline`]: a total deadline for reading each request head (slow clients).
+//! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
+//! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
+//! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
+//! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
+//!
+//! [`run`] owns the process: pingora runs the proxy and the background work, handles
+//! signals (SIGTERM: graceful stop within the configured grace period and timeout) and
+//! returns when it is done. The config file's routes reload when the file changes or on
+//! SIGHUP; certificates reload when their directory changes.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod header_deadline;
+pub mod headers;
+pub mod limits;
+pub mod mirror_client;
+pub mod proxy;
+pub mod routes;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use waymark_shared::Mirror;
+
+use crate::admin::{AdminState, Metrics};
+use crate::balancer::Balancer;
+use crate::config::{Config, ConfigError, RouteConfig};
+use crate::header_deadline::Guarded;
+use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
+use crate::mirror_client::{MirrorClient, RegistryStatus};
+use crate::routes::{RouteError, RouteTable};
+use crate::tls::CertStore;
+
+/// How long one change-stream long poll waits for changes.
+const POLL_WAIT: Duration = Duration::from_secs(30);
+
+/// The routes from the config file and their rate limits: what a config reload replaces.
+pub struct RouteSet {
+    pub routes: Vec<RouteConfig>,
+    /// By route name.
+    pub limits: HashMap<String, Arc<SharedLimit>>,
+}
+
+impl RouteSet {
+    /// Builds the set, keeping the buckets of `previous` routes whose name and limit stayed.
+    fn new(routes: Vec<RouteConfig>, previous: Option<&RouteSet>) -> RouteSet {
+        let limits = routes
+            .iter()
+            .filter_map(|r| {
+                let limit = r.rate_limit?;
+                let name = r.display_name();
+                let kept = previous
+                    .and_then(|p| p.limits.get(&name))
+                    .filter(|l| l.limit() == limit)
+                    .cloned();
+                Some((
+                    name,
+                    kept.unwrap_or_else(|| Arc::new(SharedLimit::new(limit))),
+                ))
+            })
+            .collect();
+        RouteSet { routes, limits }
+    }
+}
+
+/// State shared by the proxy, the mirror follower and the admin API.
+pub struct Shared {
+    /// The config as started (its `routes` are the first route set; see `route_set`).
+    pub config: Config,
+    /// Where the config came from; reloads read it again.
+    pub config_path: Option<PathBuf>,
+    pub route_set: ArcSwap<RouteSet>,
+    pub mirror: Arc<Mirror>,
+    pub status: Arc<RegistryStatus>,
+    pub routes: ArcSwap<RouteTable>,
+    pub route_count: Arc<AtomicU64>,
+    pub balancer: Balancer,
+    pub metrics: Arc<Metrics>,
+    pub retry_budget: RetryBudget,
+    pub client_limit: Option<PerClientLimit>,
+    last_route_errors: Mutex<Vec<RouteError>>,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Shared {
+        let shared = Shared {
+            config_path,
+            route_set: ArcSwap::from_pointee(RouteSet::new(config.routes.clone(), None)),
+            mirror: Arc::new(Mirror::new(0)),
+            status: Arc::new(RegistryStatus::default()),
+            routes: ArcSwap::from_pointee(RouteTable::default()),
+            route_count: Arc::new(AtomicU64::new(0)),
+            balancer: Balancer::new(config.outlier.clone()),
+            metrics: Arc::new(Metrics::new()),
+            retry_budget: RetryBudget::new(&config.retry),
+            client_limit: config.client_rate_limit.map(PerClientLimit::new),
+            last_route_errors: Mutex::new(Vec::new()),
+            config,
+        };
+        shared.rebuild_routes();
+        shared
+    }
+
+    /// Reads the config file again and puts its routes in force when it is valid; an invalid
+    /// file changes nothing. Only routes (and their rate limits) reload: other settings take
+    /// a restart. Returns whether the routes changed.
+    pub fn reload_routes(&self) -> Result<bool, ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Ok(false);
+        };
+        let next = Config::load(path)?;
+        next.validate()?;
+        let current = self.route_set.load_full();
+        if current.routes == next.routes {
+            return Ok(false);
+        }
+        self.route_set
+            .store(Arc::new(RouteSet::new(next.routes, Some(&current))));
+        self.rebuild_routes();
+        Ok(true)
+    }
+
+    /// Rebuilds the route table from the config and the mirror; forgets balancer state of
+    /// instances that are gone. Bad metadata is logged once per change of the error set.
+    pub fn rebuild_routes(&self) {
+        let services = self.mirror.services();
+        let (table, errors) = RouteTable::build(
+            &self.route_set.load().routes,
+            &services,
+            self.config.metadata_routes,
+        );
+        {
+            let mut last = self
+                .last_route_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *last != errors {
+                for e in &errors {
+                    tracing::warn!(error = %e, "registration metadata makes no route");
+                }
+                *last = errors;
+            }
+        }
+        self.route_count
+            .store(table.len() as u64, Ordering::Relaxed);
+        self.metrics.routes.set(table.len() as i64);
+        self.routes.store(Arc::new(table));
+        let live: HashSet<String> = services
+            .iter()
+            .flat_map(|s| s.instances.iter().map(|i| i.id.clone()))
+            .collect();
+        self.balancer.retain(&live);
+    }
+}
+
+/// The background work: following the registry, serving the admin API, reloading
+/// certificates. Stops when pingora signals shutdown.
+struct Control {
+    shared: Arc<Shared>,
+    admin: Mutex<Option<std::net::TcpListener>>,
+    certs: Option<Arc<CertStore>>,
+}
+
+#[async_trait]
+impl BackgroundService for Control {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let shared = self.shared.clone();
+        let follower_shared = shared.clone();
+        let follower = MirrorClient::new(
+            &shared.config.registry,
+            shared.mirror.clone(),
+            shared.status.clone(),
+            Arc::new(move |_m: &Mirror| follower_shared.rebuild_routes()),
+            POLL_WAIT,
+        );
+        let admin_listener = self.admin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let admin_state = Arc::new(AdminState {
+            metrics: shared.metrics.clone(),
+            status: shared.status.clone(),
+            mirror: shared.mirror.clone(),
+            routes: shared.route_count.clone(),
+        });
+        let admin_task = async {
+            if let Some(l) = admin_listener {
+                if let Err(e) = admin::serve(l, admin_state, shutdown.clone()).await {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            }
+        };
+        let certs_task = async {
+            if let Some(store) = self.certs.clone() {
+                store
+                    .watch(shared.config.tls_reload_interval, shutdown.clone())
+                    .await;
+            }
+        };
+        let config_task = async {
+            if shared.config_path.is_some() {
+                watch_config(&shared, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(
+            follower.run(shutdown.clone()),
+            admin_task,
+            certs_task,
+            config_task
+        );
+        tracing::info!("background work stopped");
+    }
+}
+
+/// Reloads the routes when the config file changes (checked every `tls_reload_interval`) or
+/// on SIGHUP, until `stop` turns true.
+async fn watch_config(shared: &Shared, mut stop: ShutdownWatch) {
+    let Some(path) = shared.config_path.clone() else {
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut seen = stamp(&path);
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; config reloads on file change only");
+            None
+        }
+    };
+    loop {
+        let signalled = tokio::select! {
+            _ = tokio::time::sleep(shared.config.tls_reload_interval) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = stop.changed() => return,
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let now = stamp(&path);
+        if !signalled && now == seen {
+            continue;
+        }
+        seen = now;
+        match shared.reload_routes() {
+            Ok(true) => {
+                tracing::info!(path = %path.display(), routes = shared.route_set.load().routes.len(), "config routes reloaded")
+            }
+            Ok(false) => {
+                tracing::info!(path = %path.display(), "config reloaded; routes unchanged")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config not reloaded; keeping the routes in force")
+            }
+        }
+    }
+}
+
+/// Runs the gateway until pingora is told to stop (SIGTERM: graceful; SIGINT: at once).
+pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    config.validate()?;
+    let admin = std::net::TcpListener::bind(config.admin_addr)
+        .with_context(|| format!("binding the admin listener {}", config.admin_addr))?;
+    let admin_addr = admin.local_addr()?;
+    let certs = match &config.tls_dir {
+        Some(dir) if config.tls_listen.is_some() => {
+            Some(Arc::new(CertStore::load(dir).with_context(|| {
+                format!("loading certificates from {}", dir.display())
+            })?))
+        }
+        _ => None,
+    };
+
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.shutdown.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown.timeout.as_secs()),
+        // Pingora's own bound on tries; the gateway's policy decides below it.
+        max_retries: config.retry.attempts as usize,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let listen = config.listen;
+    let tls_listen = config.tls_listen;
+    let h2c = config.h2c;
+    let header_read_timeout = config.limits.header_read_timeout;
+    let shared = Arc::new(Shared::new(config, config_path));
+    if let Some(store) = &certs {
+        shared.metrics.certificates.set(store.names().len() as i64);
+    }
+    let mut app = pingora::proxy::HttpProxy::new(
+        proxy::Gateway {
+            shared: shared.clone(),
+        },
+        server.configuration.clone(),
+    );
+    app.handle_init_modules();
+    if h2c {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    let mut proxy = Service::new(
+        "waymark gateway".to_string(),
+        Guarded::new(app, header_read_timeout),
+    );
+    if let Some(addr) = listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    if let (Some(addr), Some(store)) = (tls_listen, &certs) {
+        let mut tls = TlsSettings::intermediate("", "")?;
+        tls.enable_h2();
+        tls.set_cert_resolver(store.clone());
+        proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+    }
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "waymark control",
+        Control {
+            shared,
+            admin: Mutex::new(Some(admin)),
+            certs,
+        },
+    ));
+
+    let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+    println!(
+        "waymark-gateway listening http={} tls={} admin={admin_addr}",
+        show(listen),
+        show(tls_listen)
+    );
+    let _ = std::io::stdout().flush();
+    server.run(RunArgs::default());
+    tracing::info!("waymark-gateway stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimit;
+
+    fn route(path: &str, limit: Option<RateLimit>) -> RouteConfig {
+        RouteConfig {
+            name: None,
+            host: Some("a.test".into()),
+            path: path.into(),
+            header: None,
+            service: "svc".into(),
+            tags: vec![],
+            strip_prefix: false,
+            split: vec![],
+            upstream_h2c: false,
+            rate_limit: limit,
+        }
+    }
+
+    #[test]
+    fn a_route_set_keeps_buckets_of_unchanged_limits() {
+        let l = RateLimit {
+            rate: 1.0,
+            burst: 1,
+        };
+        let first = RouteSet::new(vec![route("/a", Some(l)), route("/b", Some(l))], None);
+        let a = first.limits["a.test/a"].clone();
+        let b = first.limits["a.test/b"].clone();
+        let faster = RateLimit {
+            rate: 2.0,
+            burst: 1,
+        };
+        let next = RouteSet::new(
+            vec![
+                route("/a", Some(l)),
+                route("/b", Some(faster)),
+                route("/c", None),
+            ],
+            Some(&first),
+        );
+        assert!(
+            Arc::ptr_eq(&a, &next.limits["a.test/a"]),
+            "same limit: same bucket"
+        );
+        assert!(
+            !Arc::ptr_eq(&b, &next.limits["a.test/b"]),
+            "changed limit: new bucket"
+        );
+        assert!(!next.limits.contains_key("a.test/c"));
+    }
+
+    #[test]
+    fn reload_takes_a_valid_file_and_refuses_a_broken_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, "[[routes]]\nhost = \"a.test\"\nservice = \"one\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        let shared = Shared::new(config, Some(path.clone()));
+        assert_eq!(shared.routes.load().len(), 1);
+        assert!(!shared.reload_routes().unwrap(), "unchanged");
+        std::fs::write(
+            &path,
+            "[[routes]]\nhost = \"a.test\"\nservice = \"one\"\n[[routes]]\nhost = \"b.test\"\nservice = \"two\"\n",
+        )
+        .unwrap();
+        assert!(shared.reload_routes().unwrap());
+        assert_eq!(shared.routes.load().len(), 2);
+        std::fs::write(&path, "[[routes]]\nservice = \"\"\n").unwrap();
+        assert!(shared.reload_routes().is_err());
+        assert_eq!(
+            shared.routes.load().len(),
+            2,
+            "a broken file changes nothing"
+        );
+    }
+}

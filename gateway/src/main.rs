@@ -1,0 +1,115 @@
+//! `waymark-gateway ingress`: flags override the config file; pingora owns the process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use waymark_gateway::config::{AccessLog, Config};
+
+#[derive(Parser)]
+#[command(name = "waymark-gateway", version, about = "Waymark's ingress gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Public HTTP(S) in, to healthy instances of registered services.
+    Ingress(IngressArgs),
+    /// Parses and validates a config file; prints it with every default filled in.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct IngressArgs {
+    /// TOML config file; flags override it.
+    #[arg(long, env = "WAYMARK_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Plain HTTP listener.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// TLS listener (HTTP/1.1 and HTTP/2 by ALPN); needs --tls-dir.
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
+    /// Directory of <server-name>.crt / <server-name>.key pairs, picked by SNI.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// The registry's HTTP address (a resolver's --http-addr), e.g. http://127.0.0.1:8500.
+    #[arg(long)]
+    registry: Option<String>,
+    /// Admin listener: /metrics, /healthz/live, /healthz/ready.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+    /// Accept HTTP/2 without TLS on the plain listener.
+    #[arg(long)]
+    h2c: bool,
+    /// Access log format: text, json or off.
+    #[arg(long)]
+    access_log: Option<String>,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Ingress(args) => {
+            waymark_shared::telemetry::init(args.log_json);
+            ingress(args)
+        }
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waymark-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    config.validate()?;
+    print!("{}", toml::to_string_pretty(&config)?);
+    Ok(())
+}
+
+fn ingress(args: IngressArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.listen {
+        config.listen = Some(a);
+    }
+    if let Some(a) = args.tls_listen {
+        config.tls_listen = Some(a);
+    }
+    if let Some(d) = args.tls_dir {
+        config.tls_dir = Some(d);
+    }
+    if let Some(r) = args.registry {
+        config.registry = r;
+    }
+    if let Some(a) = args.admin_addr {
+        config.admin_addr = a;
+    }
+    if args.h2c {
+        config.h2c = true;
+    }
+    if let Some(f) = args.access_log {
+        config.access_log = match f.as_str() {
+            "text" => AccessLog::Text,
+            "json" => AccessLog::Json,
+            "off" => AccessLog::Off,
+            other => anyhow::bail!("--access-log {other:?}: expected text, json or off"),
+        };
+    }
+    waymark_gateway::run(config, args.config)
+}

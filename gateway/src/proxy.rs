@@ -1,0 +1,679 @@
+//! The pingora proxy: each request is limited, routed, balanced, forwarded with the
+//! forwarding headers, retried when that is safe, logged and counted.
+//!
+//! The phases, in pingora's order:
+//! - `request_filter`: size limits (431, 413), the per-client and per-route rate limits (429
+//!   with `Retry-After`), the route (404 when none matches), a serving instance must exist
+//!   (503 when none does), request ID and trace context.
+//! - `upstream_peer`: an instance by least-outstanding of two random choices, never one this
+//!   request already tried; no new try after the overall deadline (504).
+//! - `upstream_request_filter`: prefix stripping, hop-by-hop removal, forwarding headers.
+//! - `fail_to_connect`: a connect failure counts against the instance and is retried on
+//!   another one, whatever the method; nothing reached the instance, so the retry budget
+//!   (which keeps retries from piling load on struggling instances) does not apply.
+//! - `upstream_response_filter`: a 5xx counts against the instance; a 502/503/504 to an
+//!   idempotent request is retried on another instance within the retry budget, before
+//!   anything was sent to the client.
+//! - `error_while_proxy`: the retry decision for errors after connecting.
+//! - `fail_to_proxy`: a short error body.
+//! - `logging`: the access log line and metrics.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::ALPN;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use waymark_shared::ServiceView;
+
+use crate::admin::{LimitLabel, RouteLabel, RouteStatus, ServiceLabel};
+use crate::balancer::{InFlight, PickError, Verdict};
+use crate::config::AccessLog;
+use crate::headers;
+use crate::routes::Route;
+use crate::Shared;
+
+/// The route label for requests that matched no route.
+const NO_ROUTE: &str = "-";
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    deadline: Instant,
+    route: Option<Arc<Route>>,
+    tags: Vec<String>,
+    service: Option<Arc<ServiceView>>,
+    /// Instance IDs tried so far, in order.
+    tried: Vec<String>,
+    current: Option<InFlight>,
+    /// Set when `upstream_response_filter` turned a 502/503/504 into a retry.
+    retry_on_status: Option<u16>,
+    retries: u32,
+    request_id: String,
+    trace: Option<headers::TraceContext>,
+    client: Option<IpAddr>,
+    https: bool,
+    body_bytes: u64,
+    /// The status this gateway answered itself, when it did.
+    local_status: Option<u16>,
+    counted_in_flight: bool,
+}
+
+/// The gateway's `ProxyHttp`.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+}
+
+impl Gateway {
+    fn route_label(ctx: &Ctx) -> String {
+        ctx.route
+            .as_ref()
+            .map_or_else(|| NO_ROUTE.to_string(), |r| r.name.clone())
+    }
+
+    /// Answers the request from the gateway itself with a short text body.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        body: String,
+        retry_after: Option<Duration>,
+    ) -> Result<bool> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        if !ctx.request_id.is_empty() {
+            resp.insert_header("x-request-id", ctx.request_id.clone())?;
+        }
+        if let Some(wait) = retry_after {
+            // Whole seconds, rounded up, at least 1.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.insert_header("retry-after", secs.max(1).to_string())?;
+        }
+        ctx.local_status = Some(status);
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
+        Ok(true)
+    }
+
+    /// Whether another try may start now: tries left, deadline not passed, an untried
+    /// serving instance exists, and (unless `free`) the retry budget pays for it.
+    fn may_retry(&self, ctx: &Ctx, free: bool) -> bool {
+        let cfg = &self.shared.config;
+        if ctx.tried.len() >= cfg.retry.attempts as usize || Instant::now() >= ctx.deadline {
+            return false;
+        }
+        let Some(service) = &ctx.service else {
+            return false;
+        };
+        let another = service.instances.iter().any(|i| {
+            i.is_serving()
+                && ctx.tags.iter().all(|t| i.has_tag(t))
+                && !ctx.tried.iter().any(|t| *t == i.id)
+        });
+        another && (free || self.shared.retry_budget.try_spend())
+    }
+
+    fn record_failure(&self, ctx: &Ctx) {
+        let (Some(service), Some(current)) = (&ctx.service, &ctx.current) else {
+            return;
+        };
+        let id = &current.instance.id;
+        match self.shared.balancer.failure(service, id, Instant::now()) {
+            Verdict::Ejected(length) => {
+                tracing::warn!(service = %service.name, instance = %id, ?length, "instance ejected after consecutive failures");
+                self.shared
+                    .metrics
+                    .ejections
+                    .get_or_create(&ServiceLabel {
+                        service: service.name.clone(),
+                    })
+                    .inc();
+            }
+            Verdict::KeptForCapacity => {
+                tracing::warn!(service = %service.name, instance = %id, "instance failing, but too much of the service is ejected already");
+            }
+            Verdict::Fine => {}
+        }
+    }
+
+    fn header_bytes(req: &RequestHeader) -> usize {
+        let uri = req.uri.to_string().len();
+        let headers: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        uri + headers + req.method.as_str().len() + 12
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        let now = Instant::now();
+        Ctx {
+            start: now,
+            deadline: now + self.shared.config.timeouts.deadline,
+            route: None,
+            tags: Vec::new(),
+            service: None,
+            tried: Vec::new(),
+            current: None,
+            retry_on_status: None,
+            retries: 0,
+            request_id: String::new(),
+            trace: None,
+            client: None,
+            https: false,
+            body_bytes: 0,
+            local_status: None,
+            counted_in_flight: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let shared = &self.shared;
+        let cfg = &shared.config;
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        shared.metrics.in_flight.inc();
+        ctx.counted_in_flight = true;
+        shared.retry_budget.deposit();
+
+        let req = session.req_header();
+        let (request_id, _) = headers::request_id(
+            req.headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+            || fastrand::u64(..),
+        );
+        ctx.request_id = request_id;
+        ctx.trace = Some(headers::traceparent(
+            req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            || fastrand::u64(..),
+        ));
+
+        if Self::header_bytes(req) > cfg.limits.max_header_bytes {
+            return self
+                .answer(
+                    session,
+                    ctx,
+                    431,
+                    "request headers too large\n".into(),
+                    None,
+                )
+                .await;
+        }
+        let declared = req
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > cfg.limits.max_body_bytes) {
+            return self
+                .answer(session, ctx, 413, "request body too large\n".into(), None)
+                .await;
+        }
+
+        let now = Instant::now();
+        if let (Some(limit), Some(ip)) = (&shared.client_limit, ctx.client) {
+            if let Err(wait) = limit.take(ip, now) {
+                shared
+                    .metrics
+                    .rate_limited
+                    .get_or_create(&LimitLabel {
+                        route: NO_ROUTE.into(),
+                        scope: "client".into(),
+                    })
+                    .inc();
+                return self
+                    .answer(session, ctx, 429, "too many requests\n".into(), Some(wait))
+                    .await;
+            }
+        }
+
+        let req = session.req_header();
+        let host = req.uri.host().map(str::to_string).or_else(|| {
+            req.headers
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        let table = shared.routes.load();
+        let route = table.find(host.as_deref(), req.uri.path(), |name| {
+            req.headers.get(name).and_then(|v| v.to_str().ok())
+        });
+        let Some(route) = route else {
+            return self
+                .answer(session, ctx, 404, "no route\n".into(), None)
+                .await;
+        };
+        ctx.route = Some(route.clone());
+
+        let route_limit = shared.route_set.load().limits.get(&route.name).cloned();
+        if let Some(limit) = route_limit {
+            if let Err(wait) = limit.take(now) {
+                shared
+                    .metrics
+                    .rate_limited
+                    .get_or_create(&LimitLabel {
+                        route: route.name.clone(),
+                        scope: "route".into(),
+                    })
+                    .inc();
+                return self
+                    .answer(session, ctx, 429, "too many requests\n".into(), Some(wait))
+                    .await;
+            }
+        }
+
+        ctx.tags = route.pick_backend(fastrand::f64()).tags.clone();
+        let service = shared.mirror.service(&route.service);
+        let serving = service.as_ref().is_some_and(|s| {
+            s.instances
+                .iter()
+                .any(|i| i.is_serving() && ctx.tags.iter().all(|t| i.has_tag(t)))
+        });
+        if !serving {
+            let body = format!("no healthy instance of {}\n", route.service);
+            return self.answer(session, ctx, 503, body, None).await;
+        }
+        ctx.service = service;
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.body_bytes > self.shared.config.limits.max_body_bytes {
+                return Error::e_explain(HTTPStatus(413), "request body too large");
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let cfg = &self.shared.config;
+        if !ctx.tried.is_empty() && Instant::now() >= ctx.deadline {
+            return Error::e_explain(HTTPStatus(504), "request deadline passed");
+        }
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(HTTPStatus(404), "no route");
+        };
+        // The freshest view of the service, so retries see instances that just changed.
+        if let Some(fresh) = self.shared.mirror.service(&route.service) {
+            ctx.service = Some(fresh);
+        }
+        let Some(service) = ctx.service.clone() else {
+            return Error::e_explain(HTTPStatus(503), "service not registered");
+        };
+        let picked = self.shared.balancer.pick(
+            &service,
+            &ctx.tags,
+            &ctx.tried,
+            Instant::now(),
+            fastrand::f64,
+        );
+        let inflight = match picked {
+            Ok(p) => p,
+            Err(PickError::NoInstance(s)) => {
+                return Error::e_explain(HTTPStatus(503), format!("no serving instance of {s}"))
+            }
+            Err(PickError::Exhausted(s)) => {
+                return Error::e_explain(
+                    HTTPStatus(502),
+                    format!("every instance of {s} tried and failed"),
+                )
+            }
+        };
+        if !ctx.tried.is_empty() {
+            ctx.retries += 1;
+            self.shared
+                .metrics
+                .retries
+                .get_or_create(&RouteLabel {
+                    route: route.name.clone(),
+                })
+                .inc();
+        }
+        ctx.tried.push(inflight.instance.id.clone());
+        let mut peer = HttpPeer::new(inflight.addr, false, String::new());
+        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        peer.options.connection_timeout =
+            Some(cfg.timeouts.connect.min(left.max(Duration::from_millis(1))));
+        peer.options.total_connection_timeout = Some(cfg.timeouts.connect);
+        peer.options.read_timeout = Some(cfg.timeouts.per_try);
+        peer.options.write_timeout = Some(cfg.timeouts.per_try);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.options.alpn = if route.upstream_h2c {
+            ALPN::H2
+        } else {
+            ALPN::H1
+        };
+        ctx.current = Some(inflight);
+        ctx.retry_on_status = None;
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        tracing::debug!(%peer, error = %e, "connect failed");
+        self.record_failure(ctx);
+        // Nothing reached the instance: any method may go to another one, and the retry
+        // costs the instances nothing, so the budget (which protects them from retry storms)
+        // does not apply.
+        e.set_retry(self.may_retry(ctx, true));
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            if route.strip_prefix {
+                let pq = upstream
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                let rewritten = route.rewrite(&pq);
+                let uri = rewritten
+                    .parse::<http::Uri>()
+                    .or_err(InvalidHTTPHeader, "rewritten path")?;
+                upstream.set_uri(uri);
+            }
+        }
+        // An HTTP/2 request names its host in :authority; an HTTP/1.1 instance needs Host.
+        let h1_upstream = ctx.route.as_ref().is_none_or(|r| !r.upstream_h2c);
+        if h1_upstream && upstream.headers.get("host").is_none() {
+            if let Some(authority) = session.req_header().uri.authority() {
+                upstream.insert_header("host", authority.as_str())?;
+            }
+        }
+        let upgrade = session.is_upgrade_req();
+        let connection = upstream
+            .headers
+            .get("connection")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let te = upstream
+            .headers
+            .get("te")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        for name in headers::request_hop_by_hop(connection.as_deref(), te.as_deref(), upgrade) {
+            upstream.remove_header(&name);
+        }
+        let proto = if ctx.https { "https" } else { "http" };
+        if let Some(ip) = ctx.client {
+            let xff = headers::x_forwarded_for(
+                upstream
+                    .headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok()),
+                ip,
+            );
+            upstream.insert_header("x-forwarded-for", xff)?;
+            let host = session
+                .req_header()
+                .uri
+                .host()
+                .map(str::to_string)
+                .or_else(|| {
+                    upstream
+                        .headers
+                        .get("host")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                });
+            let fwd = headers::forwarded(
+                upstream
+                    .headers
+                    .get("forwarded")
+                    .and_then(|v| v.to_str().ok()),
+                ip,
+                proto,
+                host.as_deref(),
+            );
+            upstream.insert_header("forwarded", fwd)?;
+        }
+        upstream.insert_header("x-forwarded-proto", proto)?;
+        upstream.insert_header("x-request-id", ctx.request_id.clone())?;
+        if let Some(t) = &ctx.trace {
+            upstream.insert_header("traceparent", t.header_value())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if resp.status.is_informational() && status != 101 {
+            return Ok(());
+        }
+        if resp.status.is_server_error() {
+            self.record_failure(ctx);
+        } else if let Some(c) = &ctx.current {
+            self.shared.balancer.success(&c.instance.id);
+        }
+        let idempotent = session.req_header().method.is_idempotent();
+        if matches!(status, 502..=504)
+            && idempotent
+            && !session.as_ref().retry_buffer_truncated()
+            && self.may_retry(ctx, false)
+        {
+            ctx.retry_on_status = Some(status);
+            return Error::e_explain(
+                HTTPStatus(status),
+                format!("instance answered {status}; retrying on another"),
+            );
+        }
+        let connection = resp
+            .headers
+            .get("connection")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        for name in headers::response_hop_by_hop(connection.as_deref(), status == 101) {
+            resp.remove_header(&name);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.headers.get("x-request-id").is_none() && !ctx.request_id.is_empty() {
+            resp.insert_header("x-request-id", ctx.request_id.clone())?;
+        }
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("instance {peer}"));
+        if ctx.retry_on_status.is_some() {
+            // Decided (and paid for) in upstream_response_filter.
+            e.set_retry(true);
+            return e;
+        }
+        // A failure after connecting: the request may have reached the instance.
+        self.record_failure(ctx);
+        let idempotent = session.req_header().method.is_idempotent();
+        if !idempotent || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+            if e.retry() {
+                e.set_retry(self.may_retry(ctx, false));
+            }
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
+            | TLSHandshakeFailure => 502,
+            ReadTimedout | WriteTimedout => 504,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let body = match code {
+                404 => "no route\n".to_string(),
+                413 => "request body too large\n".to_string(),
+                502 => "bad gateway: no instance answered\n".to_string(),
+                503 => match &ctx.route {
+                    Some(r) => format!("no healthy instance of {}\n", r.service),
+                    None => "service unavailable\n".to_string(),
+                },
+                504 => "gateway timeout\n".to_string(),
+                _ => format!("error {code}\n"),
+            };
+            if let Err(err) = self.answer(session, ctx, code, body, None).await {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        ctx.local_status = Some(code);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let shared = &self.shared;
+        if ctx.counted_in_flight {
+            shared.metrics.in_flight.dec();
+        }
+        ctx.current = None;
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.local_status)
+            .unwrap_or(0);
+        let route = Self::route_label(ctx);
+        let elapsed = ctx.start.elapsed();
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RouteStatus {
+                route: route.clone(),
+                status: status.to_string(),
+            })
+            .inc();
+        shared
+            .metrics
+            .duration
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        if shared.config.access_log == AccessLog::Off {
+            return;
+        }
+        let req = session.req_header();
+        let client = ctx.client.map(|c| c.to_string()).unwrap_or_default();
+        let upstream = ctx.tried.last().cloned().unwrap_or_default();
+        let trace_id = ctx
+            .trace
+            .as_ref()
+            .map(|t| t.trace_id.clone())
+            .unwrap_or_default();
+        let error = e.map(|e| e.to_string());
+        let version = format!("{:?}", req.version);
+        let host = req
+            .uri
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers
+                    .get("host")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        match shared.config.access_log {
+            AccessLog::Json => {
+                let line = serde_json::json!({
+                    "client": client,
+                    "method": req.method.as_str(),
+                    "host": host,
+                    "path": req.uri.path(),
+                    "version": version,
+                    "status": status,
+                    "route": route,
+                    "instance": upstream,
+                    "tries": ctx.tried.len(),
+                    "duration_ms": elapsed.as_secs_f64() * 1000.0,
+                    "request_id": ctx.request_id,
+                    "trace_id": trace_id,
+                    "error": error,
+                });
+                tracing::info!(target: "waymark_gateway::access", "{line}");
+            }
+            _ => {
+                tracing::info!(
+                    target: "waymark_gateway::access",
+                    "{client} \"{} {}{} {version}\" {status} route={route} instance={upstream} tries={} {:.3}ms id={} trace={trace_id}{}",
+                    req.method,
+                    host,
+                    req.uri.path(),
+                    ctx.tried.len(),
+                    elapsed.as_secs_f64() * 1000.0,
+                    ctx.request_id,
+                    error.map(|e| format!(" error={e:?}")).unwrap_or_default(),
+                );
+            }
+        }
+    }
+}
