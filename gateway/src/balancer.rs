@@ -133,7 +133,7 @@ impl Balancer {
             })
             .collect();
         if serving.is_empty() {
-            return Err(PickError::NoInstance(service.name.clone()));
+            return Err(PickError::NoInstance(service.name.to_string()));
         }
         let fresh: Vec<_> = serving
             .into_iter()
@@ -141,7 +141,7 @@ impl Balancer {
             .map(|(i, w, a)| (i, w, a, self.endpoint(&i.id)))
             .collect();
         if fresh.is_empty() {
-            return Err(PickError::Exhausted(service.name.clone()));
+            return Err(PickError::Exhausted(service.name.to_string()));
         }
         let healthy: Vec<_> = fresh
             .iter()

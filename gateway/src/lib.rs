@@ -175,7 +175,7 @@ impl Shared {
         self.routes.store(Arc::new(table));
         let live: HashSet<String> = services
             .iter()
-            .flat_map(|s| s.instances.iter().map(|i| i.id.clone()))
+            .flat_map(|s| s.instances.iter().map(|i| i.id.to_string()))
             .collect();
         self.balancer.retain(&live);
     }

@@ -135,7 +135,7 @@ impl Gateway {
                     .metrics
                     .ejections
                     .get_or_create(&ServiceLabel {
-                        service: service.name.clone(),
+                        service: service.name.to_string(),
                     })
                     .inc();
             }
@@ -357,7 +357,7 @@ impl ProxyHttp for Gateway {
                 })
                 .inc();
         }
-        ctx.tried.push(inflight.instance.id.clone());
+        ctx.tried.push(inflight.instance.id.to_string());
         let mut peer = HttpPeer::new(inflight.addr, false, String::new());
         let left = ctx.deadline.saturating_duration_since(Instant::now());
         peer.options.connection_timeout =

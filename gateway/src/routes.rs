@@ -178,15 +178,15 @@ impl RouteTable {
                     let path = inst.meta.get(META_PATH).map_or("/", String::as_str);
                     if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
                         errors.push(RouteError::BadMetaPath {
-                            service: view.name.clone(),
-                            instance: inst.id.clone(),
+                            service: view.name.to_string(),
+                            instance: inst.id.to_string(),
                             key: META_PATH,
                             value: path.to_string(),
                         });
                         continue;
                     }
                     let key = (host.to_ascii_lowercase(), normalize_prefix(path));
-                    exposed.entry(key).or_insert_with(|| view.name.clone());
+                    exposed.entry(key).or_insert_with(|| view.name.to_string());
                 }
             }
             for ((host, prefix), service) in exposed {
@@ -308,7 +308,7 @@ mod tests {
             name: name.into(),
             index: 1,
             instances: vec![Arc::new(Instance {
-                id: format!("{name}-1"),
+                id: format!("{name}-1").into(),
                 service: name.into(),
                 address: "127.0.0.1".into(),
                 port: 1,
