@@ -530,7 +530,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        client_reused: bool,
+        _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("instance {peer}"));
         if ctx.retry_on_status.is_some() {
@@ -540,15 +540,14 @@ impl ProxyHttp for Gateway {
         }
         // A failure after connecting: the request may have reached the instance.
         self.record_failure(ctx);
+        // An idempotent request may go to another instance as long as nothing of the answer
+        // has reached the client: a reset or close before the response (an instance killed
+        // mid-request, or a stale pooled connection) is retried within the budget.
         let idempotent = session.req_header().method.is_idempotent();
-        if !idempotent || session.as_ref().retry_buffer_truncated() {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-            if e.retry() {
-                e.set_retry(self.may_retry(ctx, false));
-            }
-        }
+        let replayable = idempotent
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        e.set_retry(replayable && self.may_retry(ctx, false));
         e
     }
 
