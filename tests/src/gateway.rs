@@ -12,44 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::{root, Resolver};
+use crate::{workspace_bin, Resolver};
 
 /// The `waymark-gateway` binary, built on first use (like [`crate::resolver_bin`]).
 pub fn gateway_bin() -> PathBuf {
     static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = built.as_ref() {
-        return p.clone();
-    }
-    if let Ok(p) = std::env::var("WAYMARK_GATEWAY_BIN") {
-        *built = Some(PathBuf::from(&p));
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test runs from target/<profile>/deps");
-    let release = profile_dir.ends_with("release");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "waymark-gateway",
-        "--bin",
-        "waymark-gateway",
-    ])
-    .current_dir(root());
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("running cargo build");
-    assert!(status.success(), "building waymark-gateway failed");
-    let bin = profile_dir.join("waymark-gateway");
-    assert!(bin.exists(), "{} missing after build", bin.display());
-    *built = Some(bin.clone());
-    bin
+    workspace_bin(&BUILT, "waymark-gateway", "WAYMARK_GATEWAY_BIN")
 }
 
 /// A free loopback port: bound, read and released (the gateway binds it right after).

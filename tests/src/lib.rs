@@ -30,15 +30,22 @@ pub fn root() -> PathBuf {
 /// The `waymark-resolver` binary, built on first use when it is not there yet.
 pub fn resolver_bin() -> PathBuf {
     static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    workspace_bin(&BUILT, "waymark-resolver", "WAYMARK_RESOLVER_BIN")
+}
+
+/// A binary of the workspace (package and binary named `name`): the path in `env_var` when
+/// set, else built with cargo once per test process (`built` remembers it) in the profile the
+/// tests run in.
+pub fn workspace_bin(built: &Mutex<Option<PathBuf>>, name: &str, env_var: &str) -> PathBuf {
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = built.as_ref() {
         return p.clone();
     }
-    if let Ok(p) = std::env::var("WAYMARK_RESOLVER_BIN") {
+    if let Ok(p) = std::env::var(env_var) {
         *built = Some(PathBuf::from(&p));
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test> → target/<profile>/waymark-resolver
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
@@ -46,21 +53,14 @@ pub fn resolver_bin() -> PathBuf {
         .expect("test runs from target/<profile>/deps");
     let release = profile_dir.ends_with("release");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "waymark-resolver",
-        "--bin",
-        "waymark-resolver",
-    ])
-    .current_dir(root());
+    cmd.args(["build", "-q", "-p", name, "--bin", name])
+        .current_dir(root());
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("running cargo build");
-    assert!(status.success(), "building waymark-resolver failed");
-    let bin = profile_dir.join("waymark-resolver");
+    assert!(status.success(), "building {name} failed");
+    let bin = profile_dir.join(name);
     assert!(bin.exists(), "{} missing after build", bin.display());
     *built = Some(bin.clone());
     bin

@@ -82,6 +82,8 @@ pub struct Outbox {
     buffers: Vec<Vec<u8>>,
     /// (length, destination) of each reply queued so far.
     queued: Vec<(usize, SocketAddr)>,
+    /// The destinations in the kernel's form, refilled by every flush.
+    addresses: Vec<Option<SockaddrStorage>>,
     headers: MultiHeaders<SockaddrStorage>,
 }
 
@@ -91,6 +93,7 @@ impl Outbox {
         Outbox {
             buffers: vec![vec![0u8; reply_size]; BATCH],
             queued: Vec::with_capacity(BATCH),
+            addresses: Vec::with_capacity(BATCH),
             headers: MultiHeaders::preallocate(BATCH, None),
         }
     }
@@ -108,25 +111,30 @@ impl Outbox {
     /// Sends every queued reply; replies the kernel refuses are dropped (as a lost UDP
     /// datagram would be) and counted in the returned error count.
     pub fn flush(&mut self, fd: RawFd) -> usize {
+        self.addresses.clear();
+        self.addresses.extend(
+            self.queued
+                .iter()
+                .map(|&(_, dst)| Some(SockaddrStorage::from(dst))),
+        );
         let mut sent = 0;
         let mut failed = 0;
         while sent < self.queued.len() {
             let pending = &self.queued[sent..];
-            let slices: Vec<[IoSlice<'_>; 1]> = pending
-                .iter()
-                .zip(&self.buffers[sent..])
-                .map(|(&(len, _), buf)| [IoSlice::new(&buf[..len])])
-                .collect();
-            let addrs: Vec<Option<SockaddrStorage>> = pending
-                .iter()
-                .map(|&(_, dst)| Some(SockaddrStorage::from(dst)))
-                .collect();
+            let mut replies = pending.iter().zip(&self.buffers[sent..]);
+            let slices: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|_| {
+                [IoSlice::new(
+                    replies
+                        .next()
+                        .map_or(&[][..], |(&(len, _), buf)| &buf[..len]),
+                )]
+            });
             let cmsgs: [ControlMessage<'_>; 0] = [];
             match sendmmsg(
                 fd,
                 &mut self.headers,
-                slices.iter(),
-                &addrs,
+                slices[..pending.len()].iter(),
+                &self.addresses[sent..],
                 cmsgs,
                 MsgFlags::empty(),
             ) {

@@ -177,9 +177,4 @@ impl FastPath {
         let entry = Entry::new(bytes, reply.source, reply.outcome)?;
         Some((entry, !reply.fitted.truncated))
     }
-
-    /// Entries in the answer cache.
-    pub fn cached(&self) -> usize {
-        self.cache.len()
-    }
 }
