@@ -301,6 +301,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads: config.threads,
+        work_stealing: config.work_stealing,
         grace_period_seconds: Some(config.shutdown.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(config.shutdown.timeout.as_secs()),
         // Pingora's own bound on tries; the gateway's policy decides below it.

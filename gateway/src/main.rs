@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use waymark_gateway::config::{AccessLog, Config};
 
+/// mimalloc: the proxy path allocates and frees many small buffers per request, which
+/// glibc's malloc serves several times slower (see tests/bench/results/gateway.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "waymark-gateway", version, about = "Waymark's ingress gateway")]
 struct Cli {
