@@ -11,12 +11,13 @@
 //! ejection that would take out more than `max_ejected_ratio` of the service's instances does
 //! not happen, and if every candidate is ejected anyway they are all used.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use waymark_shared::{Health, Instance, ServiceView};
 
 use crate::config::OutlierConfig;
@@ -35,7 +36,8 @@ pub struct Endpoint {
     outstanding: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
+    /// End of the current ejection, in nanoseconds after the balancer's epoch; 0: none.
+    ejected_until: AtomicU64,
 }
 
 impl Endpoint {
@@ -43,9 +45,8 @@ impl Endpoint {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    fn ejected_at(&self, now: Instant) -> bool {
-        let until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
-        until.is_some_and(|u| u > now)
+    fn ejected_at(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
     }
 }
 
@@ -76,41 +77,59 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Balancer {
     outlier: OutlierConfig,
-    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    /// Times are kept as nanoseconds after this, so an ejection is one atomic.
+    epoch: Instant,
+    endpoints: DashMap<String, Arc<Endpoint>>,
+}
+
+/// A candidate instance: serving, carrying the tags, weighted.
+struct Candidate<'a> {
+    instance: &'a Arc<Instance>,
+    /// Zeroed once the draw has ruled the candidate out.
+    weight: u32,
 }
 
 impl Balancer {
     pub fn new(outlier: OutlierConfig) -> Balancer {
         Balancer {
             outlier,
-            endpoints: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            endpoints: DashMap::new(),
         }
     }
 
+    fn nanos(&self, t: Instant) -> u64 {
+        // 1 at the epoch itself, so that 0 can mean "not ejected".
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
     fn endpoint(&self, id: &str) -> Arc<Endpoint> {
-        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = map.get(id) {
+        if let Some(e) = self.endpoints.get(id) {
             return e.clone();
         }
-        let e = Arc::new(Endpoint::default());
-        map.insert(id.to_string(), e.clone());
-        e
+        self.endpoints.entry(id.to_string()).or_default().clone()
     }
 
     /// The state kept for an instance, if any.
     pub fn endpoint_state(&self, id: &str) -> Option<Arc<Endpoint>> {
-        let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(id).cloned()
+        self.endpoints.get(id).map(|e| e.clone())
     }
 
     /// Forgets instances that are no longer registered.
     pub fn retain(&self, live: &HashSet<String>) {
-        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|id, e| live.contains(id) || e.outstanding() > 0);
+        self.endpoints
+            .retain(|id, e| live.contains(id) || e.outstanding() > 0);
     }
 
     /// Picks an instance of `service` carrying every tag in `tags`, not in `avoid`. `roll`
     /// yields random numbers in `0..1`.
+    ///
+    /// Draws are made by weight over the candidates; a draw that lands on an ejected
+    /// instance (or one whose address is not an IP) rules it out and draws again, which is
+    /// the same as drawing from the remaining candidates. So only the instances drawn are
+    /// looked up, whatever the size of the service.
     pub fn pick(
         &self,
         service: &ServiceView,
@@ -119,59 +138,85 @@ impl Balancer {
         now: Instant,
         mut roll: impl FnMut() -> f64,
     ) -> Result<InFlight, PickError> {
-        let serving: Vec<(&Arc<Instance>, u32, SocketAddr)> = service
-            .instances
-            .iter()
-            .filter(|i| i.is_serving() && tags.iter().all(|t| i.has_tag(t)))
-            .filter_map(|i| {
-                let weight = match i.health() {
-                    Health::Passing => i.weight_passing,
-                    _ => i.weight_warning,
-                };
-                let addr = SocketAddr::new(i.ip()?, i.port);
-                (weight > 0).then_some((i, weight, addr))
-            })
-            .collect();
-        if serving.is_empty() {
+        let now = self.nanos(now);
+        let mut serving = 0usize;
+        let mut cands: Vec<Candidate<'_>> = Vec::with_capacity(service.instances.len());
+        for instance in &service.instances {
+            if !instance.is_serving() || !tags.iter().all(|t| instance.has_tag(t)) {
+                continue;
+            }
+            let weight = match instance.health() {
+                Health::Passing => instance.weight_passing,
+                _ => instance.weight_warning,
+            };
+            if weight == 0 {
+                continue;
+            }
+            serving += 1;
+            if !avoid.iter().any(|a| *a == instance.id) {
+                cands.push(Candidate { instance, weight });
+            }
+        }
+        if serving == 0 {
             return Err(PickError::NoInstance(service.name.to_string()));
         }
-        let fresh: Vec<_> = serving
-            .into_iter()
-            .filter(|(i, _, _)| !avoid.iter().any(|a| *a == i.id))
-            .map(|(i, w, a)| (i, w, a, self.endpoint(&i.id)))
-            .collect();
-        if fresh.is_empty() {
+        if cands.is_empty() {
             return Err(PickError::Exhausted(service.name.to_string()));
         }
-        let healthy: Vec<_> = fresh
-            .iter()
-            .filter(|(_, _, _, e)| !e.ejected_at(now))
-            .cloned()
-            .collect();
-        // Every candidate ejected: use them all rather than fail.
-        let pool = if healthy.is_empty() { fresh } else { healthy };
-        let weights: Vec<u32> = pool.iter().map(|c| c.1).collect();
-        let first = weighted_index(&weights, roll());
-        let chosen = if pool.len() == 1 {
-            first
-        } else {
-            let mut rest = weights.clone();
-            rest[first] = 0;
-            let second = weighted_index(&rest, roll());
-            let load = |k: usize| pool[k].3.outstanding() as f64 / f64::from(pool[k].1);
-            if load(second) < load(first) {
-                second
-            } else {
-                first
+        let untried = cands.len();
+        let mut ejected: Vec<(usize, u32)> = Vec::new();
+        let mut first = self.draw(&mut cands, &mut ejected, now, &mut roll);
+        if first.is_none() && !ejected.is_empty() {
+            // Every candidate is ejected: use them all rather than fail.
+            for (k, weight) in ejected.drain(..) {
+                cands[k].weight = weight;
             }
+            first = self.draw(&mut cands, &mut ejected, u64::MAX, &mut roll);
+        }
+        let Some(first) = first else {
+            // The candidates left have no IP address: nothing to connect to.
+            return Err(if untried < serving {
+                PickError::Exhausted(service.name.to_string())
+            } else {
+                PickError::NoInstance(service.name.to_string())
+            });
         };
-        let (instance, _, addr, endpoint) = &pool[chosen];
+        let chosen = match self.draw(&mut cands, &mut ejected, now, &mut roll) {
+            Some(second) if load(&second) < load(&first) => second,
+            _ => first,
+        };
+        let (instance, addr, endpoint) = chosen;
         endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
         Ok(InFlight {
-            instance: (*instance).clone(),
-            addr: *addr,
-            endpoint: endpoint.clone(),
+            instance: instance.clone(),
+            addr,
+            endpoint,
         })
+    }
+
+    /// One weighted draw among the candidates with weight left; the winner's weight is
+    /// zeroed so a second draw is distinct. Candidates ejected at `now` (`u64::MAX`: none
+    /// counts as ejected) are zeroed and remembered in `ejected`; instances without an IP
+    /// address are zeroed.
+    fn draw<'a>(
+        &self,
+        cands: &mut [Candidate<'a>],
+        ejected: &mut Vec<(usize, u32)>,
+        now: u64,
+        roll: &mut impl FnMut() -> f64,
+    ) -> Option<Drawn<'a>> {
+        loop {
+            let k = weighted_index(cands.iter().map(|c| c.weight), roll())?;
+            let weight = std::mem::take(&mut cands[k].weight);
+            let instance = cands[k].instance;
+            let Some(ip) = instance.ip() else { continue };
+            let endpoint = self.endpoint(&instance.id);
+            if endpoint.ejected_at(now) {
+                ejected.push((k, weight));
+                continue;
+            }
+            return Some((instance, SocketAddr::new(ip, instance.port), endpoint));
+        }
     }
 
     /// Records a success: the failure streak ends.
@@ -188,6 +233,7 @@ impl Balancer {
         if threshold == 0 {
             return Verdict::Fine;
         }
+        let now = self.nanos(now);
         let endpoint = self.endpoint(id);
         let streak = endpoint
             .consecutive_failures
@@ -217,32 +263,52 @@ impl Balancer {
             .base_ejection
             .saturating_mul(factor)
             .min(self.outlier.max_ejection);
-        *endpoint
+        let length_ns = u64::try_from(length.as_nanos()).unwrap_or(u64::MAX);
+        endpoint
             .ejected_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(now + length);
+            .store(now.saturating_add(length_ns), Ordering::Relaxed);
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         Verdict::Ejected(length)
     }
 
     /// Whether the instance is ejected now.
     pub fn is_ejected(&self, id: &str, now: Instant) -> bool {
+        let now = self.nanos(now);
         self.endpoint_state(id).is_some_and(|e| e.ejected_at(now))
     }
 }
 
-/// An index drawn with probability proportional to `weights` (`roll` in `0..1`); at least one
-/// weight must be positive.
-fn weighted_index(weights: &[u32], roll: f64) -> usize {
-    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
-    let mut point = (roll.clamp(0.0, 1.0) * total as f64) as u64;
-    for (k, w) in weights.iter().enumerate() {
-        if point < u64::from(*w) {
-            return k;
-        }
-        point -= u64::from(*w);
+/// A drawn instance: the instance, its address and its state.
+type Drawn<'a> = (&'a Arc<Instance>, SocketAddr, Arc<Endpoint>);
+
+/// Requests in flight per unit of weight.
+fn load((instance, _, endpoint): &Drawn<'_>) -> f64 {
+    let weight = match instance.health() {
+        Health::Passing => instance.weight_passing,
+        _ => instance.weight_warning,
+    };
+    endpoint.outstanding() as f64 / f64::from(weight.max(1))
+}
+
+/// An index drawn with probability proportional to `weights` (`roll` in `0..1`); `None`
+/// when every weight is zero.
+fn weighted_index(weights: impl Iterator<Item = u32> + Clone, roll: f64) -> Option<usize> {
+    let total: u64 = weights.clone().map(u64::from).sum();
+    if total == 0 {
+        return None;
     }
-    weights.iter().rposition(|w| *w > 0).unwrap_or(0)
+    let mut point = (roll.clamp(0.0, 1.0) * total as f64) as u64;
+    let mut last = 0;
+    for (k, w) in weights.enumerate() {
+        if point < u64::from(w) {
+            return Some(k);
+        }
+        point -= u64::from(w);
+        if w > 0 {
+            last = k;
+        }
+    }
+    Some(last)
 }
 
 #[cfg(test)]
@@ -439,9 +505,12 @@ mod tests {
 
     #[test]
     fn weighted_index_covers_the_range() {
-        assert_eq!(weighted_index(&[1, 0, 1], 0.0), 0);
-        assert_eq!(weighted_index(&[1, 0, 1], 0.5), 2);
-        assert_eq!(weighted_index(&[1, 0, 1], 1.0), 2);
-        assert_eq!(weighted_index(&[0, 5], 0.3), 1);
+        let w = |ws: &'static [u32]| ws.iter().copied();
+        assert_eq!(weighted_index(w(&[1, 0, 1]), 0.0), Some(0));
+        assert_eq!(weighted_index(w(&[1, 0, 1]), 0.5), Some(2));
+        assert_eq!(weighted_index(w(&[1, 0, 1]), 1.0), Some(2));
+        assert_eq!(weighted_index(w(&[0, 5]), 0.3), Some(1));
+        assert_eq!(weighted_index(w(&[0, 0]), 0.3), None);
+        assert_eq!(weighted_index(w(&[]), 0.3), None);
     }
 }

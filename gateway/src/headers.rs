@@ -34,10 +34,13 @@ const RESPONSE_HOP_BY_HOP: &[&str] = &[
 
 /// The value of `X-Forwarded-For` to send: the client appended to what came in.
 pub fn x_forwarded_for(existing: Option<&str>, client: IpAddr) -> String {
-    match existing.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(list) => format!("{list}, {client}"),
-        None => client.to_string(),
+    let mut out = String::with_capacity(48);
+    if let Some(list) = existing.map(str::trim).filter(|s| !s.is_empty()) {
+        out.push_str(list);
+        out.push_str(", ");
     }
+    push_ip(&mut out, client);
+    out
 }
 
 /// The value of `Forwarded` to send: one element appended to what came in.
@@ -47,21 +50,55 @@ pub fn forwarded(
     proto: &str,
     host: Option<&str>,
 ) -> String {
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={proto}");
-    if let Some(h) = host.filter(|h| is_token_or_host(h)) {
-        if h.contains(':') {
-            element.push_str(&format!(";host=\"{h}\""));
-        } else {
-            element.push_str(&format!(";host={h}"));
+    let mut out = String::with_capacity(64);
+    if let Some(list) = existing.map(str::trim).filter(|s| !s.is_empty()) {
+        out.push_str(list);
+        out.push_str(", ");
+    }
+    out.push_str("for=");
+    match client {
+        IpAddr::V4(_) => push_ip(&mut out, client),
+        IpAddr::V6(_) => {
+            out.push_str("\"[");
+            push_ip(&mut out, client);
+            out.push_str("]\"");
         }
     }
-    match existing.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(list) => format!("{list}, {element}"),
-        None => element,
+    out.push_str(";proto=");
+    out.push_str(proto);
+    if let Some(h) = host.filter(|h| is_token_or_host(h)) {
+        let quote = h.contains(':');
+        out.push_str(if quote { ";host=\"" } else { ";host=" });
+        out.push_str(h);
+        if quote {
+            out.push('"');
+        }
+    }
+    out
+}
+
+/// Appends an address in its usual text form (IPv4 without the formatting machinery).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                let o = *octet;
+                if o >= 100 {
+                    out.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    out.push(char::from(b'0' + o / 10 % 10));
+                }
+                out.push(char::from(b'0' + o % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -72,6 +109,14 @@ fn is_token_or_host(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
 }
 
+/// Appends `v` as 16 lowercase hex digits.
+fn push_hex(out: &mut String, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..16).rev() {
+        out.push(char::from(DIGITS[((v >> (shift * 4)) & 0xf) as usize]));
+    }
+}
+
 /// The request ID to use: the client's when it is printable and short, else a new one.
 pub fn request_id(existing: Option<&str>, mut rand: impl FnMut() -> u64) -> (String, bool) {
     match existing {
@@ -80,57 +125,87 @@ pub fn request_id(existing: Option<&str>, mut rand: impl FnMut() -> u64) -> (Str
         {
             (id.to_string(), false)
         }
-        _ => (format!("{:016x}{:016x}", rand(), rand()), true),
+        _ => {
+            let mut id = String::with_capacity(32);
+            push_hex(&mut id, rand());
+            push_hex(&mut id, rand());
+            (id, true)
+        }
     }
 }
 
-/// A W3C trace context: what to send on, and the trace ID for logs.
+/// A W3C trace context: the `traceparent` value to send on, which holds this hop's span.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    pub trace_id: String,
-    /// This hop's span ID, the parent ID the instance sees.
-    pub span_id: String,
-    pub flags: String,
+    /// `00-<trace id>-<span id>-<flags>`: what the instance gets.
+    header: String,
     /// Whether the client sent a valid trace context that this continues.
     pub continued: bool,
 }
 
 impl TraceContext {
-    pub fn header_value(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    /// The `traceparent` value for the instance: version 00, this hop's span as parent.
+    pub fn header_value(&self) -> &str {
+        &self.header
+    }
+
+    /// The trace ID, 32 hex digits, for logs.
+    pub fn trace_id(&self) -> &str {
+        &self.header[3..35]
+    }
+
+    /// This hop's span ID, the parent ID the instance sees.
+    pub fn span_id(&self) -> &str {
+        &self.header[36..52]
+    }
+
+    /// The trace flags, 2 hex digits.
+    pub fn flags(&self) -> &str {
+        &self.header[53..55]
     }
 }
 
 /// Continues the client's `traceparent` when it is valid, else starts a trace.
 pub fn traceparent(existing: Option<&str>, mut rand: impl FnMut() -> u64) -> TraceContext {
-    let span_id = nonzero_hex(&mut rand, 1);
-    if let Some((trace_id, flags)) = existing.and_then(parse_traceparent) {
-        return TraceContext {
-            trace_id,
-            span_id,
-            flags,
-            continued: true,
-        };
-    }
-    TraceContext {
-        trace_id: nonzero_hex(&mut rand, 2),
-        span_id,
-        flags: "00".into(),
-        continued: false,
-    }
+    let mut header = String::with_capacity(55);
+    header.push_str("00-");
+    let continued = match existing.and_then(parse_traceparent) {
+        Some((trace_id, flags)) => {
+            header.push_str(trace_id);
+            header.push('-');
+            push_nonzero_hex(&mut header, &mut rand, 1);
+            header.push('-');
+            header.push_str(flags);
+            true
+        }
+        None => {
+            let span = rand();
+            push_nonzero_hex(&mut header, &mut rand, 2);
+            header.push('-');
+            push_hex(&mut header, if span == 0 { 1 } else { span });
+            header.push_str("-00");
+            false
+        }
+    };
+    TraceContext { header, continued }
 }
 
-/// `words` random u64s as lowercase hex, never all zeros (which the spec forbids).
-fn nonzero_hex(rand: &mut impl FnMut() -> u64, words: usize) -> String {
-    let mut parts: Vec<u64> = (0..words).map(|_| rand()).collect();
-    if parts.iter().all(|p| *p == 0) {
+/// Appends `words` random u64s as lowercase hex, never all zeros (which the spec forbids).
+fn push_nonzero_hex(out: &mut String, rand: &mut impl FnMut() -> u64, words: usize) {
+    let mut parts = [0u64; 2];
+    for p in parts.iter_mut().take(words) {
+        *p = rand();
+    }
+    if parts[..words].iter().all(|p| *p == 0) {
         parts[0] = 1;
     }
-    parts.iter().map(|p| format!("{p:016x}")).collect()
+    for p in &parts[..words] {
+        push_hex(out, *p);
+    }
 }
 
 /// The trace ID and flags of a valid version-00 (or later) `traceparent`.
-fn parse_traceparent(v: &str) -> Option<(String, String)> {
+fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
     let v = v.trim();
     let mut parts = v.split('-');
     let version = parts.next()?;
@@ -155,7 +230,14 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
     if trace_id.bytes().all(|b| b == b'0') || parent_id.bytes().all(|b| b == b'0') {
         return None;
     }
-    Some((trace_id.to_string(), flags.to_string()))
+    Some((trace_id, flags))
+}
+
+/// Whether a request or response may carry a hop-by-hop header at all: none of the listed
+/// names is present (a header named in `Connection` needs `Connection` itself). Lets the
+/// common case skip building the removal list.
+pub fn any_hop_by_hop<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|n| HOP_BY_HOP.contains(&n) || RESPONSE_HOP_BY_HOP.contains(&n))
 }
 
 /// The request headers to remove, given the `Connection` header's value. On an upgrade
@@ -233,6 +315,16 @@ mod tests {
         assert_eq!(x_forwarded_for(None, ip), "127.0.0.9");
         assert_eq!(x_forwarded_for(Some(" "), ip), "127.0.0.9");
         assert_eq!(x_forwarded_for(Some("10.1.1.1"), ip), "10.1.1.1, 127.0.0.9");
+        for text in [
+            "0.0.0.0",
+            "10.200.99.255",
+            "192.168.100.1",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(x_forwarded_for(None, ip), text);
+        }
     }
 
     #[test]
@@ -271,9 +363,9 @@ mod tests {
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let t = traceparent(Some(incoming), counter());
         assert!(t.continued);
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(t.flags, "01");
-        assert_eq!(t.span_id, "0000000000000001");
+        assert_eq!(t.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.flags(), "01");
+        assert_eq!(t.span_id(), "0000000000000001");
         assert_eq!(
             t.header_value(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000001-01"
@@ -288,8 +380,10 @@ mod tests {
         ] {
             let t = traceparent(Some(bad), counter());
             assert!(!t.continued, "{bad}");
-            assert_eq!(t.trace_id.len(), 32);
-            assert_ne!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(t.trace_id().len(), 32);
+            assert_ne!(t.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(t.header_value().len(), 55);
+            assert_eq!(t.flags(), "00");
         }
         // A later version with extra fields is continued.
         assert!(
@@ -301,9 +395,20 @@ mod tests {
         );
         // All-zero random words still make a valid ID.
         assert_eq!(
-            traceparent(None, || 0).trace_id,
+            traceparent(None, || 0).trace_id(),
             format!("{:016x}{:016x}", 1, 0)
         );
+        assert_eq!(traceparent(None, || 0).span_id(), format!("{:016x}", 1));
+    }
+
+    #[test]
+    fn only_listed_names_count_as_hop_by_hop() {
+        assert!(!any_hop_by_hop(
+            ["host", "user-agent", "accept"].into_iter()
+        ));
+        assert!(any_hop_by_hop(["host", "connection"].into_iter()));
+        assert!(any_hop_by_hop(["te"].into_iter()));
+        assert!(any_hop_by_hop(["proxy-authenticate"].into_iter()));
     }
 
     #[test]

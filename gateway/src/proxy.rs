@@ -147,7 +147,10 @@ impl Gateway {
     }
 
     fn header_bytes(req: &RequestHeader) -> usize {
-        let uri = req.uri.to_string().len();
+        let u = &req.uri;
+        let uri = u.scheme_str().map_or(0, |s| s.len() + 3)
+            + u.authority().map_or(0, |a| a.as_str().len())
+            + u.path_and_query().map_or(1, |p| p.as_str().len());
         let headers: usize = req
             .headers
             .iter()
@@ -419,19 +422,21 @@ impl ProxyHttp for Gateway {
                 upstream.insert_header("host", authority.as_str())?;
             }
         }
-        let upgrade = session.is_upgrade_req();
-        let connection = upstream
-            .headers
-            .get("connection")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let te = upstream
-            .headers
-            .get("te")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        for name in headers::request_hop_by_hop(connection.as_deref(), te.as_deref(), upgrade) {
-            upstream.remove_header(&name);
+        if headers::any_hop_by_hop(upstream.headers.keys().map(|k| k.as_str())) {
+            let upgrade = session.is_upgrade_req();
+            let connection = upstream
+                .headers
+                .get("connection")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let te = upstream
+                .headers
+                .get("te")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            for name in headers::request_hop_by_hop(connection.as_deref(), te.as_deref(), upgrade) {
+                upstream.remove_header(&name);
+            }
         }
         let proto = if ctx.https { "https" } else { "http" };
         if let Some(ip) = ctx.client {
@@ -447,14 +452,7 @@ impl ProxyHttp for Gateway {
                 .req_header()
                 .uri
                 .host()
-                .map(str::to_string)
-                .or_else(|| {
-                    upstream
-                        .headers
-                        .get("host")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                });
+                .or_else(|| upstream.headers.get("host").and_then(|v| v.to_str().ok()));
             let fwd = headers::forwarded(
                 upstream
                     .headers
@@ -462,7 +460,7 @@ impl ProxyHttp for Gateway {
                     .and_then(|v| v.to_str().ok()),
                 ip,
                 proto,
-                host.as_deref(),
+                host,
             );
             upstream.insert_header("forwarded", fwd)?;
         }
@@ -501,13 +499,15 @@ impl ProxyHttp for Gateway {
                 format!("instance answered {status}; retrying on another"),
             );
         }
-        let connection = resp
-            .headers
-            .get("connection")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        for name in headers::response_hop_by_hop(connection.as_deref(), status == 101) {
-            resp.remove_header(&name);
+        if headers::any_hop_by_hop(resp.headers.keys().map(|k| k.as_str())) {
+            let connection = resp
+                .headers
+                .get("connection")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            for name in headers::response_hop_by_hop(connection.as_deref(), status == 101) {
+                resp.remove_header(&name);
+            }
         }
         Ok(())
     }
@@ -626,7 +626,7 @@ impl ProxyHttp for Gateway {
         let trace_id = ctx
             .trace
             .as_ref()
-            .map(|t| t.trace_id.clone())
+            .map(|t| t.trace_id().to_string())
             .unwrap_or_default();
         let error = e.map(|e| e.to_string());
         let version = format!("{:?}", req.version);
