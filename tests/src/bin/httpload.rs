@@ -30,8 +30,9 @@
 //!   the same for every target, so it cancels in a comparison with the backend alone).
 //!   `--spin-us N` wakes N µs early and yields in a loop until the intended time, which takes
 //!   most of that out at the cost of a busy core (it then competes with anything else on that
-//!   core). The send lag (actual minus intended send time) is reported, so the generator's own
-//!   share is visible. Linux only.
+//!   core). The pacing lag is reported so the generator's own share is visible: how late a
+//!   request went out after both its intended time and the end of the connection's previous
+//!   exchange (a wait for a slow answer is the target's doing and is not lag). Linux only.
 //! - **Protocol.** Raw `GET <path> HTTP/1.1` with `Host` (from the URL, or a `--header Host`)
 //!   and the extra headers, over `TcpStream` with `TCP_NODELAY`. Responses are parsed: status
 //!   line, headers, then a `Content-Length`, `Transfer-Encoding: chunked` (with trailers) or
@@ -613,6 +614,9 @@ async fn run_connection(plan: Arc<Plan>, c: usize, mut conn: Option<Conn>) -> St
         }
     };
     let mut opened_before = conn.is_some();
+    // When the connection's previous exchange ended: a send can be late because of it
+    // (queueing, which the latency counts) or because the generator woke late (lag).
+    let mut free_at = plan.t0;
     let mut slot = c as u64;
     while slot < plan.total {
         let intended = plan.intended(slot);
@@ -632,7 +636,7 @@ async fn run_connection(plan: Arc<Plan>, c: usize, mut conn: Option<Conn>) -> St
         let measured = slot >= plan.warm;
         if measured {
             st.sent += 1;
-            st.lags.push(micros(sent_at - intended));
+            st.lags.push(micros(sent_at - intended.max(free_at)));
         }
         let outcome = tokio::time::timeout_at((sent_at + plan.timeout).into(), async {
             if conn.is_none() {
@@ -649,6 +653,7 @@ async fn run_connection(plan: Arc<Plan>, c: usize, mut conn: Option<Conn>) -> St
         })
         .await;
         let done = Instant::now();
+        free_at = done;
         match outcome {
             Ok(Ok(answer)) => {
                 st.completed_all += 1;
@@ -830,7 +835,7 @@ fn text(r: &serde_json::Value) -> String {
         n("max_us"),
     );
     out += &format!(
-        "  send lag behind schedule (µs): p50 {}  p99 {}  max {}\n",
+        "  pacing lag of the generator (µs): p50 {}  p99 {}  max {}\n",
         n("lag_p50_us"),
         n("lag_p99_us"),
         n("lag_max_us"),
