@@ -1,36 +1,50 @@
 #!/usr/bin/env bash
-# Gateway benchmark: wrk against one backend directly, through waymark-gateway, and through
-# nginx and HAProxy configured as equivalent reverse proxies (one worker each, keep-alive to
-# the backend, no logging), all on loopback. Reports requests per second, p50/p99 latency and
-# the proxy's CPU time per request, with ratios, as Markdown on stdout and in
+# Gateway benchmark: one backend directly, through waymark-gateway, and through nginx and
+# HAProxy configured as equivalent reverse proxies (one worker each, keep-alive to the
+# backend, no logging, the same forwarding headers added), all on loopback. Reports requests
+# per second, latency and the proxy's CPU time per request, as Markdown on stdout and in
 # tests/bench/results/gateway.md.
 #
 #   bash tests/bench/gateway.sh                         # 10 s per run, 32 connections
 #   DURATION=30s CONNECTIONS=64 bash tests/bench/gateway.sh
+#   RATE=10000 bash tests/bench/gateway.sh              # fixed-rate phase at 10,000 req/s
+#   SPIN_US=100 bash tests/bench/gateway.sh             # httpload spins 100 µs before sends
 #
-# Two loads per target: saturation (CONNECTIONS connections) and light (1 connection, where
-# the added latency of a proxy shows best). wrk sends as fast as it can, so "light" stands in
-# for a fixed rate below saturation. A benchmark, not a test: it exits non-zero only when it
-# could not measure; results depend on the machine being otherwise idle.
-# Needs wrk, nginx and haproxy (Debian packages; installed when run as root).
+# Two phases per target:
+# - saturation: wrk, CONNECTIONS connections, as fast as the target answers.
+# - fixed rate: httpload (tests/src/bin/httpload.rs), an open-loop generator like wrk2, at
+#   RATE req/s (default: half the gateway's saturation rate), the same for every target,
+#   32 connections, DURATION after a 1 s warm-up. Latency is measured from each request's
+#   intended send time (coordinated-omission corrected), so it is the latency a client
+#   arriving at that rate sees; "added p99" is the difference from the backend alone.
+# The load generator is pinned to core 1 (taskset); the proxies and the backend are not.
+# The peers add what the gateway adds to each request: X-Forwarded-For, X-Forwarded-Proto,
+# Forwarded, X-Request-Id (generated unless the client sent one) and traceparent.
+# A benchmark, not a test: it exits non-zero only when it could not measure; results depend
+# on the machine being otherwise idle.
+# Needs wrk, nginx, haproxy and jq (Debian packages; installed when run as root).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
+RATE=${RATE:-}
+SPIN_US=${SPIN_US:-0}
+FIXED_CONNECTIONS=32
+WARMUP=1
 target="${CARGO_TARGET_DIR:-target}"
 
 missing=()
-for tool in wrk nginx haproxy; do
+for tool in wrk nginx haproxy jq; do
     command -v "$tool" >/dev/null 2>&1 || [[ -x /usr/sbin/$tool ]] || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends wrk nginx haproxy >/dev/null
+        apt-get install -y -qq --no-install-recommends wrk nginx haproxy jq >/dev/null
     else
-        echo "missing: ${missing[*]} (Debian: apt-get install wrk nginx haproxy)" >&2
+        echo "missing: ${missing[*]} (Debian: apt-get install wrk nginx haproxy jq)" >&2
         exit 1
     fi
 fi
@@ -109,6 +123,10 @@ http {
     uwsgi_temp_path $work/nginx;
     scgi_temp_path $work/nginx;
     upstream backend { server 127.0.0.1:$backend_port; keepalive 64; }
+    # The gateway's headers: the client's X-Request-Id or a new one; a new trace (nginx has
+    # one random value per request, so the span ID is the first half of the trace ID).
+    map \$http_x_request_id \$req_id { "" \$request_id; default \$http_x_request_id; }
+    map \$request_id \$span_id { "~^(?<first>[0-9a-f]{16})" \$first; }
     server {
         listen 127.0.0.1:$nginx_port;
         location / {
@@ -117,17 +135,23 @@ http {
             proxy_set_header Connection "";
             proxy_set_header Host \$host;
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
+            proxy_set_header X-Request-Id \$req_id;
+            proxy_set_header traceparent "00-\$request_id-\$span_id-00";
         }
     }
 }
 EOF
+"$NGINX" -t -q -c "$work/nginx/nginx.conf" -p "$work/nginx"
 "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 pids+=($!)
 wait_port "$nginx_port"
 sleep 0.2
 nginx_pid=$(pgrep -P "$(cat "$work/nginx/nginx.pid")" | head -1)
 
-# HAProxy: one thread, HTTP mode, connection reuse, no logs.
+# HAProxy: one thread, HTTP mode, connection reuse, no logs. 2.6 (Debian 12) has no
+# "option forwarded", so Forwarded is set by hand; the span ID is two 32-bit random numbers.
 haproxy_port=$(free_port)
 cat >"$work/haproxy.cfg" <<EOF
 global
@@ -141,10 +165,15 @@ defaults
     option forwardfor
 frontend fe
     bind 127.0.0.1:$haproxy_port
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header Forwarded "for=%[src];proto=http;host=%[req.hdr(host)]"
+    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
+    http-request set-header traceparent "00-%[uuid,regsub(-,,g)]-%[rand(4294967295),hex,lower,bytes(8)]%[rand(4294967295),hex,lower,bytes(8)]-00"
     default_backend be
 backend be
     server b1 127.0.0.1:$backend_port
 EOF
+"$HAPROXY" -c -q -f "$work/haproxy.cfg"
 "$HAPROXY" -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
 pids+=($!)
 haproxy_pid=$!
@@ -155,15 +184,33 @@ cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 to_us() { # wrk latency like 1.23ms / 456.00us / 1.20s → microseconds
     awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) m = 1; else if (v ~ /ms$/) m = 1000; else if (v ~ /s$/) m = 1000000; else m = 1; printf "%.0f", n * m }'
 }
+to_s() { # wrk duration like 10s / 2m / 1h / 10 → seconds
+    local d=$1
+    case $d in
+        *h) echo $((${d%h} * 3600)) ;;
+        *m) echo $((${d%m} * 60)) ;;
+        *s) echo "${d%s}" ;;
+        *) echo "$d" ;;
+    esac
+}
+seconds=$(to_s "$DURATION")
 
-# run NAME PORT PID CONNECTIONS → sets rps p50 p99 cpu_us
-run() {
-    local port=$2 pid=$3 conns=$4 before after out
+# The load generator (wrk, httpload) runs on core 1 only; the proxies and the backend are
+# left to the scheduler (either core).
+pin=()
+pinned="not pinned (fewer than 2 cores, or no taskset)"
+if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
+    pin=(taskset -c 1)
+    pinned="pinned to core 1 (taskset -c 1); proxies and backend not pinned"
+fi
+
+# saturate NAME PORT PID → sets rps p50 p99 cpu_us
+saturate() {
+    local port=$2 pid=$3 before after out reqs
     before=$(cpu "$pid")
-    out=$(wrk -t1 -c"$conns" -d"$DURATION" --latency -H 'Host: bench.test' "http://127.0.0.1:$port/")
+    out=$("${pin[@]}" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H 'Host: bench.test' "http://127.0.0.1:$port/")
     after=$(cpu "$pid")
     rps=$(awk '/^Requests\/sec/ { printf "%.0f", $2 }' <<<"$out")
-    local reqs
     reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
     p50=$(to_us "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_us "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
@@ -173,16 +220,50 @@ run() {
     fi
 }
 
+# fixed NAME PORT PID → sets rps p50 p99 p999 cpu_us errors lag99 (latency from intended send)
+fixed() {
+    local port=$2 pid=$3 before after out all unsent
+    before=$(cpu "$pid")
+    out=$("${pin[@]}" "$target/release/httpload" --url "http://127.0.0.1:$port/" \
+        --header 'Host: bench.test' --rate "$rate" --connections "$FIXED_CONNECTIONS" \
+        --duration "$seconds" --warmup "$WARMUP" --spin-us "$SPIN_US" --json)
+    after=$(cpu "$pid")
+    read -r rps p50 p99 p999 errors lag99 all unsent <<<"$(jq -r \
+        '[(.rate | floor), .p50_us, .p99_us, .p999_us, .errors, .lag_p99_us, .requests_all, .unsent] | map(tostring) | join(" ")' <<<"$out")"
+    # CPU over the whole run (warm-up included) per request answered in it.
+    cpu_us=$(awk -v d="$((after - before))" -v t="$ticks" -v r="$all" 'BEGIN { if (r > 0) printf "%.1f", d / t * 1e6 / r; else print "-" }')
+    if [[ $errors != 0 || $unsent != 0 ]]; then
+        echo "warning: $1 at $rate req/s: $errors errors, $unsent unsent at the end$(jq -r '.first_error // empty | " (first error: \(.))"' <<<"$out")" >&2
+    fi
+}
+
+targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A R
-for load in saturation light; do
-    conns=$CONNECTIONS
-    [[ $load == light ]] && conns=1
-    for t in direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid; do
-        IFS=: read -r name port pid <<<"$t"
-        run "$name" "$port" "$pid" "$conns"
-        R[$load,$name]="$rps $p50 $p99 $cpu_us"
-        echo "$load $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, ${cpu_us}us CPU/req" >&2
-    done
+for t in "${targets[@]}"; do
+    IFS=: read -r name port pid <<<"$t"
+    saturate "$name" "$port" "$pid"
+    R[saturation,$name]="$rps $p50 $p99 $cpu_us"
+    echo "saturation $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, ${cpu_us}us CPU/req" >&2
+done
+
+read -r gw_rps _ <<<"${R[saturation,gateway]}"
+rate_source="set by RATE"
+if [[ -z $RATE ]]; then
+    rate=$((gw_rps / 2))
+    rate_source="half the gateway's saturation rate"
+else
+    rate=$RATE
+fi
+if ! [[ $rate =~ ^[0-9]+([.][0-9]+)?$ ]] || [[ $rate == 0 ]]; then
+    echo "no usable fixed rate: $rate" >&2
+    exit 1
+fi
+for t in "${targets[@]}"; do
+    IFS=: read -r name port pid <<<"$t"
+    fixed "$name" "$port" "$pid"
+    R[fixed,$name]="$rps $p50 $p99 $p999 $cpu_us $errors $lag99"
+    echo "fixed $rate/s $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, p99.9 ${p999}us, ${cpu_us}us CPU/req, $errors errors" >&2
 done
 
 report() {
@@ -190,26 +271,44 @@ report() {
     echo
     echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2/1048576 }' /proc/meminfo), $(uname -r)"
-    echo "- load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "- wrk: 1 thread, $DURATION per run; saturation: $CONNECTIONS connections; light: 1 connection"
-    echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance, no access log"
+    echo "- load average before: $load_before"
+    echo "- load generator: $pinned"
+    echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
+    echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance, no access log; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo
-    for load in saturation light; do
-        echo "## $load"
-        echo
-        echo "| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs nginx | added p99 µs vs direct |"
-        echo "|---|---:|---:|---:|---:|---:|---:|"
-        read -r nrps _ _ _ <<<"${R[$load,nginx]}"
-        read -r _ _ dp99 _ <<<"${R[$load,direct]}"
-        for name in direct gateway nginx haproxy; do
-            read -r rps p50 p99 cpu_us <<<"${R[$load,$name]}"
-            ratio=$(awk -v a="$rps" -v b="$nrps" 'BEGIN { printf "%.2f", a / b }')
-            added=$([[ $name == direct ]] && echo "-" || echo $((p99 - dp99)))
-            echo "| $name | $rps | $p50 | $p99 | $cpu_us | $ratio | $added |"
-        done
-        echo
+    echo "## saturation"
+    echo
+    echo "wrk, 1 thread, $CONNECTIONS connections, $DURATION per target."
+    echo
+    echo "| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs nginx | added p99 µs vs direct |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    local nrps dp99 rps p50 p99 p999 cpu_us errors lag99 ratio added
+    read -r nrps _ _ _ <<<"${R[saturation,nginx]}"
+    read -r _ _ dp99 _ <<<"${R[saturation,direct]}"
+    for name in direct gateway nginx haproxy; do
+        read -r rps p50 p99 cpu_us <<<"${R[saturation,$name]}"
+        ratio=$(awk -v a="$rps" -v b="$nrps" 'BEGIN { printf "%.2f", a / b }')
+        added=$([[ $name == direct ]] && echo "-" || echo $((p99 - dp99)))
+        echo "| $name | $rps | $p50 | $p99 | $cpu_us | $ratio | $added |"
     done
+    echo
+    echo "## fixed rate: $rate req/s"
+    echo
+    echo "httpload at $rate req/s ($rate_source) for every target, $FIXED_CONNECTIONS connections, $seconds s measured after a ${WARMUP} s warm-up. Latency is measured from each request's intended send time (coordinated-omission corrected, as wrk2), so queueing behind a slow answer counts. CPU/req covers the warm-up too. Generator lag: how late httpload sent once a request was due and its connection free (p99; it waits on a timerfd, spinning the last $SPIN_US µs), a check on the generator itself; a wait for the previous answer is not lag but counts in the latency."
+    echo
+    echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | added p99 µs vs direct | errors | generator lag p99 µs |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    read -r _ _ dp99 _ <<<"${R[fixed,direct]}"
+    for name in direct gateway nginx haproxy; do
+        read -r rps p50 p99 p999 cpu_us errors lag99 <<<"${R[fixed,$name]}"
+        added="-"
+        if [[ $name != direct && $p99 =~ ^[0-9]+$ && $dp99 =~ ^[0-9]+$ ]]; then
+            added=$((p99 - dp99))
+        fi
+        echo "| $name | $rps | $p50 | $p99 | $p999 | $cpu_us | $added | $errors | $lag99 |"
+    done
+    echo
 }
 
 mkdir -p tests/bench/results
