@@ -52,6 +52,9 @@ fn main() -> anyhow::Result<()> {
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
+        // A benchmark target: stop promptly on SIGTERM.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -9,9 +9,15 @@
 #   DURATION=30s CONNECTIONS=64 bash tests/bench/gateway.sh
 #   RATE=10000 bash tests/bench/gateway.sh              # fixed-rate phase at 10,000 req/s
 #   SPIN_US=100 bash tests/bench/gateway.sh             # httpload spins 100 µs before sends
+#   ROUNDS=5 bash tests/bench/gateway.sh                # saturation rounds (median reported)
 #
+# Targets: the backend directly, waymark-gateway, "pingora floor" (the pingora_floor example:
+# pingora forwarding to one fixed address with the gateway's runtime settings and nothing
+# else, the floor under the gateway's cost), nginx and HAProxy.
 # Two phases per target:
-# - saturation: wrk, CONNECTIONS connections, as fast as the target answers.
+# - saturation: wrk, CONNECTIONS connections, as fast as the target answers; ROUNDS rounds
+#   that visit every target in turn (so drift on a shared machine hits all alike), and the
+#   round with the median req/s is reported per target.
 # - fixed rate: httpload (tests/src/bin/httpload.rs), an open-loop generator like wrk2, at
 #   RATE req/s (default: half the gateway's saturation rate), the same for every target,
 #   32 connections, DURATION after a 1 s warm-up. Latency is measured from each request's
@@ -30,6 +36,7 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 RATE=${RATE:-}
 SPIN_US=${SPIN_US:-0}
+ROUNDS=${ROUNDS:-3}
 FIXED_CONNECTIONS=32
 WARMUP=1
 target="${CARGO_TARGET_DIR:-target}"
@@ -52,6 +59,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 cargo build --release -q -p waymark-resolver -p waymark-gateway -p waymark-e2e --bins
+cargo build --release -q -p waymark-gateway --example pingora_floor
 
 work=$(mktemp -d)
 pids=()
@@ -105,6 +113,14 @@ for _ in $(seq 1 100); do
     [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$gw_port/") == 200 ]] && break
     sleep 0.05
 done
+
+# The pingora floor: pingora with the gateway's runtime settings, forwarding to the backend.
+floor_port=$(free_port)
+"$target/release/examples/pingora_floor" "127.0.0.1:$floor_port" "127.0.0.1:$backend_port" \
+    >/dev/null 2>"$work/floor.log" &
+pids+=($!)
+floor_pid=$!
+wait_port "$floor_port"
 
 # nginx: one worker, upstream keep-alive, no logs.
 nginx_port=$(free_port)
@@ -237,14 +253,22 @@ fixed() {
     fi
 }
 
-targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
+targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid floor:$floor_port:$floor_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
+names=(direct gateway floor nginx haproxy)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-declare -A R
-for t in "${targets[@]}"; do
-    IFS=: read -r name port pid <<<"$t"
-    saturate "$name" "$port" "$pid"
-    R[saturation,$name]="$rps $p50 $p99 $cpu_us"
-    echo "saturation $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, ${cpu_us}us CPU/req" >&2
+declare -A R ROUND
+for round in $(seq 1 "$ROUNDS"); do
+    for t in "${targets[@]}"; do
+        IFS=: read -r name port pid <<<"$t"
+        saturate "$name" "$port" "$pid"
+        ROUND[$name]+="$rps $p50 $p99 $cpu_us"$'\n'
+        echo "saturation round $round $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, ${cpu_us}us CPU/req" >&2
+    done
+done
+for name in "${names[@]}"; do
+    # The median round by req/s.
+    R[saturation,$name]=$(printf '%s' "${ROUND[$name]}" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)')
+    R[rounds,$name]=$(printf '%s' "${ROUND[$name]}" | awk '{ printf "%s%s", sep, $1; sep = " / " }')
 done
 
 read -r gw_rps _ <<<"${R[saturation,gateway]}"
@@ -259,11 +283,20 @@ if ! [[ $rate =~ ^[0-9]+([.][0-9]+)?$ ]] || [[ $rate == 0 ]]; then
     echo "no usable fixed rate: $rate" >&2
     exit 1
 fi
-for t in "${targets[@]}"; do
-    IFS=: read -r name port pid <<<"$t"
-    fixed "$name" "$port" "$pid"
+# The fixed rate, in rounds like saturation; the round with the median p99 is reported.
+declare -A FROUND
+for round in $(seq 1 "$ROUNDS"); do
+    for t in "${targets[@]}"; do
+        IFS=: read -r name port pid <<<"$t"
+        fixed "$name" "$port" "$pid"
+        FROUND[$name]+="$p99 $rps $p50 $p999 $cpu_us $errors $lag99"$'\n'
+        echo "fixed round $round $rate/s $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, p99.9 ${p999}us, ${cpu_us}us CPU/req, $errors errors" >&2
+    done
+done
+for name in "${names[@]}"; do
+    read -r p99 rps p50 p999 cpu_us errors lag99 <<<"$(printf '%s' "${FROUND[$name]}" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)')"
     R[fixed,$name]="$rps $p50 $p99 $p999 $cpu_us $errors $lag99"
-    echo "fixed $rate/s $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, p99.9 ${p999}us, ${cpu_us}us CPU/req, $errors errors" >&2
+    R[frounds,$name]=$(printf '%s' "${FROUND[$name]}" | awk '{ printf "%s%s", sep, $1; sep = " / " }')
 done
 
 report() {
@@ -275,38 +308,41 @@ report() {
     echo "- load generator: $pinned"
     echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
     echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance, no access log; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
+    echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo
     echo "## saturation"
     echo
-    echo "wrk, 1 thread, $CONNECTIONS connections, $DURATION per target."
+    echo "wrk, 1 thread, $CONNECTIONS connections, $DURATION per target and round; $ROUNDS rounds, the median round shown (every round's req/s in the last column)."
     echo
-    echo "| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs nginx | added p99 µs vs direct |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
+    echo "| target | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs nginx | added p99 µs vs direct | rounds req/s |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---|"
     local nrps dp99 rps p50 p99 p999 cpu_us errors lag99 ratio added
     read -r nrps _ _ _ <<<"${R[saturation,nginx]}"
     read -r _ _ dp99 _ <<<"${R[saturation,direct]}"
-    for name in direct gateway nginx haproxy; do
+    for name in "${names[@]}"; do
         read -r rps p50 p99 cpu_us <<<"${R[saturation,$name]}"
         ratio=$(awk -v a="$rps" -v b="$nrps" 'BEGIN { printf "%.2f", a / b }')
         added=$([[ $name == direct ]] && echo "-" || echo $((p99 - dp99)))
-        echo "| $name | $rps | $p50 | $p99 | $cpu_us | $ratio | $added |"
+        echo "| $name | $rps | $p50 | $p99 | $cpu_us | $ratio | $added | ${R[rounds,$name]} |"
     done
     echo
     echo "## fixed rate: $rate req/s"
     echo
     echo "httpload at $rate req/s ($rate_source) for every target, $FIXED_CONNECTIONS connections, $seconds s measured after a ${WARMUP} s warm-up. Latency is measured from each request's intended send time (coordinated-omission corrected, as wrk2), so queueing behind a slow answer counts. CPU/req covers the warm-up too. Generator lag: how late httpload sent once a request was due and its connection free (p99; it waits on a timerfd, spinning the last $SPIN_US µs), a check on the generator itself; a wait for the previous answer is not lag but counts in the latency."
     echo
-    echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | added p99 µs vs direct | errors | generator lag p99 µs |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "$ROUNDS rounds, the round with the median p99 shown (every round's p99 in the last column)."
+    echo
+    echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | added p99 µs vs direct | errors | generator lag p99 µs | rounds p99 µs |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     read -r _ _ dp99 _ <<<"${R[fixed,direct]}"
-    for name in direct gateway nginx haproxy; do
+    for name in "${names[@]}"; do
         read -r rps p50 p99 p999 cpu_us errors lag99 <<<"${R[fixed,$name]}"
         added="-"
         if [[ $name != direct && $p99 =~ ^[0-9]+$ && $dp99 =~ ^[0-9]+$ ]]; then
             added=$((p99 - dp99))
         fi
-        echo "| $name | $rps | $p50 | $p99 | $p999 | $cpu_us | $added | $errors | $lag99 |"
+        echo "| $name | $rps | $p50 | $p99 | $p999 | $cpu_us | $added | $errors | $lag99 | ${R[frounds,$name]} |"
     done
     echo
 }
