@@ -256,6 +256,9 @@ fixed() {
 targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid floor:$floor_port:$floor_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
 names=(direct gateway floor nginx haproxy)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+# Rounds are kept one line each, the sort key first: the median line, and the keys in order.
+median_round() { printf '%s' "$1" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)'; }
+round_keys() { printf '%s' "$1" | awk '{ printf "%s%s", sep, $1; sep = " / " }'; }
 declare -A R ROUND
 for round in $(seq 1 "$ROUNDS"); do
     for t in "${targets[@]}"; do
@@ -267,8 +270,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 for name in "${names[@]}"; do
     # The median round by req/s.
-    R[saturation,$name]=$(printf '%s' "${ROUND[$name]}" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)')
-    R[rounds,$name]=$(printf '%s' "${ROUND[$name]}" | awk '{ printf "%s%s", sep, $1; sep = " / " }')
+    R[saturation,$name]=$(median_round "${ROUND[$name]}")
+    R[rounds,$name]=$(round_keys "${ROUND[$name]}")
 done
 
 read -r gw_rps _ <<<"${R[saturation,gateway]}"
@@ -294,9 +297,9 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 for name in "${names[@]}"; do
-    read -r p99 rps p50 p999 cpu_us errors lag99 <<<"$(printf '%s' "${FROUND[$name]}" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)')"
+    read -r p99 rps p50 p999 cpu_us errors lag99 <<<"$(median_round "${FROUND[$name]}")"
     R[fixed,$name]="$rps $p50 $p99 $p999 $cpu_us $errors $lag99"
-    R[frounds,$name]=$(printf '%s' "${FROUND[$name]}" | awk '{ printf "%s%s", sep, $1; sep = " / " }')
+    R[frounds,$name]=$(round_keys "${FROUND[$name]}")
 done
 
 report() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::{workspace_bin, Resolver};
+use crate::{until, workspace_bin, Resolver};
 
 /// The `waymark-gateway` binary, built on first use (like [`crate::resolver_bin`]).
 pub fn gateway_bin() -> PathBuf {
@@ -43,6 +43,16 @@ pub struct GatewayOptions {
     /// Accept HTTP/2 without TLS.
     pub h2c: bool,
     pub extra_args: Vec<String>,
+}
+
+impl GatewayOptions {
+    /// Plain HTTP with this config file body.
+    pub fn config(text: impl Into<String>) -> GatewayOptions {
+        GatewayOptions {
+            config: text.into(),
+            ..Default::default()
+        }
+    }
 }
 
 /// A running `waymark-gateway ingress`.
@@ -163,8 +173,35 @@ impl Gateway {
         bail!("gateway not ready within 30 s")
     }
 
+    /// Starts a plain-HTTP gateway with this config file body.
+    pub fn with_config(registry: &Resolver, config: &str) -> Gateway {
+        Gateway::start(registry, GatewayOptions::config(config))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    /// The status of `GET path` with this `Host`, or none when the request failed.
+    pub async fn status(&self, c: &reqwest::Client, host: &str, path: &str) -> Option<u16> {
+        c.get(self.url(path))
+            .header("host", host)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+    }
+
+    /// Waits (up to 10 s, else panics) until `GET path` with this `Host` answers `want`:
+    /// the registry's state and the routes have reached the gateway.
+    pub async fn wait_status(&self, c: &reqwest::Client, host: &str, path: &str, want: u16) {
+        until(
+            &format!("{host}{path} answers {want}"),
+            Duration::from_secs(10),
+            || self.status(c, host, path),
+            |s| *s == Some(want),
+        )
+        .await;
     }
 
     pub fn admin_url(&self, path: &str) -> String {

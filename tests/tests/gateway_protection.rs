@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::json;
-use waymark_e2e::gateway::{Backend, Gateway, GatewayOptions};
-use waymark_e2e::{until, Api, Resolver};
+use waymark_e2e::gateway::{Backend, Gateway};
+use waymark_e2e::{Api, Resolver};
 
 const BACKEND: &str = env!("CARGO_BIN_EXE_gw_backend");
 
@@ -45,23 +45,6 @@ async fn start() -> (Resolver, Backend, reqwest::Client) {
     (resolver, web, client())
 }
 
-async fn wait_routed(c: &reqwest::Client, gw: &Gateway, host: &str) {
-    until(
-        "route ready",
-        Duration::from_secs(10),
-        || async {
-            c.get(gw.url("/"))
-                .header("host", host)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .ok()
-        },
-        |s| *s == Some(200),
-    )
-    .await;
-}
-
 /// Sends raw bytes and returns what came back until the gateway closed or 3 s passed.
 fn raw(gw: &Gateway, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(gw.http).unwrap();
@@ -75,14 +58,8 @@ fn raw(gw: &Gateway, bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_rate_limit_answers_429_with_retry_after() {
     let (resolver, _web, c) = start().await;
-    let gw = Gateway::start(
-        &resolver,
-        GatewayOptions {
-            config: CONFIG.into(),
-            ..Default::default()
-        },
-    );
-    wait_routed(&c, &gw, "open.test").await;
+    let gw = Gateway::with_config(&resolver, CONFIG);
+    gw.wait_status(&c, "open.test", "/", 200).await;
     let mut statuses = Vec::new();
     let mut retry_after = None;
     for _ in 0..6 {
@@ -132,17 +109,12 @@ async fn route_rate_limit_answers_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_rate_limit_is_per_ip() {
     let (resolver, _web, c) = start().await;
-    let gw = Gateway::start(
+    let gw = Gateway::with_config(
         &resolver,
-        GatewayOptions {
-            config:
-                "client_rate_limit = { rate = 0.5, burst = 5 }\n[[routes]]\nservice = \"web\"\n"
-                    .into(),
-            ..Default::default()
-        },
+        "client_rate_limit = { rate = 0.5, burst = 5 }\n[[routes]]\nservice = \"web\"\n",
     );
-    // wait_routed spends tokens from 127.0.0.1's bucket; count from there.
-    wait_routed(&c, &gw, "any.test").await;
+    // Waiting spends tokens from 127.0.0.1's bucket; count from there.
+    gw.wait_status(&c, "any.test", "/", 200).await;
     let mut refused = 0;
     for _ in 0..10 {
         let r = c.get(gw.url("/")).send().await.unwrap();
@@ -167,14 +139,8 @@ async fn client_rate_limit_is_per_ip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_and_bodies_are_refused() {
     let (resolver, _web, c) = start().await;
-    let gw = Gateway::start(
-        &resolver,
-        GatewayOptions {
-            config: CONFIG.into(),
-            ..Default::default()
-        },
-    );
-    wait_routed(&c, &gw, "open.test").await;
+    let gw = Gateway::with_config(&resolver, CONFIG);
+    gw.wait_status(&c, "open.test", "/", 200).await;
     // Headers over 4 KiB: 431.
     let r = c
         .get(gw.url("/"))
@@ -219,14 +185,8 @@ async fn oversized_headers_and_bodies_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_never_takes_the_gateway_down() {
     let (resolver, _web, c) = start().await;
-    let gw = Gateway::start(
-        &resolver,
-        GatewayOptions {
-            config: CONFIG.into(),
-            ..Default::default()
-        },
-    );
-    wait_routed(&c, &gw, "open.test").await;
+    let gw = Gateway::with_config(&resolver, CONFIG);
+    gw.wait_status(&c, "open.test", "/", 200).await;
     let inputs: Vec<Vec<u8>> = vec![
         b"\x00\x01\x02\xff\r\n\r\n".to_vec(),
         b"GET\r\n\r\n".to_vec(),
@@ -301,14 +261,8 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_at_the_header_deadline() {
     let (resolver, _web, c) = start().await;
-    let gw = Gateway::start(
-        &resolver,
-        GatewayOptions {
-            config: CONFIG.into(),
-            ..Default::default()
-        },
-    );
-    wait_routed(&c, &gw, "open.test").await;
+    let gw = Gateway::with_config(&resolver, CONFIG);
+    gw.wait_status(&c, "open.test", "/", 200).await;
     let addr = gw.http;
     let outcome = tokio::task::spawn_blocking(move || {
         // Trickling headers: a line every 200 ms, never the empty line that ends them.

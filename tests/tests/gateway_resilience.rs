@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use waymark_e2e::gateway::{Backend, Gateway, GatewayOptions};
+use waymark_e2e::gateway::{Backend, Gateway};
 use waymark_e2e::{until, Api, Resolver};
 
 const BACKEND: &str = env!("CARGO_BIN_EXE_gw_backend");
@@ -84,28 +84,11 @@ async fn zero_failed_requests_while_instances_die_and_drain() {
         api.register(b.registration("web", &[], json!({"waymark-public-host": "z.test"}), 200))
             .await;
     }
-    let gw = Gateway::start(
+    let gw = Gateway::with_config(
         &resolver,
-        GatewayOptions {
-            config: "access_log = \"off\"\n[timeouts]\nconnect = \"300ms\"\n".into(),
-            ..Default::default()
-        },
+        "access_log = \"off\"\n[timeouts]\nconnect = \"300ms\"\n",
     );
-    until(
-        "all three instances routed",
-        Duration::from_secs(10),
-        || async {
-            client()
-                .get(gw.url("/"))
-                .header("host", "z.test")
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .ok()
-        },
-        |s| *s == Some(200),
-    )
-    .await;
+    gw.wait_status(&client(), "z.test", "/", 200).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, tasks) = load(
@@ -190,10 +173,9 @@ async fn retries_503_only_for_idempotent_methods_and_ejects_the_outlier() {
         api.register(b.registration("svc", &[], json!({"waymark-public-host": "r.test"}), 0))
             .await;
     }
-    let gw = Gateway::start(
+    let gw = Gateway::with_config(
         &resolver,
-        GatewayOptions {
-            config: r#"
+        r#"
 [retry]
 attempts = 2
 budget_ratio = 0.2
@@ -202,26 +184,10 @@ budget_reserve = 1000
 consecutive_failures = 3
 base_ejection = "30s"
 max_ejected_ratio = 0.5
-"#
-            .into(),
-            ..Default::default()
-        },
+"#,
     );
     let c = client();
-    until(
-        "route ready",
-        Duration::from_secs(10),
-        || async {
-            c.get(gw.url("/"))
-                .header("host", "r.test")
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .ok()
-        },
-        |s| *s == Some(200),
-    )
-    .await;
+    gw.wait_status(&c, "r.test", "/", 200).await;
     // POST is not idempotent: a 503 from the bad instance is passed on, never retried.
     let mut post_503 = 0;
     for _ in 0..40 {
@@ -304,12 +270,9 @@ async fn sigterm_stops_gracefully_within_the_grace_period() {
     let web = Backend::start(BACKEND, "web-1");
     api.register(web.registration("web", &[], json!({"waymark-public-host": "s.test"}), 0))
         .await;
-    let mut gw = Gateway::start(
+    let mut gw = Gateway::with_config(
         &resolver,
-        GatewayOptions {
-            config: "[shutdown]\ngrace_period = \"2s\"\ntimeout = \"1s\"\n".into(),
-            ..Default::default()
-        },
+        "[shutdown]\ngrace_period = \"2s\"\ntimeout = \"1s\"\n",
     );
     let c = client();
     let url_after = gw.url("/after");

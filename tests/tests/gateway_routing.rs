@@ -111,13 +111,7 @@ async fn routes_from_config_and_metadata() {
     api.register(v2.registration("web", &["v2"], json!({}), 0))
         .await;
 
-    let gw = Gateway::start(
-        &resolver,
-        GatewayOptions {
-            config: CONFIG.into(),
-            ..Default::default()
-        },
-    );
+    let gw = Gateway::with_config(&resolver, CONFIG);
     let c = client();
 
     // Metadata routes appear as the registry's state arrives.
@@ -452,13 +446,7 @@ async fn config_routes_reload_under_load_without_a_failed_request() {
     api.register(two.registration("two", &[], json!({}), 0))
         .await;
     let first = "tls_reload_interval = \"100ms\"\n[[routes]]\nhost = \"cfg.test\"\npath = \"/a\"\nservice = \"one\"\n";
-    let gw = Gateway::start(
-        &resolver,
-        GatewayOptions {
-            config: first.into(),
-            ..Default::default()
-        },
-    );
+    let gw = Gateway::with_config(&resolver, first);
     let c = client();
     until(
         "route /a",
