@@ -13,6 +13,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -237,10 +238,12 @@ impl Peek for HeaderDeadline {
 }
 
 /// A pingora server app that puts every connection under a header deadline, then hands it
-/// to the wrapped app (the proxy).
+/// to the wrapped app (the proxy). It also counts the connections being served, so that a
+/// graceful shutdown can end as soon as none is left.
 pub struct Guarded<A> {
     inner: Arc<A>,
     limit: Duration,
+    connections: Arc<AtomicU64>,
 }
 
 impl<A> Guarded<A> {
@@ -248,11 +251,33 @@ impl<A> Guarded<A> {
         Guarded {
             inner: Arc::new(inner),
             limit,
+            connections: Arc::new(AtomicU64::new(0)),
         }
     }
 
     pub fn inner(&self) -> &A {
         &self.inner
+    }
+
+    /// The number of connections inside the app now (idle kept-alive ones included).
+    pub fn connections(&self) -> Arc<AtomicU64> {
+        self.connections.clone()
+    }
+}
+
+/// Counts one connection for as long as it lives (however its future ends).
+struct Counted(Arc<AtomicU64>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicU64>) -> Counted {
+        count.fetch_add(1, Ordering::AcqRel);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -263,6 +288,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _counted = Counted::new(&self.connections);
         let wrapped: Stream = if stream.as_any().is::<HeaderDeadline>() {
             match stream.into_any().downcast::<HeaderDeadline>() {
                 Ok(mut reused) => {

@@ -14,10 +14,11 @@
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
 //! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
+//! - [`listen`]: the public listeners, claimed (and refused when in use) before pingora starts.
 //!
 //! [`run`] owns the process: pingora runs the proxy and the background work, handles
-//! signals (SIGTERM: graceful stop within the configured grace period and timeout) and
-//! returns when it is done. The config file's routes reload when the file changes or on
+//! signals (SIGTERM: graceful stop, which ends as soon as no connection is left, and at the
+//! latest after the configured grace period and timeout) and returns when it is done. The config file's routes reload when the file changes or on
 //! SIGHUP; certificates reload when their directory changes.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod header_deadline;
 pub mod headers;
 pub mod limits;
+pub mod listen;
 pub mod mirror_client;
 pub mod proxy;
 pub mod routes;
@@ -44,6 +46,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TcpSocketOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -55,6 +58,7 @@ use crate::balancer::Balancer;
 use crate::config::{Config, ConfigError, RouteConfig};
 use crate::header_deadline::Guarded;
 use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
+use crate::listen::Reserved;
 use crate::mirror_client::{MirrorClient, RegistryStatus};
 use crate::routes::{RouteError, RouteTable};
 use crate::tls::CertStore;
@@ -187,6 +191,74 @@ struct Control {
     shared: Arc<Shared>,
     admin: Mutex<Option<std::net::TcpListener>>,
     certs: Option<Arc<CertStore>>,
+    /// The public listeners' reservations, dropped once pingora listens on them.
+    reserved: Mutex<Option<Vec<Reserved>>>,
+    /// Connections pingora is serving (the header-deadline wrapper counts them).
+    connections: Arc<AtomicU64>,
+    /// The admin listener's bound address.
+    admin_addr: SocketAddr,
+}
+
+impl Control {
+    /// Waits until pingora accepts on every public listener, then prints the addresses (the
+    /// line scripts and tests wait for) and releases the reservations. A listener that never
+    /// comes up ends the process with an error.
+    async fn announce(&self) {
+        let reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        let waited = tokio::task::spawn_blocking(move || {
+            listen::wait_listening(&reserved, Duration::from_secs(30)).map(|()| reserved)
+        })
+        .await;
+        let reserved = match waited {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                eprintln!("waymark-gateway: {e}");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("waymark-gateway: waiting for the listeners failed: {e}");
+                std::process::exit(1);
+            }
+        };
+        let find = |what: &str| {
+            reserved
+                .iter()
+                .find(|r| r.what == what)
+                .map_or("-".to_string(), |r| r.addr.to_string())
+        };
+        let admin = self.admin_addr;
+        println!(
+            "waymark-gateway listening http={} tls={} admin={admin}",
+            find("http"),
+            find("tls")
+        );
+        let _ = std::io::stdout().flush();
+        tracing::info!(http = %find("http"), tls = %find("tls"), %admin, "listening");
+    }
+
+    /// After shutdown begins, ends the process as soon as no connection is left (pingora
+    /// would otherwise sleep through its whole grace period).
+    async fn exit_when_idle(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let open = self.connections.load(Ordering::Acquire);
+            if open == 0 {
+                tracing::info!("shutdown: no connection left; stopping");
+                let _ = std::io::stdout().flush();
+                std::process::exit(0);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 #[async_trait]
@@ -228,10 +300,12 @@ impl BackgroundService for Control {
             }
         };
         tokio::join!(
+            self.announce(),
             follower.run(shutdown.clone()),
             admin_task,
             certs_task,
-            config_task
+            config_task,
+            self.exit_when_idle(shutdown.clone())
         );
         tracing::info!("background work stopped");
     }
@@ -287,8 +361,16 @@ async fn watch_config(shared: &Shared, mut stop: ShutdownWatch) {
 /// Runs the gateway until pingora is told to stop (SIGTERM: graceful; SIGINT: at once).
 pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     config.validate()?;
+    // Every listener is claimed before anything starts: an address in use is refused here.
+    let mut reserved = Vec::new();
+    if let Some(addr) = config.listen {
+        reserved.push(listen::reserve("http", addr)?);
+    }
+    if let (Some(addr), Some(_)) = (config.tls_listen, &config.tls_dir) {
+        reserved.push(listen::reserve("tls", addr)?);
+    }
     let admin = std::net::TcpListener::bind(config.admin_addr)
-        .with_context(|| format!("binding the admin listener {}", config.admin_addr))?;
+        .with_context(|| format!("admin listener {}", config.admin_addr))?;
     let admin_addr = admin.local_addr()?;
     let certs = match &config.tls_dir {
         Some(dir) if config.tls_listen.is_some() => {
@@ -311,8 +393,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let listen = config.listen;
-    let tls_listen = config.tls_listen;
+    let bound = |what: &str| reserved.iter().find(|r| r.what == what).map(|r| r.addr);
+    let (listen, tls_listen) = (bound("http"), bound("tls"));
     let h2c = config.h2c;
     let header_read_timeout = config.limits.header_read_timeout;
     let shared = Arc::new(Shared::new(config, config_path));
@@ -331,18 +413,20 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
         options.h2c = true;
         app.server_options = Some(options);
     }
-    let mut proxy = Service::new(
-        "waymark gateway".to_string(),
-        Guarded::new(app, header_read_timeout),
-    );
+    let guarded = Guarded::new(app, header_read_timeout);
+    let connections = guarded.connections();
+    let mut proxy = Service::new("waymark gateway".to_string(), guarded);
+    // The same port as the reservation, which SO_REUSEPORT lets pingora share.
+    let mut sock_opt = TcpSocketOptions::default();
+    sock_opt.so_reuseport = Some(true);
     if let Some(addr) = listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_tcp_with_settings(&addr.to_string(), sock_opt.clone());
     }
     if let (Some(addr), Some(store)) = (tls_listen, &certs) {
         let mut tls = TlsSettings::intermediate("", "")?;
         tls.enable_h2();
         tls.set_cert_resolver(store.clone());
-        proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+        proxy.add_tls_with_settings(&addr.to_string(), Some(sock_opt), tls);
     }
     server.add_service(proxy);
     server.add_service(background_service(
@@ -351,16 +435,11 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
             shared,
             admin: Mutex::new(Some(admin)),
             certs,
+            reserved: Mutex::new(Some(reserved)),
+            connections,
+            admin_addr,
         },
     ));
-
-    let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-    println!(
-        "waymark-gateway listening http={} tls={} admin={admin_addr}",
-        show(listen),
-        show(tls_listen)
-    );
-    let _ = std::io::stdout().flush();
     server.run(RunArgs::default());
     tracing::info!("waymark-gateway stopped");
     Ok(())

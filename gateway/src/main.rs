@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use waymark_gateway::config::{AccessLog, Config};
 
@@ -32,28 +33,29 @@ enum Command {
 
 #[derive(clap::Args)]
 struct IngressArgs {
-    /// TOML config file; flags override it.
+    /// TOML config file; flags override it. Without one, every setting has its default.
     #[arg(long, env = "WAYMARK_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Plain HTTP listener.
+    /// Plain HTTP listener [default: 0.0.0.0:8080]. Port 0: any free port; the bound
+    /// addresses are printed on the `waymark-gateway listening` line.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// TLS listener (HTTP/1.1 and HTTP/2 by ALPN); needs --tls-dir.
+    /// TLS listener (HTTP/1.1 and HTTP/2 by ALPN); needs --tls-dir [default: none].
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
     /// Directory of <server-name>.crt / <server-name>.key pairs, picked by SNI.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
-    /// The registry's HTTP address (a resolver's --http-addr), e.g. http://127.0.0.1:8500.
+    /// The registry's HTTP address (a resolver's --http-addr) [default: http://127.0.0.1:8500].
     #[arg(long)]
     registry: Option<String>,
-    /// Admin listener: /metrics, /healthz/live, /healthz/ready.
+    /// Admin listener: /metrics, /healthz/live, /healthz/ready [default: 127.0.0.1:9901].
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
     /// Accept HTTP/2 without TLS on the plain listener.
     #[arg(long)]
     h2c: bool,
-    /// Access log format: text, json or off.
+    /// Access log format: text, json or off [default: text].
     #[arg(long)]
     access_log: Option<String>,
     /// Logs as JSON lines.
@@ -72,15 +74,23 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("waymark-gateway: {e:#}");
+            eprintln!(
+                "waymark-gateway: {}",
+                waymark_shared::report::chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
 }
 
+/// Everything `ingress` checks before it binds: the file, its values, the certificates.
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     config.validate()?;
+    if let (Some(dir), Some(_)) = (&config.tls_dir, config.tls_listen) {
+        waymark_gateway::tls::CertStore::load(dir)
+            .with_context(|| format!("loading certificates from {}", dir.display()))?;
+    }
     print!("{}", toml::to_string_pretty(&config)?);
     Ok(())
 }

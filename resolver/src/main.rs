@@ -27,7 +27,8 @@ enum Command {
     Serve(ServeArgs),
     /// Run a local mesh: the resolver plus demo services registered through the API.
     Demo(ServeArgs),
-    /// Check a config file and print it with every default filled in.
+    /// Check a config file (and the services file it names) as `serve` would, and print it
+    /// with every default filled in.
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
@@ -53,19 +54,22 @@ struct ServeArgs {
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// DNS listen address, UDP and TCP (default 127.0.0.1:8600).
+    /// DNS listen address, UDP and TCP [default: 127.0.0.1:8600]. Port 0: any free port;
+    /// the bound addresses are printed on the `waymark-resolver listening` line.
     #[arg(long)]
     dns_addr: Option<SocketAddr>,
-    /// Registration API, admin and metrics listen address (default 127.0.0.1:8500).
+    /// Registration API, admin and metrics listen address [default: 127.0.0.1:8500].
     #[arg(long)]
     http_addr: Option<SocketAddr>,
-    /// Where registrations are kept across restarts.
+    /// Where registrations are kept across restarts [default: ./waymark-data, relative to
+    /// the working directory; the demo uses a temporary directory, removed when it stops].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// The zone to answer for (default mesh.internal).
     #[arg(long)]
     zone: Option<String>,
-    /// Upstream resolver for other names (repeatable; default: /etc/resolv.conf's).
+    /// Upstream resolver for names outside the zone (repeatable) [default: the nameservers
+    /// in /etc/resolv.conf].
     #[arg(long = "upstream")]
     upstreams: Vec<SocketAddr>,
     /// Log JSON lines.
@@ -106,7 +110,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("waymark-resolver: {e:#}");
+            eprintln!(
+                "waymark-resolver: {}",
+                waymark_shared::report::chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -147,6 +154,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            config.validate()?;
+            if let Some(sf) = &config.services_file {
+                waymark_resolver::services_file::check(&sf.path)?;
+            }
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }

@@ -114,6 +114,16 @@ pub async fn apply(
     first_error.map_or(Ok(()), |e| Err(wrap(e)))
 }
 
+/// Reads and checks the file without registering anything (`check-config`); returns the
+/// number of entries.
+pub fn check(path: &Path) -> Result<usize, ServicesFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ServicesFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse(path, &text)?.len())
+}
+
 /// Loads the file once; returns its contents' fingerprint for [`watch`].
 pub async fn load(registry: &Registry, path: &Path) -> Result<String, ServicesFileError> {
     let text = tokio::fs::read_to_string(path)

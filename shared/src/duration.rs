@@ -1,5 +1,5 @@
 //! Go-style durations, as Consul clients send them: `"10s"`, `"1m30s"`, `"500ms"`, `"1.5h"`.
-//! A bare number is taken as seconds (some clients send `10`).
+//! As in Go (and so in Consul), a number needs its unit: `"10"` is refused, only `"0"` is not.
 
 use std::time::Duration;
 
@@ -9,17 +9,23 @@ pub enum DurationError {
     Empty,
     #[error("invalid duration {0:?}: expected a number followed by ns, us, ms, s, m or h, like \"10s\" or \"1m30s\"")]
     Invalid(String),
+    #[error("invalid duration {0:?}: the unit is missing (ns, us, ms, s, m or h), like \"{0}s\"")]
+    NoUnit(String),
 }
 
-/// Parses a Go duration string (`"300ms"`, `"2h45m"`, `"1.5s"`) or a plain number of seconds.
+/// Parses a Go duration string (`"300ms"`, `"2h45m"`, `"1.5s"`, `"0"`).
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let s = input.trim();
     if s.is_empty() {
         return Err(DurationError::Empty);
     }
     let invalid = || DurationError::Invalid(input.to_string());
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|_| invalid());
+    if let Ok(n) = s.parse::<f64>() {
+        return if n == 0.0 {
+            Ok(Duration::ZERO)
+        } else {
+            Err(DurationError::NoUnit(s.to_string()))
+        };
     }
     let mut total = 0f64;
     let mut rest = s;
@@ -86,7 +92,8 @@ mod tests {
         assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse(" 7 "), Ok(Duration::from_secs(7)));
+        assert_eq!(parse(" 7s "), Ok(Duration::from_secs(7)));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
         assert_eq!(parse("100us"), Ok(Duration::from_micros(100)));
     }
 
@@ -97,6 +104,13 @@ mod tests {
         assert!(parse("10x").is_err());
         assert!(parse("ten seconds").is_err());
         assert!(parse("-1s").is_err());
+        // A number without its unit is refused, as Go and Consul refuse it.
+        assert_eq!(parse("5"), Err(DurationError::NoUnit("5".into())));
+        assert_eq!(parse(" 1.5 "), Err(DurationError::NoUnit("1.5".into())));
+        assert_eq!(
+            parse("5").unwrap_err().to_string(),
+            "invalid duration \"5\": the unit is missing (ns, us, ms, s, m or h), like \"5s\""
+        );
     }
 
     #[test]

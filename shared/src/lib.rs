@@ -5,10 +5,12 @@
 //!   change notifications and a change log that lets a follower resume without loss.
 //! - [`duration`]: Go-style durations (`"10s"`, `"1m30s"`), the form Consul clients send.
 //! - [`telemetry`]: logging setup through `tracing`.
+//! - [`report`]: an error and its causes on one line, each said once.
 
 pub mod duration;
 pub mod mirror;
 pub mod model;
+pub mod report;
 pub mod telemetry;
 
 pub use mirror::{Changes, Freshness, Mirror, ServiceView};
