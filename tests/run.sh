@@ -25,6 +25,20 @@ fi
 
 bash tests/clients/install.sh
 
+# Build everything once, up front, with cargo's own progress: the binaries the end-to-end
+# tests start, then the test programs. The tests then use these binaries as they are
+# (WAYMARK_*_BIN) and never run cargo themselves.
+step() { echo "[tests] $* ($(date +%H:%M:%S))"; }
+step "1/3 building the binaries (a fresh clone takes several minutes)"
+cargo build --workspace --bins
+step "2/3 building the test programs"
+cargo test --workspace --no-run "$@"
+target=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+export WAYMARK_RESOLVER_BIN="$target/debug/waymark-resolver"
+export WAYMARK_GATEWAY_BIN="$target/debug/waymark-gateway"
+
+step "3/3 running the tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

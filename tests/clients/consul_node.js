@@ -5,7 +5,7 @@
 //   node tests/clients/consul_node.js --addr 127.0.0.1:8500 --backend-port 18081
 //
 // Prints one line per step; exits 0 on success, 1 on the first failure. The HTTP check
-// target is served by this script on --backend-port (unless the port is already taken,
+// target is served by this script on --backend-port (0: any free port; unless the port is already taken,
 // in which case whatever listens there must answer GET /health with 200).
 "use strict";
 
@@ -95,8 +95,8 @@ function watchHealth(consul, options, stopWhen, onChange, timeoutMs) {
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const [host, port] = [args.addr.slice(0, args.addr.lastIndexOf(":")), args.addr.slice(args.addr.lastIndexOf(":") + 1)];
-  const backendPort = Number(args["backend-port"]);
-  const url = `http://127.0.0.1:${backendPort}/health`;
+  let backendPort = Number(args["backend-port"]);
+  let url = `http://127.0.0.1:${backendPort}/health`;
   const consul = new Consul({ host, port });
   const passing = async (service) =>
     Object.fromEntries((await consul.health.service({ service, passing: true })).map((e) => [e.Service.ID, e]));
@@ -106,6 +106,9 @@ async function main() {
   try {
     step(`start HTTP check backend on 127.0.0.1:${backendPort}`);
     ok(await startBackend(backendPort));
+    // Port 0: the port the system picked.
+    if (backend.server) backendPort = backend.server.address().port;
+    url = `http://127.0.0.1:${backendPort}/health`;
 
     step(`register ${SID1} with TTL check, tags and meta`);
     await consul.agent.service.register({

@@ -8,7 +8,7 @@ module `consul`, so pick one with PYTHONPATH (see tests/clients/README.md):
       --addr 127.0.0.1:8500 --lib py-consul --backend-port 18080
 
 Prints one line per step; exits 0 on success, 1 on the first failure.
-The HTTP check target is served by this script on --backend-port (unless that port is
+The HTTP check target is served by this script on --backend-port (0: any free port; unless that port is
 already taken, in which case whatever listens there must answer GET /health with 200).
 """
 import argparse
@@ -114,7 +114,10 @@ def main():
         try:
             backend = ThreadingHTTPServer(("127.0.0.1", args.backend_port), Backend)
             threading.Thread(target=backend.serve_forever, daemon=True).start()
-            ok()
+            # Port 0: the port the system picked.
+            args.backend_port = backend.server_address[1]
+            url = f"http://127.0.0.1:{args.backend_port}/health"
+            ok(f"port {args.backend_port}")
         except OSError as e:
             ok(f"port in use ({e.strerror}); using the server already there")
 

@@ -2,16 +2,16 @@
 //! loopback ports, test backends as their own processes (`gw_backend`), and makes TLS
 //! material with rcgen. Stops only the processes it started, by their `Child` handles.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::process::{Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+use crate::process::Proc;
 use crate::{until, workspace_bin, Resolver};
 
 /// The `waymark-gateway` binary, built on first use (like [`crate::resolver_bin`]).
@@ -20,16 +20,21 @@ pub fn gateway_bin() -> PathBuf {
     workspace_bin(&BUILT, "waymark-gateway", "WAYMARK_GATEWAY_BIN")
 }
 
-/// A free loopback port: bound, read and released (the gateway binds it right after).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A loopback port that refuses connections and that no one else can take while the
+/// returned socket lives: bound, never listening.
+pub fn closed_port() -> (u16, std::net::UdpSocket, tokio::net::TcpSocket) {
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.bind(loopback(0)).expect("bind a loopback port");
+    let port = tcp.local_addr().expect("bound").port();
+    // The UDP port of the same number too, for DNS-style uses.
+    let udp = std::net::UdpSocket::bind(loopback(port)).unwrap_or_else(|_| {
+        std::net::UdpSocket::bind(loopback(0)).expect("bind a loopback UDP port")
+    });
+    (port, udp, tcp)
 }
 
 /// How to start a gateway.
@@ -55,13 +60,12 @@ impl GatewayOptions {
     }
 }
 
-/// A running `waymark-gateway ingress`.
+/// A running `waymark-gateway ingress`, on the ports it bound (port 0 for each listener).
 pub struct Gateway {
-    child: Option<Child>,
+    proc: Proc,
     pub http: SocketAddr,
     pub tls: Option<SocketAddr>,
     pub admin: SocketAddr,
-    log: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -77,100 +81,69 @@ impl Gateway {
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, &config).expect("write gateway config");
         let log = dir.path().join("gateway.log");
-        let mut last_err = None;
-        // A port picked free can be taken before the gateway binds it: try again.
-        for _ in 0..3 {
-            let http = loopback(free_port());
-            let admin = loopback(free_port());
-            let tls = opts.tls_dir.as_ref().map(|_| loopback(free_port()));
-            let mut args: Vec<String> = vec![
-                "ingress".into(),
-                "--config".into(),
-                config_path.display().to_string(),
-                "--listen".into(),
-                http.to_string(),
-                "--admin-addr".into(),
-                admin.to_string(),
-                "--registry".into(),
-                format!("http://{}", registry.http),
-            ];
-            if let (Some(d), Some(t)) = (&opts.tls_dir, tls) {
-                args.extend([
-                    "--tls-listen".into(),
-                    t.to_string(),
-                    "--tls-dir".into(),
-                    d.display().to_string(),
-                ]);
-            }
-            if opts.h2c {
-                args.push("--h2c".into());
-            }
-            args.extend(opts.extra_args.iter().cloned());
-            match Self::spawn(&args, &log, http, tls, admin) {
-                Ok(child) => {
-                    return Gateway {
-                        child: Some(child),
-                        http,
-                        tls,
-                        admin,
-                        log,
-                        dir,
-                    }
-                }
-                Err(e) => last_err = Some(e),
-            }
+        let any = loopback(0).to_string();
+        let mut args: Vec<String> = vec![
+            "ingress".into(),
+            "--config".into(),
+            config_path.display().to_string(),
+            "--listen".into(),
+            any.clone(),
+            "--admin-addr".into(),
+            any.clone(),
+            "--registry".into(),
+            format!("http://{}", registry.http),
+        ];
+        if let Some(d) = &opts.tls_dir {
+            args.extend([
+                "--tls-listen".into(),
+                any.clone(),
+                "--tls-dir".into(),
+                d.display().to_string(),
+            ]);
         }
-        panic!(
-            "gateway did not start: {last_err:?}; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-
-    fn spawn(
-        args: &[String],
-        log: &Path,
-        http: SocketAddr,
-        tls: Option<SocketAddr>,
-        admin: SocketAddr,
-    ) -> anyhow::Result<Child> {
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let mut child = Command::new(gateway_bin())
-            .args(args)
-            .env("RUST_LOG", "info,waymark_gateway=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .context("spawning waymark-gateway")?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+        if opts.h2c {
+            args.push("--h2c".into());
+        }
+        args.extend(opts.extra_args.iter().cloned());
+        let mut cmd = Command::new(gateway_bin());
+        cmd.args(&args)
+            .env("RUST_LOG", "info,waymark_gateway=debug");
+        let started = Proc::spawn(
+            cmd,
+            "waymark-gateway",
+            &log,
+            "waymark-gateway listening ",
+            Duration::from_secs(30),
+        )
+        .and_then(|(proc, announced)| {
+            let gw = Gateway {
+                http: announced.need("http")?,
+                tls: announced.addr("tls"),
+                admin: announced.need("admin")?,
+                proc,
+                dir,
+            };
+            if opts.tls_dir.is_some() && gw.tls.is_none() {
+                bail!("no tls= address announced: {}", announced.text);
             }
+            Ok(gw)
         });
+        let mut gw = started.unwrap_or_else(|e| panic!("gateway did not start: {e:#}"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut announced = false;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("gateway exited early with {status}");
-            }
-            while let Ok(line) = rx.try_recv() {
-                announced |= line.starts_with("waymark-gateway listening ");
-            }
-            let up =
-                |a: SocketAddr| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok();
-            if announced && up(http) && tls.is_none_or(up) && ready(admin) {
-                return Ok(child);
-            }
+        while !ready(gw.admin) {
+            assert!(
+                gw.proc.running(),
+                "gateway exited while starting; log:\n{}",
+                gw.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready within 30 s; log:\n{}",
+                gw.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("gateway not ready within 30 s")
+        gw
     }
 
     /// Starts a plain-HTTP gateway with this config file body.
@@ -210,7 +183,7 @@ impl Gateway {
 
     /// The gateway's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log()
     }
 
     /// The config file the gateway was started with (rewrite it to reload routes).
@@ -224,7 +197,12 @@ impl Gateway {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.pid()
+    }
+
+    /// Sends a signal (SIGHUP: reload) without waiting.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        self.proc.signal(signal)
     }
 
     /// `GET /metrics` as text.
@@ -249,29 +227,7 @@ impl Gateway {
     /// SIGTERM, then waits up to `within` for the exit; returns the exit status and the time
     /// it took, or none (after a SIGKILL) when it did not exit in time.
     pub fn terminate(&mut self, within: Duration) -> Option<(ExitStatus, Duration)> {
-        let mut child = self.child.take()?;
-        let started = Instant::now();
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        while started.elapsed() < within {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some((status, started.elapsed()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.terminate(within)
     }
 }
 
@@ -293,11 +249,12 @@ fn ready(admin: SocketAddr) -> bool {
 
 /// A `gw_backend` process: pass the binary (`env!("CARGO_BIN_EXE_gw_backend")` in a test).
 pub struct Backend {
-    child: Option<Child>,
+    proc: Option<Proc>,
     bin: PathBuf,
     pub id: String,
     pub addr: SocketAddr,
     extra: Vec<String>,
+    log: tempfile::NamedTempFile,
 }
 
 impl Backend {
@@ -308,57 +265,57 @@ impl Backend {
     /// With extra arguments, such as `["--status", "503"]`.
     pub fn with_args(bin: &str, id: &str, extra: &[&str]) -> Backend {
         let mut b = Backend {
-            child: None,
+            proc: None,
             bin: PathBuf::from(bin),
             id: id.to_string(),
             addr: loopback(0),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: tempfile::NamedTempFile::new().expect("backend log file"),
         };
         b.spawn(loopback(0)).expect("backend starts");
         b
     }
 
     fn spawn(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
-        let mut child = Command::new(&self.bin)
-            .args(["--addr", &addr.to_string(), "--id", &self.id])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning gw_backend")?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(a) = line.trim().strip_prefix("gw_backend listening ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("backend did not start: {line:?}");
-        };
-        self.addr = a.parse()?;
-        self.child = Some(child);
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--addr", &addr.to_string(), "--id", &self.id])
+            .args(&self.extra);
+        let (proc, announced) = Proc::spawn(
+            cmd,
+            "gw_backend",
+            self.log.path(),
+            "gw_backend listening ",
+            Duration::from_secs(10),
+        )?;
+        self.addr = announced
+            .text
+            .parse()
+            .with_context(|| format!("backend address {:?}", announced.text))?;
+        self.proc = Some(proc);
         Ok(())
     }
 
     /// SIGKILL: the process dies with its connections; connects are refused afterwards.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
 
-    /// Starts it again on the same address.
+    /// Starts it again on the same address: an instance that comes back where it was
+    /// registered. Its port was just released; binding is retried briefly.
     pub fn restart(&mut self) {
         self.kill();
         let addr = self.addr;
+        let mut last = None;
         for _ in 0..50 {
-            if self.spawn(addr).is_ok() {
-                return;
+            match self.spawn(addr) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("backend {} did not restart on {addr}", self.id);
+        panic!("backend {} did not restart on {addr}: {last:?}", self.id);
     }
 
     /// The registration body for this backend: service, tags, meta and an HTTP check on
@@ -381,12 +338,6 @@ impl Backend {
             });
         }
         body
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

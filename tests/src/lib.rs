@@ -1,23 +1,30 @@
 //! The end-to-end test harness: starts the real `waymark-resolver` binary on ephemeral
 //! loopback ports (reading the bound addresses from its first line of output), talks to it
 //! with real DNS and HTTP clients, and stops only the processes it started, by PID.
+//!
+//! - [`process`]: starting and stopping any child process (one way for all of them).
+//! - [`dns`]: DNS queries over UDP and TCP with hickory.
+//! - [`gateway`]: the gateway, test backends and TLS material.
+//! - [`netns`]: network namespaces for tests that need fixed ports or a resolv.conf.
 
 pub mod dns;
 pub mod gateway;
+pub mod netns;
+pub mod process;
 
 use std::fmt::{Debug, Display};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use serde_json::Value;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::task::JoinHandle;
+
+use crate::process::Proc;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -27,23 +34,52 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `waymark-resolver` binary, built on first use when it is not there yet.
+/// The `waymark-resolver` binary (see [`workspace_bin`]).
 pub fn resolver_bin() -> PathBuf {
     static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
     workspace_bin(&BUILT, "waymark-resolver", "WAYMARK_RESOLVER_BIN")
 }
 
-/// A binary of the workspace (package and binary named `name`): the path in `env_var` when
-/// set, else built with cargo once per test process (`built` remembers it) in the profile the
-/// tests run in.
+/// Variables cargo sets for the test process itself. A `cargo build` that inherits them
+/// sees a different environment than a `cargo build` from a shell and rebuilds what depends
+/// on them (ring, rustls, reqwest, the binaries) each time a person switches between the two.
+fn cargo_test_only_var(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "CARGO_MAKEFLAGS",
+        "OUT_DIR",
+        "RUST_TEST_THREADS",
+        "LD_LIBRARY_PATH",
+    ];
+    EXACT.contains(&name)
+        || name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_")
+        || name.starts_with("__CARGO")
+}
+
+/// A binary of the workspace (package and binary named `name`).
+///
+/// - `env_var` set (tests/run.sh sets it after building every binary once, up front): that
+///   file, and no cargo at all.
+/// - Otherwise (`cargo test -p waymark-e2e --test dns` while working on the code): a
+///   `cargo build` of that binary, once per test process, in the tests' profile, with the
+///   variables cargo set for the test removed, so it is the same build a shell's `cargo
+///   build` makes and reuses.
 pub fn workspace_bin(built: &Mutex<Option<PathBuf>>, name: &str, env_var: &str) -> PathBuf {
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = built.as_ref() {
         return p.clone();
     }
     if let Ok(p) = std::env::var(env_var) {
-        *built = Some(PathBuf::from(&p));
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "{env_var}={} does not exist", p.display());
+        *built = Some(p.clone());
+        return p;
     }
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let exe = std::env::current_exe().expect("test executable path");
@@ -53,6 +89,11 @@ pub fn workspace_bin(built: &Mutex<Option<PathBuf>>, name: &str, env_var: &str) 
         .expect("test runs from target/<profile>/deps");
     let release = profile_dir.ends_with("release");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (var, _) in std::env::vars_os() {
+        if var.to_str().is_some_and(cargo_test_only_var) {
+            cmd.env_remove(&var);
+        }
+    }
     cmd.args(["build", "-q", "-p", name, "--bin", name])
         .current_dir(root());
     if release {
@@ -68,9 +109,12 @@ pub fn workspace_bin(built: &Mutex<Option<PathBuf>>, name: &str, env_var: &str) 
 
 /// A running `waymark-resolver serve` process.
 pub struct Resolver {
-    child: Option<Child>,
+    proc: Option<Proc>,
     pub dns: SocketAddr,
     pub http: SocketAddr,
+    /// The HTTP address, shared with every [`Api`] made for this resolver, so that they
+    /// follow it across restarts.
+    http_shared: Arc<Mutex<SocketAddr>>,
     pub data_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -130,10 +174,12 @@ impl Resolver {
         }
         args.extend(opts.extra_args.iter().cloned());
         let log = dir.path().join("resolver.log");
+        let unbound: SocketAddr = "0.0.0.0:0".parse().expect("valid");
         let mut r = Resolver {
-            child: None,
-            dns: "0.0.0.0:0".parse().expect("valid"),
-            http: "0.0.0.0:0".parse().expect("valid"),
+            proc: None,
+            dns: unbound,
+            http: unbound,
+            http_shared: Arc::new(Mutex::new(unbound)),
             data_dir,
             args,
             log,
@@ -144,50 +190,23 @@ impl Resolver {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let mut child = Command::new(resolver_bin())
-            .args(&self.args)
-            .env(
-                "RUST_LOG",
-                "info,hickory_server=warn,waymark_resolver=debug",
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("spawning waymark-resolver")?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => bail!(
-                    "resolver did not report its addresses; log:\n{}",
-                    self.log()
-                ),
-            };
-            if let Some(rest) = line.strip_prefix("waymark-resolver listening ") {
-                for word in rest.split_whitespace() {
-                    if let Some(a) = word.strip_prefix("dns=") {
-                        self.dns = a.parse()?;
-                    } else if let Some(a) = word.strip_prefix("http=") {
-                        self.http = a.parse()?;
-                    }
-                }
-                return Ok(());
-            }
-        }
+        let mut cmd = Command::new(resolver_bin());
+        cmd.args(&self.args).env(
+            "RUST_LOG",
+            "info,hickory_server=warn,waymark_resolver=debug",
+        );
+        let (proc, announced) = Proc::spawn(
+            cmd,
+            "waymark-resolver",
+            &self.log,
+            "waymark-resolver listening ",
+            Duration::from_secs(30),
+        )?;
+        self.dns = announced.need("dns")?;
+        self.http = announced.need("http")?;
+        *self.http_shared.lock().unwrap_or_else(|e| e.into_inner()) = self.http;
+        self.proc = Some(proc);
+        Ok(())
     }
 
     /// The resolver's log so far.
@@ -200,59 +219,65 @@ impl Resolver {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// SIGKILL: a crash, with no chance to flush anything.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
 
-    /// SIGTERM and wait: a clean stop.
+    /// SIGTERM and wait: a clean stop (SIGKILL after 15 s).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(15));
         }
     }
 
-    /// Starts the same resolver again (same data dir) on the same addresses.
+    /// Kills the resolver and starts it again on the same data dir.
     pub fn restart(&mut self) {
         self.kill();
         self.restart_stopped();
     }
 
-    /// Starts a stopped resolver again, keeping its addresses and data dir.
+    /// Starts a stopped resolver again on the same data dir. Addresses given as port 0 get
+    /// new ports (never a port a parallel test may have taken since): `dns`, `http` and every
+    /// [`Api`] made for this resolver follow.
     pub fn restart_stopped(&mut self) {
-        let pin = |args: &mut Vec<String>, flag: &str, addr: SocketAddr| {
+        if let Err(e) = self.spawn() {
+            panic!("resolver did not restart: {e:#}");
+        }
+    }
+
+    /// Starts a stopped resolver again on the addresses it had, for a test where something
+    /// that knows the address follows it (a gateway). The ports were released when it
+    /// stopped; binding is retried for up to 5 s, and a port taken meanwhile fails the test
+    /// with that said.
+    pub fn restart_in_place(&mut self) {
+        let mut args = self.args.clone();
+        for (flag, addr) in [("--dns-addr", self.dns), ("--http-addr", self.http)] {
             if let Some(i) = args.iter().position(|a| a == flag) {
                 args[i + 1] = addr.to_string();
             }
-        };
-        let (dns, http) = (self.dns, self.http);
-        pin(&mut self.args, "--dns-addr", dns);
-        pin(&mut self.args, "--http-addr", http);
-        // The ports were just released; retry briefly if the kernel has not let go yet.
+        }
+        let fresh = std::mem::replace(&mut self.args, args);
+        let mut last = None;
         for _ in 0..50 {
-            if self.spawn().is_ok() {
-                return;
+            match self.spawn() {
+                Ok(()) => {
+                    self.args = fresh;
+                    return;
+                }
+                Err(e) => last = Some(e),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("resolver did not restart; log:\n{}", self.log());
+        panic!(
+            "resolver did not restart on dns={} http={} (taken meanwhile?): {last:?}",
+            self.dns, self.http
+        );
     }
 }
 
@@ -262,16 +287,16 @@ impl Drop for Resolver {
     }
 }
 
-/// A JSON HTTP client for the registration API.
+/// A JSON HTTP client for the registration API of one resolver (it follows restarts).
 pub struct Api {
-    pub base: String,
+    http: Arc<Mutex<SocketAddr>>,
     pub client: reqwest::Client,
 }
 
 impl Api {
     pub fn new(r: &Resolver) -> Api {
         Api {
-            base: format!("http://{}", r.http),
+            http: r.http_shared.clone(),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -279,9 +304,17 @@ impl Api {
         }
     }
 
+    /// `http://<the resolver's HTTP address>`.
+    pub fn base(&self) -> String {
+        format!(
+            "http://{}",
+            self.http.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    }
+
     /// The full URL of an API path.
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.base())
     }
 
     pub async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {

@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 use waymark_e2e::{root, Resolver};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs a client script against a fresh resolver; fails with its output unless it exits 0.
 fn run_client(program: &str, script: &str, extra: &[&str], pythonpath: Option<&Path>) {
     let r = Resolver::start();
@@ -27,11 +19,11 @@ fn run_client(program: &str, script: &str, extra: &[&str], pythonpath: Option<&P
             p.display()
         );
     }
-    let port = free_port().to_string();
     let addr = r.http.to_string();
     let mut cmd = Command::new(program);
     cmd.arg(clients.join(script))
-        .args(["--addr", &addr, "--backend-port", &port])
+        // Port 0: the script serves its check target on a port of the system's choosing.
+        .args(["--addr", &addr, "--backend-port", "0"])
         .args(extra)
         .current_dir(&clients)
         .stdin(Stdio::null())

@@ -419,8 +419,9 @@ async fn readiness_and_metrics_follow_the_registry_link() {
         assert_eq!(get(&c, &gw, "r.test", "/").await.0, 200);
     }
 
-    // It comes back (same data dir, so the registration is still there): connected again.
-    resolver.restart_stopped();
+    // It comes back where it was (same data dir, so the registration is still there):
+    // connected again.
+    resolver.restart_in_place();
     until(
         "ready reports the registry connected again",
         Duration::from_secs(15),
@@ -510,12 +511,11 @@ async fn config_routes_reload_under_load_without_a_failed_request() {
     // Back to the first file, with SIGHUPs sent meanwhile: they must not stop the gateway
     // (the default action of SIGHUP would), and /b goes away.
     std::fs::write(gw.config_path(), first).unwrap();
-    let pid = gw.pid().unwrap().to_string();
     until(
         "route /b gone after SIGHUP",
         WAIT,
         || async {
-            let _ = Command::new("kill").args(["-HUP", &pid]).status();
+            gw.signal(nix::sys::signal::Signal::SIGHUP);
             get(&c, &gw, "cfg.test", "/b").await.0
         },
         |s| *s == 404,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use waymark_e2e::gateway::{free_port, Backend};
+use waymark_e2e::gateway::{closed_port, Backend};
 
 const HTTPLOAD: &str = env!("CARGO_BIN_EXE_httpload");
 const BACKEND: &str = env!("CARGO_BIN_EXE_gw_backend");
@@ -183,7 +183,7 @@ fn reads_chunked_answers_and_reconnects_after_close() {
 
 #[test]
 fn a_closed_port_reports_errors_and_exits_cleanly() {
-    let port = free_port();
+    let (port, _udp, _held) = closed_port();
     let url = format!("http://127.0.0.1:{port}/");
     let started = Instant::now();
     let r = report(&[

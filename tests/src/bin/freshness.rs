@@ -292,7 +292,7 @@ async fn registrations(dns: SocketAddr, api: &Api, n: usize) -> anyhow::Result<R
         let mut poller = Poller::new(dns, &format!("{name}.{ZONE}")).await?;
         let request = api
             .client
-            .put(format!("{}/v1/agent/service/register", api.base))
+            .put(format!("{}/v1/agent/service/register", api.base()))
             .json(&body)
             .build()?;
         let sent = Instant::now();
@@ -625,7 +625,7 @@ async fn missed_ttl(
     tokio::time::sleep(delay).await;
     let request = api
         .client
-        .put(format!("{}/v1/agent/check/pass/service:{id}", api.base))
+        .put(format!("{}/v1/agent/check/pass/service:{id}", api.base()))
         .build()?;
     let sent = Instant::now();
     let resp = api
@@ -759,7 +759,7 @@ impl Poller {
 }
 
 async fn put(api: &Api, path: &str, body: Option<Value>) -> anyhow::Result<()> {
-    let mut req = api.client.put(format!("{}{path}", api.base));
+    let mut req = api.client.put(format!("{}{path}", api.base()));
     if let Some(b) = body {
         req = req.json(&b);
     }
