@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use waymark_shared::lifecycle::drain;
 use waymark_shared::Mirror;
 
 use crate::api::{self, admin::Readiness, ApiState};
-use crate::config::{resolv_conf_upstreams, Config};
+use crate::config::{auto_connection_cap, resolv_conf_upstreams, Config};
 use crate::dns::{self, fast::FastPath, forward::Forwarder, udp::UdpServer, Zone};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Settings};
@@ -43,6 +44,8 @@ pub struct Bound {
     pub upstreams: Vec<SocketAddr>,
     pub registry: Arc<Registry>,
     stop: watch::Sender<bool>,
+    /// HTTP connections and long responses hold its watch.
+    drain: drain::Trigger,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -50,9 +53,21 @@ impl Bound {
     /// Stops serving, waits for the servers to finish (up to `grace`) and for every
     /// acknowledged write to be on disk.
     pub async fn shutdown(self, grace: Duration) {
+        let started = tokio::time::Instant::now();
         let _ = self.stop.send(true);
+        match self.drain.drain(grace).await {
+            drain::Drained::Complete => {}
+            drain::Drained::TimedOut { left } => {
+                tracing::warn!(
+                    ?grace,
+                    left,
+                    "HTTP connections still open at the deadline; closing them"
+                )
+            }
+        }
+        let left = grace.saturating_sub(started.elapsed());
         let all = futures::future::join_all(self.tasks);
-        if tokio::time::timeout(grace, all).await.is_err() {
+        if tokio::time::timeout(left, all).await.is_err() {
             tracing::warn!(?grace, "servers did not stop within the grace period");
         }
         if let Err(e) = self.registry.flush().await {
@@ -90,6 +105,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     );
 
     let (stop, stopped) = watch::channel(false);
+    let (drain, http_drain) = drain::channel();
     let mut tasks = Vec::new();
     let state = Arc::new(ApiState {
         registry: registry.clone(),
@@ -97,8 +113,9 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         config: config.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        drain: http_drain.clone(),
     });
-    let (http_addr, http) = start_http(state, stopped.clone()).await?;
+    let (http_addr, http) = start_http(state, http_drain).await?;
     tasks.push(http);
     let started = async {
         // Third-party registrations: loaded before DNS answers, then watched.
@@ -123,6 +140,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         Ok(bound) => bound,
         Err(e) => {
             let _ = stop.send(true);
+            drop(drain);
             return Err(e);
         }
     };
@@ -144,30 +162,32 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         upstreams,
         registry,
         stop,
+        drain,
         tasks,
     })
 }
 
-/// Binds the HTTP listener and serves the API until stopped.
+/// Binds the HTTP listener and serves the API until the drain.
 async fn start_http(
     state: Arc<ApiState>,
-    mut stopped: watch::Receiver<bool>,
+    drain: drain::Watch,
 ) -> Result<(SocketAddr, JoinHandle<()>), AppError> {
-    let addr = state.config.api.addr;
+    let api = &state.config.api;
+    let addr = api.addr;
     let bind_error = |source| AppError::HttpBind { addr, source };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
+    let limits = api::serve::Limits {
+        max_connections: auto_connection_cap(api.max_connections, 1024),
+        max_connections_per_client: api.max_connections_per_client,
+        header_read_timeout: api.header_read_timeout,
+    };
+    tracing::debug!(?limits, "HTTP limits");
+    let metrics = state.metrics.clone();
     let app = api::router(state);
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let task = tokio::spawn(api::serve::serve(listener, app, limits, metrics, drain));
     Ok((bound, task))
 }
 

@@ -126,6 +126,18 @@ pub struct ApiConfig {
     /// Longest `wait` a blocking query may ask for.
     #[serde(with = "dur")]
     pub max_wait: Duration,
+    /// Time for a request's head to arrive; also how long a kept-alive connection may wait
+    /// for its next request.
+    #[serde(with = "dur")]
+    pub header_read_timeout: Duration,
+    /// Time for a request's whole body to arrive.
+    #[serde(with = "dur")]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; beyond, new ones are closed at once. 0: a quarter of the
+    /// descriptor limit, at most 1024.
+    pub max_connections: usize,
+    /// Open connections from one client address at most.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for ApiConfig {
@@ -138,6 +150,10 @@ impl Default for ApiConfig {
             node_name: "waymark".into(),
             datacenter: "dc1".into(),
             max_wait: Duration::from_secs(600),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 0,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -269,6 +285,14 @@ impl Config {
         if self.dns.upstream_timeout.is_zero() {
             return bad("dns.upstream_timeout must be above zero".into());
         }
+        if self.api.header_read_timeout.is_zero() || self.api.body_read_timeout.is_zero() {
+            return bad(
+                "api.header_read_timeout and api.body_read_timeout must be above zero".into(),
+            );
+        }
+        if self.api.max_connections_per_client == 0 {
+            return bad("api.max_connections_per_client must be at least 1".into());
+        }
         if self.api.max_body_bytes < 1024 {
             return bad("api.max_body_bytes must be at least 1024".into());
         }
@@ -315,6 +339,18 @@ pub fn resolv_conf_upstreams(text: &str, exclude: &[SocketAddr]) -> Vec<SocketAd
         .map(|ip| SocketAddr::new(ip, 53))
         .filter(|a| !exclude.contains(a))
         .collect()
+}
+
+/// What `0` (automatic) means for a cap on connections: a quarter of the process's
+/// descriptor limit (RLIMIT_NOFILE), at least 16 and at most `most`.
+pub fn auto_connection_cap(configured: usize, most: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    ((soft / 4) as usize).clamp(16, most)
 }
 
 #[cfg(test)]

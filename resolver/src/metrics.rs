@@ -30,6 +30,20 @@ pub struct ApiLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `http` or `dns_tcp`.
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `http` or `dns_tcp`.
+    pub listener: &'static str,
+    /// `total` or `per_client`: which cap was reached.
+    pub cap: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     /// `http`, `tcp`, `ttl`.
     pub kind: &'static str,
@@ -57,6 +71,8 @@ pub struct Metrics {
     pub check_runs: Family<CheckLabels, Counter>,
     pub check_transitions: Family<TransitionLabels, Counter>,
     pub store_errors: Counter,
+    pub connections: Family<ListenerLabels, Gauge>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,6 +98,8 @@ impl Metrics {
             check_runs: Family::default(),
             check_transitions: Family::default(),
             store_errors: Counter::default(),
+            connections: Family::default(),
+            connections_refused: Family::default(),
         };
         registry.register(
             "dns_queries",
@@ -143,7 +161,40 @@ impl Metrics {
             "Failed writes to the data dir",
             m.store_errors.clone(),
         );
+        registry.register(
+            "connections",
+            "Open connections, by listener",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because a cap was reached, by listener and cap",
+            m.connections_refused.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a connection refused by `listener` at `refused`'s cap.
+    pub fn connection_refused(
+        &self,
+        listener: &'static str,
+        refused: waymark_shared::lifecycle::bounded::Refused,
+    ) {
+        use waymark_shared::lifecycle::bounded::Refused;
+        let cap = match refused {
+            Refused::Total(_) => "total",
+            Refused::PerKey(_) => "per_client",
+        };
+        self.connections_refused
+            .get_or_create(&RefusedLabels { listener, cap })
+            .inc();
+    }
+
+    /// Sets the number of open connections of `listener`.
+    pub fn set_connections(&self, listener: &'static str, open: usize) {
+        self.connections
+            .get_or_create(&ListenerLabels { listener })
+            .set(open as i64);
     }
 
     /// The Prometheus text exposition of every metric.

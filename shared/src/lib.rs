@@ -6,8 +6,11 @@
 //! - [`duration`]: Go-style durations (`"10s"`, `"1m30s"`), the form Consul clients send.
 //! - [`telemetry`]: logging setup through `tracing`.
 //! - [`report`]: an error and its causes on one line, each said once.
+//! - [`lifecycle`]: drain, readiness, bounded admission and accept loops: what every
+//!   process needs to start, stay up under floods and stop within its deadline.
 
 pub mod duration;
+pub mod lifecycle;
 pub mod mirror;
 pub mod model;
 pub mod report;

@@ -164,7 +164,30 @@ fn example_services_file_parses() {
 
 #[test]
 fn check_config_accepts_the_example() {
-    let path = deploy("resolver.toml");
+    // As installed (deploy/README.md): the services file it names is in place. Here it is
+    // the example's own, beside it.
+    let text = std::fs::read_to_string(deploy("resolver.toml")).unwrap();
+    let installed = "/etc/waymark/services.toml";
+    assert!(text.contains(installed), "the example names {installed}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resolver.toml");
+    let services = deploy("services.toml");
+    std::fs::write(&path, text.replace(installed, services.to_str().unwrap())).unwrap();
+    // Not installed yet: check-config refuses, as serve would, and names the file.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        text.replace(installed, dir.path().join("nope.toml").to_str().unwrap()),
+    )
+    .unwrap();
+    let refused = run_resolver(
+        &["check-config", missing.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .expect("check-config exits");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("nope.toml"));
+
     let out = run_resolver(
         &["check-config", path.to_str().unwrap()],
         Duration::from_secs(30),

@@ -32,7 +32,7 @@ pub async fn register(
     State(state): State<Arc<ApiState>>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.config.api.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let def = consul::parse_service(&body)?;
     state.registry.register(def, Source::Api).await?;
     Ok(empty_ok())
@@ -67,7 +67,7 @@ pub async fn register_check(
     State(state): State<Arc<ApiState>>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.config.api.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let (check, service) = consul::parse_check(&body)?;
     let service = service.filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::BadRequest("ServiceID is required: Waymark has no node-level checks".into())
@@ -110,7 +110,7 @@ pub async fn check_update(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.config.api.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
     let field = |name: &str| {
@@ -150,7 +150,9 @@ pub async fn catalog_services(
     Query(q): Params,
 ) -> Result<Response, ApiError> {
     let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
-    let index = blocking.wait(&state.mirror, || state.mirror.index()).await;
+    let index = blocking
+        .wait(&state.mirror, &state.drain, || state.mirror.index())
+        .await;
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for view in state.mirror.services() {
         let tags = out.entry(view.name.to_string()).or_default();
@@ -216,7 +218,7 @@ async fn service_entries(
     let blocking = Blocking::parse(q, state.config.api.max_wait)?;
     let tag = q.get("tag").filter(|t| !t.is_empty());
     let index = blocking
-        .wait(&state.mirror, || service_index(state, name))
+        .wait(&state.mirror, &state.drain, || service_index(state, name))
         .await;
     let node = node(state);
     let entries: Vec<Value> = state

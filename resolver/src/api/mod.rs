@@ -6,10 +6,12 @@
 //! - [`agent`]: the Consul-compatible handlers.
 //! - [`stream`]: the change stream (long-poll and server-sent events).
 //! - [`admin`]: metrics, liveness and readiness.
+//! - [`serve`]: the connections: caps, timeouts, drain.
 
 pub mod admin;
 pub mod agent;
 pub mod consul;
+pub mod serve;
 pub mod stream;
 
 use std::sync::Arc;
@@ -36,6 +38,8 @@ pub struct ApiState {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<admin::Readiness>,
+    /// Signalled at shutdown: long polls and event streams end.
+    pub drain: waymark_shared::lifecycle::drain::Watch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ pub enum ApiError {
     Forbidden,
     #[error("request body is over the limit of {0} bytes")]
     TooLarge(usize),
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
     #[error("{0}")]
     Internal(String),
 }
@@ -79,6 +85,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -110,11 +117,17 @@ pub fn with_index(value: &serde_json::Value, index: u64) -> Response {
     resp
 }
 
-/// Reads a request body up to the configured limit.
-pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::TooLarge(limit))
+/// Reads a request body up to the configured size, within the configured time.
+pub async fn read_body(state: &ApiState, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let (limit, within) = (
+        state.config.api.max_body_bytes,
+        state.config.api.body_read_timeout,
+    );
+    match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::TooLarge(limit)),
+        Err(_) => Err(ApiError::BodyTimeout(within)),
+    }
 }
 
 /// Builds the router.
@@ -247,8 +260,14 @@ impl Blocking {
 
     /// Waits until `current()` moves past the client's index, or the wait runs out; returns
     /// the index to report. Index 0 (or an index from the future) returns at once.
-    pub async fn wait(&self, mirror: &Mirror, current: impl Fn() -> u64) -> u64 {
-        if self.index == 0 || self.index > mirror.index() {
+    /// A shutdown (`drain`) ends the wait at once.
+    pub async fn wait(
+        &self,
+        mirror: &Mirror,
+        drain: &waymark_shared::lifecycle::drain::Watch,
+        current: impl Fn() -> u64,
+    ) -> u64 {
+        if self.index == 0 || self.index > mirror.index() || drain.is_draining() {
             return current();
         }
         let mut rx = mirror.subscribe();
@@ -258,9 +277,12 @@ impl Blocking {
             if now > self.index {
                 return now;
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return current(),
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, rx.changed()) => match changed {
+                    Ok(Ok(())) => continue,
+                    _ => return current(),
+                },
+                _ = drain.signaled() => return current(),
             }
         }
     }

@@ -17,7 +17,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::Response;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use waymark_shared::Changes;
 
 use super::{with_index, ApiError, ApiState, Blocking};
@@ -27,7 +27,9 @@ pub async fn changes(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
-    blocking.wait(&state.mirror, || state.mirror.index()).await;
+    blocking
+        .wait(&state.mirror, &state.drain, || state.mirror.index())
+        .await;
     let changes = state.mirror.changes_since(blocking.index);
     let index = changes.index;
     let body = serde_json::to_value(&changes).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -78,5 +80,8 @@ pub async fn events(
             }
         },
     );
+    // The stream ends at shutdown, so the connection can close within the grace period.
+    let drain = state.drain.clone();
+    let stream = stream.take_until(async move { drain.signaled().await });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

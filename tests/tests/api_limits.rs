@@ -1,0 +1,215 @@
+//! The registration API cannot be held by idle or slow clients, and ends everything at
+//! shutdown: silent connections, idle kept-alive ones and trickled bodies are cut off; a cap
+//! in total and per client closes what is beyond it at once, while other clients and DNS
+//! keep working; long polls and event streams end at SIGTERM, which completes quickly.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use waymark_e2e::{dns, Options, Resolver};
+
+const CONFIG: &str = r#"
+[api]
+header_read_timeout = "500ms"
+body_read_timeout = "500ms"
+max_connections = 20
+max_connections_per_client = 8
+"#;
+
+fn start() -> Resolver {
+    Resolver::with(Options {
+        config: Some(CONFIG.into()),
+        ..Options::default()
+    })
+}
+
+/// Connects from `local` (an address of 127/8) to `to`.
+fn connect_from(local: &str, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(local.parse().unwrap(), 0))?;
+            socket.connect(to).await?.into_std()
+        })
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+/// Whether the server closes `s` within `within` (a read returns EOF or an error).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn http_get(to: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(to).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_connections_are_closed_and_caps_hold() {
+    let r = start();
+    let http = r.http;
+    let dns_addr = r.dns;
+    tokio::task::spawn_blocking(move || {
+        // Eight silent connections from one client: the ninth is closed at once.
+        let mut silent: Vec<TcpStream> = (0..8).map(|_| connect_from("127.0.0.1", http)).collect();
+        let mut ninth = connect_from("127.0.0.1", http);
+        assert!(
+            closed_within(&mut ninth, Duration::from_millis(300)),
+            "a connection beyond the per-client cap stays open"
+        );
+        // Another client is still served, and DNS answers meanwhile.
+        let mut other = connect_from("127.0.0.2", http);
+        write!(other, "GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        other
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = other.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let soa = dns::tcp(dns_addr, "mesh.internal.", RecordType::SOA).await;
+            assert_eq!(soa.answers.len(), 1, "{soa:?}");
+        });
+
+        // The silent ones are cut off by the header deadline (500 ms), with margin.
+        let started = Instant::now();
+        for s in &mut silent {
+            assert!(
+                closed_within(s, Duration::from_secs(3)),
+                "a silent connection outlived the header deadline"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // The kept-alive one, idle after its answer, is closed too.
+        assert!(
+            closed_within(&mut other, Duration::from_secs(3)),
+            "an idle kept-alive connection stays open"
+        );
+        // With everything closed, the client gets in again.
+        let page = http_get(http, "/healthz/live");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        // The refusals are counted.
+        let metrics = http_get(http, "/metrics");
+        assert!(
+            metrics
+                .contains(r#"waymark_connections_refused_total{listener="http",cap="per_client"}"#),
+            "{metrics}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_gets_408_and_frees_the_connection() {
+    let r = start();
+    let http = r.http;
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(http).unwrap();
+        write!(
+            s,
+            "PUT /v1/agent/service/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"Name\""
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        // One more byte now and then, never the whole body.
+        loop {
+            let _ = s.write_all(b" ");
+            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if out.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Err(_) => {}
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "no answer");
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    })
+    .await
+    .unwrap();
+    let body: serde_json::Value = reqwest::get(r.url("/v1/agent/services"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body, serde_json::json!({}), "nothing was registered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_and_event_streams_end_at_shutdown() {
+    let mut r = start();
+    let c = reqwest::Client::new();
+    // Wait for the first index, then block on it for up to a minute.
+    let first = c.get(r.url("/v1/catalog/services")).send().await.unwrap();
+    let index = waymark_e2e::consul_index(&first);
+    let poll = tokio::spawn(
+        c.get(r.url(&format!("/v1/catalog/services?index={index}&wait=60s")))
+            .send(),
+    );
+    let mut events = c
+        .get(r.url("/v1/waymark/events?index=0"))
+        .send()
+        .await
+        .unwrap();
+    // The first event (the whole state) arrives.
+    let chunk = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(chunk.is_some());
+    let started = Instant::now();
+    tokio::task::block_in_place(|| r.stop());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    // The long poll got its answer, and the event stream ended.
+    let answered = tokio::time::timeout(Duration::from_secs(2), poll).await;
+    assert!(answered.is_ok(), "the long poll never ended");
+    let rest = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await;
+    assert!(rest.is_ok(), "the event stream never ended");
+}
