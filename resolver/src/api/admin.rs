@@ -1,8 +1,7 @@
 //! Admin endpoints: Prometheus metrics, liveness, and readiness that names what it still
 //! waits for.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -10,36 +9,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
 
-/// What the process still waits for before it is ready. Empty means ready.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    pending: Mutex<BTreeSet<&'static str>>,
-}
-
-impl Readiness {
-    pub fn waiting_for(&self, what: &'static str) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(what);
-    }
-
-    pub fn done(&self, what: &'static str) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(what);
-    }
-
-    pub fn pending(&self) -> Vec<&'static str> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect()
-    }
-}
+/// What the process still waits for (shared by every Waymark process).
+pub use waymark_shared::lifecycle::readiness::Readiness;
 
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     (
@@ -66,22 +37,5 @@ pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
             format!("not ready: waiting for {}\n", pending.join(", ")),
         )
             .into_response()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readiness_names_what_is_pending() {
-        let r = Readiness::default();
-        r.waiting_for("services file");
-        r.waiting_for("dns");
-        assert_eq!(r.pending(), ["dns", "services file"]);
-        r.done("services file");
-        assert_eq!(r.pending(), ["dns"]);
-        r.done("dns");
-        assert!(r.pending().is_empty());
     }
 }
