@@ -188,6 +188,15 @@ pub struct HealthConfig {
     pub default_timeout: Duration,
     /// Status of a new check until it first runs (Consul starts checks critical).
     pub initial_status: waymark_shared::Health,
+    /// Shortest interval a check runs at: shorter ones are raised to it, as Consul does
+    /// (so that no registration turns a check's target into a flood).
+    #[serde(with = "dur")]
+    pub min_interval: Duration,
+    /// Shortest probe timeout: shorter ones are raised to it (still capped at the interval).
+    #[serde(with = "dur")]
+    pub min_timeout: Duration,
+    /// Checks one instance may have; a registration with more is refused (400).
+    pub max_checks_per_instance: usize,
 }
 
 impl Default for HealthConfig {
@@ -198,6 +207,9 @@ impl Default for HealthConfig {
             default_interval: Duration::from_secs(10),
             default_timeout: Duration::from_secs(5),
             initial_status: waymark_shared::Health::Critical,
+            min_interval: Duration::from_secs(1),
+            min_timeout: Duration::from_secs(1),
+            max_checks_per_instance: 32,
         }
     }
 }
@@ -303,6 +315,14 @@ impl Config {
             return bad(
                 "health.failures_before_critical and successes_before_passing count from 1".into(),
             );
+        }
+        if self.health.min_interval < Duration::from_millis(10)
+            || self.health.min_timeout < Duration::from_millis(10)
+        {
+            return bad("health.min_interval and health.min_timeout must be at least 10ms".into());
+        }
+        if self.health.max_checks_per_instance == 0 {
+            return bad("health.max_checks_per_instance must be at least 1".into());
         }
         if self.health.default_interval < Duration::from_millis(100) {
             return bad("health.default_interval must be at least 100ms".into());

@@ -107,6 +107,23 @@ pub fn workspace_bin(built: &Mutex<Option<PathBuf>>, name: &str, env_var: &str) 
     bin
 }
 
+/// Tests run checks every few hundred milliseconds, below the production floor of 1 s
+/// (`[health] min_interval`, `min_timeout`): the config every test resolver gets lowers the
+/// floors to 50 ms, unless the test sets them itself.
+pub fn with_test_floors(config: &str) -> String {
+    const FLOORS: &str = "min_interval = \"50ms\"\nmin_timeout = \"50ms\"\n";
+    if config.contains("min_interval") || config.contains("min_timeout") {
+        return config.to_string();
+    }
+    match config.find("[health]\n") {
+        Some(at) => {
+            let after = at + "[health]\n".len();
+            format!("{}{FLOORS}{}", &config[..after], &config[after..])
+        }
+        None => format!("{config}\n[health]\n{FLOORS}"),
+    }
+}
+
 /// A running `waymark-resolver serve` process.
 pub struct Resolver {
     proc: Option<Proc>,
@@ -156,12 +173,11 @@ impl Resolver {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
-        if let Some(config) = &opts.config {
-            let path = dir.path().join("resolver.toml");
-            std::fs::write(&path, config).expect("write config");
-            args.push("--config".into());
-            args.push(path.display().to_string());
-        }
+        let config = with_test_floors(opts.config.as_deref().unwrap_or(""));
+        let path = dir.path().join("resolver.toml");
+        std::fs::write(&path, config).expect("write config");
+        args.push("--config".into());
+        args.push(path.display().to_string());
         let upstreams = if opts.upstreams.is_empty() {
             // Port 9 (discard) on loopback: forwarding fails fast and stays on this machine.
             vec!["127.0.0.1:9".parse().expect("valid")]

@@ -213,3 +213,78 @@ async fn long_polls_and_event_streams_end_at_shutdown() {
     .await;
     assert!(rest.is_ok(), "the event stream never ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_are_floored_and_capped_so_a_target_cannot_be_flooded() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Production floors (1 s), set explicitly: the harness lowers them otherwise.
+    let r = Resolver::with(Options {
+        config: Some(
+            "[health]\nmin_interval = \"1s\"\nmin_timeout = \"1s\"\nmax_checks_per_instance = 4\n"
+                .into(),
+        ),
+        ..Options::default()
+    });
+    let api = waymark_e2e::Api::new(&r);
+    // A check target that counts its probes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let probes = Arc::new(AtomicU64::new(0));
+    let counter = probes.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let check = |n: usize| {
+        serde_json::json!({"CheckID": format!("c{n}"), "HTTP": format!("http://{target}/"),
+            "Interval": "10ms", "Timeout": "5ms"})
+    };
+    // Five checks: over the cap of four, refused with the reason.
+    let resp = api
+        .put(
+            "/v1/agent/service/register",
+            serde_json::json!({"Name": "flood", "ID": "flood-1", "Port": 1,
+                "Checks": (0..5).map(check).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("max_checks_per_instance"));
+    // One check asking for 10 ms runs at the 1 s floor.
+    api.register(
+        serde_json::json!({"Name": "flood", "ID": "flood-1", "Port": 1,
+        "Check": check(0)}),
+    )
+    .await;
+    waymark_e2e::until(
+        "the check passes",
+        Duration::from_secs(5),
+        || api.passing_ids("flood"),
+        |ids| ids.len() == 1,
+    )
+    .await;
+    let before = probes.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let during = probes.load(Ordering::Relaxed) - before;
+    // 10 ms would be ~250 probes; the 1 s floor gives 2 or 3.
+    assert!(during <= 4, "{during} probes in 2.5 s");
+    assert!(during >= 1, "the check stopped probing");
+    server.abort();
+}

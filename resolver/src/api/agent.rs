@@ -34,6 +34,13 @@ pub async fn register(
 ) -> Result<Response, ApiError> {
     let body = read_body(&state, body).await?;
     let def = consul::parse_service(&body)?;
+    let most = state.config.health.max_checks_per_instance;
+    if def.checks.len() > most {
+        return Err(ApiError::BadRequest(format!(
+            "{} checks: an instance may have {most} at most (health.max_checks_per_instance)",
+            def.checks.len()
+        )));
+    }
     state.registry.register(def, Source::Api).await?;
     Ok(empty_ok())
 }
@@ -72,6 +79,16 @@ pub async fn register_check(
     let service = service.filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::BadRequest("ServiceID is required: Waymark has no node-level checks".into())
     })?;
+    let most = state.config.health.max_checks_per_instance;
+    let has = state
+        .registry
+        .definition(&service)
+        .map_or(0, |(def, _)| def.checks.len());
+    if has >= most {
+        return Err(ApiError::BadRequest(format!(
+            "{service:?} has {has} checks: an instance may have {most} at most (health.max_checks_per_instance)"
+        )));
+    }
     state.registry.add_check(&service, check).await?;
     Ok(empty_ok())
 }

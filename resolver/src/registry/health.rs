@@ -25,11 +25,17 @@ pub struct Timing {
 }
 
 impl Timing {
+    /// The check's own interval and timeout, or the defaults; each raised to its floor
+    /// (`min_interval`, `min_timeout`), and the timeout never above the interval.
     pub fn of(def: &CheckDef, defaults: &HealthConfig) -> Timing {
-        let interval = def.interval.unwrap_or(defaults.default_interval);
+        let interval = def
+            .interval
+            .unwrap_or(defaults.default_interval)
+            .max(defaults.min_interval);
         let timeout = def
             .timeout
             .unwrap_or(defaults.default_timeout)
+            .max(defaults.min_timeout)
             .min(interval);
         Timing { interval, timeout }
     }
@@ -171,6 +177,40 @@ mod tests {
         drop(listener);
         let (s, out) = run_probe(&kind, t, &BTreeMap::new(), &client).await;
         assert_eq!(s, Health::Critical, "{out}");
+    }
+
+    #[test]
+    fn timing_takes_the_checks_own_values_within_the_floors() {
+        let ms = Duration::from_millis;
+        let defaults = HealthConfig {
+            default_interval: ms(10_000),
+            default_timeout: ms(5_000),
+            min_interval: ms(1_000),
+            min_timeout: ms(1_000),
+            ..HealthConfig::default()
+        };
+        // (interval, timeout) asked → (interval, timeout) used.
+        let cases = [
+            ((None, None), (10_000, 5_000)),
+            ((Some(2_000), Some(500)), (2_000, 1_000)),
+            ((Some(200), None), (1_000, 1_000)),
+            ((Some(1), Some(1)), (1_000, 1_000)),
+            ((Some(3_000), Some(9_000)), (3_000, 3_000)),
+            ((Some(60_000), Some(2_000)), (60_000, 2_000)),
+        ];
+        for ((interval, timeout), (want_i, want_t)) in cases {
+            let def = CheckDef {
+                interval: interval.map(ms),
+                timeout: timeout.map(ms),
+                ..CheckDef::default()
+            };
+            let t = Timing::of(&def, &defaults);
+            assert_eq!(
+                (t.interval, t.timeout),
+                (ms(want_i), ms(want_t)),
+                "{interval:?} {timeout:?}"
+            );
+        }
     }
 
     #[test]
