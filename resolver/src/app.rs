@@ -114,6 +114,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         metrics: metrics.clone(),
         ready: ready.clone(),
         drain: http_drain.clone(),
+        encoded: Default::default(),
     });
     let (http_addr, http) = start_http(state, http_drain).await?;
     tasks.push(http);

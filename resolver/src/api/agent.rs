@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use waymark_shared::{Health, Instance};
 
 use super::consul::{self, Node};
-use super::{json_body, read_body, with_index, ApiError, ApiState, Blocking};
+use super::encoded::Kind;
+use super::{encoded_with_index, json_body, read_body, with_index, ApiError, ApiState, Blocking};
 use crate::store::Source;
 
 type Params = Query<HashMap<String, String>>;
@@ -143,23 +144,36 @@ pub async fn check_update(
 }
 
 pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
-    let dc = &state.config.api.datacenter;
-    let mut out = serde_json::Map::new();
-    for view in state.mirror.services() {
-        for i in &view.instances {
-            out.insert(i.id.to_string(), consul::agent_service(i, dc));
-        }
-    }
-    with_index(&Value::Object(out), state.mirror.index())
+    let index = state.mirror.index();
+    let st = state.clone();
+    let json = state
+        .encoded
+        .get(Kind::AgentServices, index, move || {
+            let dc = &st.config.api.datacenter;
+            let mut out = serde_json::Map::new();
+            for view in st.mirror.services() {
+                for i in &view.instances {
+                    out.insert(i.id.to_string(), consul::agent_service(i, dc));
+                }
+            }
+            serde_json::to_vec(&Value::Object(out)).unwrap_or_default()
+        })
+        .await;
+    encoded_with_index(json, index)
 }
 
 pub async fn checks(State(state): State<Arc<ApiState>>) -> Response {
-    let views = state.mirror.services();
-    let instances = views.iter().flat_map(|v| v.instances.iter().map(|i| &**i));
-    with_index(
-        &consul::agent_checks(instances, &node(&state)),
-        state.mirror.index(),
-    )
+    let index = state.mirror.index();
+    let st = state.clone();
+    let json = state
+        .encoded
+        .get(Kind::AgentChecks, index, move || {
+            let views = st.mirror.services();
+            let instances = views.iter().flat_map(|v| v.instances.iter().map(|i| &**i));
+            serde_json::to_vec(&consul::agent_checks(instances, &node(&st))).unwrap_or_default()
+        })
+        .await;
+    encoded_with_index(json, index)
 }
 
 pub async fn catalog_services(
@@ -170,14 +184,21 @@ pub async fn catalog_services(
     let index = blocking
         .wait(&state.mirror, &state.drain, || state.mirror.index())
         .await;
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for view in state.mirror.services() {
-        let tags = out.entry(view.name.to_string()).or_default();
-        for i in &view.instances {
-            tags.extend(i.tags.iter().cloned());
-        }
-    }
-    Ok(with_index(&json!(out), index))
+    let st = state.clone();
+    let json = state
+        .encoded
+        .get(Kind::CatalogServices, index, move || {
+            let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for view in st.mirror.services() {
+                let tags = out.entry(view.name.to_string()).or_default();
+                for i in &view.instances {
+                    tags.extend(i.tags.iter().cloned());
+                }
+            }
+            serde_json::to_vec(&out).unwrap_or_default()
+        })
+        .await;
+    Ok(encoded_with_index(json, index))
 }
 
 /// The index a query about one service reports: the service's last change, or the global

@@ -7,10 +7,12 @@
 //! - [`stream`]: the change stream (long-poll and server-sent events).
 //! - [`admin`]: metrics, liveness and readiness.
 //! - [`serve`]: the connections: caps, timeouts, drain.
+//! - [`encoded`]: whole-registry answers encoded once per index, off the async workers.
 
 pub mod admin;
 pub mod agent;
 pub mod consul;
+pub mod encoded;
 pub mod serve;
 pub mod stream;
 
@@ -40,6 +42,8 @@ pub struct ApiState {
     pub ready: Arc<admin::Readiness>,
     /// Signalled at shutdown: long polls and event streams end.
     pub drain: waymark_shared::lifecycle::drain::Watch,
+    /// Whole-registry answers, encoded once per index.
+    pub encoded: encoded::Encoded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +113,25 @@ pub fn json_body(value: &serde_json::Value) -> Response {
 
 /// A JSON response with an `X-Consul-Index` header (never below 1).
 pub fn with_index(value: &serde_json::Value, index: u64) -> Response {
-    let mut resp = json_body(value);
+    indexed(json_body(value), index)
+}
+
+/// Already encoded JSON with an `X-Consul-Index` header (never below 1).
+pub fn encoded_with_index(json: bytes::Bytes, index: u64) -> Response {
+    indexed(
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            json,
+        )
+            .into_response(),
+        index,
+    )
+}
+
+fn indexed(mut resp: Response, index: u64) -> Response {
     resp.headers_mut().insert(
         "X-Consul-Index",
         HeaderValue::from_str(&index.max(1).to_string()).expect("digits"),
