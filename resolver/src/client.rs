@@ -63,13 +63,28 @@ impl Conn {
     }
 }
 
+/// Passes a successful response; turns any other into an error that says the API's message
+/// (`{"error": "..."}`), not its JSON.
 async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     if resp.status().is_success() {
         return Ok(resp);
     }
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
-    bail!("{status}: {body}")
+    bail!("{}", error_message(status, &body))
+}
+
+fn error_message(status: reqwest::StatusCode, body: &str) -> String {
+    let message = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string());
+    let reason = status.canonical_reason().unwrap_or("error");
+    if message.is_empty() {
+        format!("the resolver answered {} {reason}", status.as_u16())
+    } else {
+        format!("{message} ({} {reason})", status.as_u16())
+    }
 }
 
 pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
@@ -172,4 +187,26 @@ pub fn percent_encode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_show_the_apis_message() {
+        let cases = [
+            (
+                400,
+                r#"{"error": "Address \"x y\" is bad"}"#,
+                "Address \"x y\" is bad (400 Bad Request)",
+            ),
+            (403, "", "the resolver answered 403 Forbidden"),
+            (502, "upstream down\n", "upstream down (502 Bad Gateway)"),
+        ];
+        for (status, body, want) in cases {
+            let status = reqwest::StatusCode::from_u16(status).unwrap();
+            assert_eq!(error_message(status, body), want);
+        }
+    }
 }

@@ -57,7 +57,9 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::Invalid(_)
             | RegistryError::NotTtl(_)
-            | RegistryError::CheckConflict { .. } => ApiError::BadRequest(e.to_string()),
+            | RegistryError::CheckConflict { .. }
+            | RegistryError::Name(_)
+            | RegistryError::LabelTaken { .. } => ApiError::BadRequest(e.to_string()),
             RegistryError::UnknownService(_) | RegistryError::UnknownCheck(_) => {
                 ApiError::NotFound(e.to_string())
             }
