@@ -1,6 +1,7 @@
 //! Registrations and DNS names through the real API and DNS: names DNS could never answer are
 //! refused with a clear 400, instance labels never collide, an address that is a host name is
-//! answered with a CNAME, and the `register` CLI says the API's message.
+//! answered with a CNAME, and the `register` CLI says the API's message. Also the API's token:
+//! percent-encoded in the query, beside a foreign `Authorization` header, and for reads.
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{RData, RecordType};
@@ -159,4 +160,61 @@ async fn the_register_cli_says_what_the_api_refused() {
     );
     assert!(!err.contains("{\""), "no raw JSON: {err}");
     assert!(err.contains("400"), "{err}");
+}
+
+#[tokio::test]
+async fn tokens_are_found_wherever_clients_put_them() {
+    let token = "s3cr/t+k";
+    for reads in [false, true] {
+        let mut config = format!("[api]\ntoken = \"{token}\"\n");
+        if reads {
+            config.push_str("token_for_reads = true\n");
+        }
+        let r = Resolver::with(Options {
+            config: Some(config),
+            ..Default::default()
+        });
+        let client = reqwest::Client::new();
+        let body = json!({"Name": "web", "Address": "10.0.0.1"});
+        let register = |query: &str| {
+            client
+                .put(r.url(&format!("/v1/agent/service/register{query}")))
+                .json(&body)
+        };
+        let status = |req: reqwest::RequestBuilder| async move {
+            req.send().await.expect("API reachable").status().as_u16()
+        };
+        assert_eq!(status(register("")).await, 403);
+        assert_eq!(status(register("?token=wrong")).await, 403);
+        assert_eq!(
+            status(register("?token=s3cr%2Ft%2Bk")).await,
+            200,
+            "percent-encoded"
+        );
+        assert_eq!(
+            status(
+                register("")
+                    .header("Authorization", "Basic dXNlcjpwdw==")
+                    .header("X-Consul-Token", token)
+            )
+            .await,
+            200,
+            "X-Consul-Token beside another Authorization header"
+        );
+        assert_eq!(
+            status(register("").header("Authorization", format!("Bearer {token}"))).await,
+            200
+        );
+        // Reads need the token only with token_for_reads; health and metrics never do.
+        let read = |path: &str| client.get(r.url(path));
+        let want = if reads { 403 } else { 200 };
+        assert_eq!(status(read("/v1/agent/services")).await, want);
+        assert_eq!(status(read("/v1/catalog/services")).await, want);
+        assert_eq!(
+            status(read("/v1/agent/services").header("X-Consul-Token", token)).await,
+            200
+        );
+        assert_eq!(status(read("/healthz/live")).await, 200);
+        assert_eq!(status(read("/metrics")).await, 200);
+    }
 }
