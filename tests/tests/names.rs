@@ -126,6 +126,9 @@ async fn host_name_addresses_are_answered_with_a_cname() {
             assert_eq!(cnames(&m), ["db.example.com."], "{name}");
         }
     }
+    // A CNAME answers every type (but SRV, see below).
+    let m = dns::udp(r.dns, "ext.mesh.internal.", RecordType::TXT).await;
+    assert_eq!(cnames(&m), ["db.example.com."]);
     let m = dns::udp(r.dns, "_ext._tcp.mesh.internal.", RecordType::SRV).await;
     let RData::SRV(srv) = &m.answers[0].data else {
         panic!("SRV expected: {m:?}")

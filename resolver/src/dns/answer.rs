@@ -329,7 +329,7 @@ fn instance_answer(
 ///
 /// Addresses come from the instances whose address is an IP. When none of the chosen
 /// instances has one but some have host names, the name is a CNAME to one of those host
-/// names (as Consul answers), chosen at random per query.
+/// names (as Consul answers), chosen at random per query, for every type but SRV.
 #[allow(clippy::too_many_arguments)]
 fn service_answer(
     zone: &Zone,
@@ -372,9 +372,6 @@ fn service_answer(
                     additionals.push(Vec::new());
                 }
             }
-            (RecordType::A | RecordType::AAAA | RecordType::ANY, Target::Host(host)) => {
-                hosts.push(host)
-            }
             (RecordType::SRV, target) => {
                 let weight = if inst.health() == waymark_shared::Health::Warning {
                     inst.weight_warning
@@ -401,10 +398,12 @@ fn service_answer(
                 ));
                 additionals.push(glue);
             }
-            _ => {}
+            (_, Target::Ip(_)) => any_ip = true,
+            (_, Target::Host(host)) => hosts.push(host),
         }
     }
-    if !any_ip {
+    // A name whose instances all have host names is a CNAME, for every type but SRV.
+    if !any_ip && qtype != RecordType::SRV {
         let several = hosts.len() > 1;
         if let Some(name) = hosts.first().and_then(|h| host_name(h)) {
             let mut cname =
@@ -851,6 +850,15 @@ mod tests {
         let a = ask(&m, "b.ext.mesh.internal.", RecordType::AAAA);
         assert_eq!(cname(&a), ["db2.example.com."]);
         assert!(a.cacheable, "only one host name to choose from");
+        for qtype in [
+            RecordType::TXT,
+            RecordType::NS,
+            RecordType::CNAME,
+            RecordType::ANY,
+        ] {
+            let a = ask(&m, "b.ext.mesh.internal.", qtype);
+            assert_eq!(cname(&a), ["db2.example.com."], "a CNAME answers {qtype}");
+        }
         // SRV: the host name is the target, with no address to add.
         let a = ask(&m, "_ext._tcp.mesh.internal.", RecordType::SRV);
         let mut targets: Vec<String> = a
