@@ -99,6 +99,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         loaded.registrations,
         Settings {
             node_address: config.api.node_address.clone(),
+            zone: config.dns.zone.clone(),
             health: config.health.clone(),
         },
         metrics.clone(),

@@ -114,8 +114,12 @@ impl Default for DnsConfig {
 pub struct ApiConfig {
     /// Where the registration API, `/metrics` and `/healthz/*` are served.
     pub addr: SocketAddr,
-    /// When set, every write must carry `Authorization: Bearer <token>` or `X-Consul-Token`.
+    /// When set, every write must carry `Authorization: Bearer <token>`, `X-Consul-Token` or
+    /// `?token=`.
     pub token: Option<String>,
+    /// With `token` set, reads of the registry (`/v1/...`) need it too. `/metrics` and
+    /// `/healthz/*` never do.
+    pub token_for_reads: bool,
     /// Request bodies over this size are refused with 413.
     pub max_body_bytes: usize,
     /// The address given to instances registered without one (Consul uses the agent's).
@@ -145,6 +149,7 @@ impl Default for ApiConfig {
         ApiConfig {
             addr: "127.0.0.1:8500".parse().expect("valid"),
             token: None,
+            token_for_reads: false,
             max_body_bytes: 1 << 20,
             node_address: "127.0.0.1".into(),
             node_name: "waymark".into(),
@@ -310,6 +315,9 @@ impl Config {
         }
         if matches!(&self.api.token, Some(t) if t.trim().is_empty()) {
             return bad("api.token is empty: remove it or set a secret".into());
+        }
+        if self.api.token_for_reads && self.api.token.is_none() {
+            return bad("api.token_for_reads needs api.token".into());
         }
         if self.health.failures_before_critical == 0 || self.health.successes_before_passing == 0 {
             return bad(

@@ -75,6 +75,9 @@ struct ServeArgs {
     /// Log JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Require api.token for reads of the registry too, not only for writes.
+    #[arg(long)]
+    token_for_reads: bool,
 }
 
 impl ServeArgs {
@@ -99,6 +102,7 @@ impl ServeArgs {
             c.dns.upstreams = self.upstreams.clone();
         }
         c.log_json |= self.log_json;
+        c.api.token_for_reads |= self.token_for_reads;
         c.validate()?;
         Ok(c)
     }

@@ -10,6 +10,7 @@ use hickory_net::tcp::TcpClientStream;
 use hickory_net::udp::UdpClientStream;
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Asks with hickory's client over UDP.
@@ -82,8 +83,31 @@ pub async fn send_udp(server: SocketAddr, m: &Message) -> (Message, usize) {
     (Message::from_vec(&reply).expect("valid reply"), reply.len())
 }
 
+/// Parses a reply strictly: the counts in the header match the records, and nothing follows
+/// them (hickory's own parser ignores trailing bytes).
+pub fn parse_strict(bytes: &[u8]) -> Result<Message, String> {
+    let mut decoder = BinDecoder::new(bytes);
+    let m = Message::read(&mut decoder).map_err(|e| e.to_string())?;
+    match decoder.len() {
+        0 => Ok(m),
+        n => Err(format!("{n} bytes after the last record")),
+    }
+}
+
+/// Sends a message over UDP; returns the reply's bytes (panics after 5 s without one).
+pub async fn send_udp_bytes(server: SocketAddr, m: &Message) -> Vec<u8> {
+    raw_udp(server, &m.to_vec().expect("encode"), Duration::from_secs(5))
+        .await
+        .expect("UDP reply")
+}
+
 /// Sends a message over TCP and parses the reply.
 pub async fn send_tcp(server: SocketAddr, m: &Message) -> Message {
+    parse_strict(&send_tcp_bytes(server, m).await).expect("valid reply")
+}
+
+/// Sends a message over TCP; returns the reply's bytes.
+pub async fn send_tcp_bytes(server: SocketAddr, m: &Message) -> Vec<u8> {
     let mut s = tokio::net::TcpStream::connect(server)
         .await
         .expect("connect");
@@ -95,7 +119,7 @@ pub async fn send_tcp(server: SocketAddr, m: &Message) -> Message {
     let len = s.read_u16().await.expect("reply length") as usize;
     let mut buf = vec![0u8; len];
     s.read_exact(&mut buf).await.expect("reply");
-    Message::from_vec(&buf).expect("valid reply")
+    buf
 }
 
 /// The A/AAAA addresses in a message's answer section, sorted.

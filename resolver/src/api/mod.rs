@@ -52,7 +52,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("missing or wrong token: send Authorization: Bearer <token> or X-Consul-Token")]
+    #[error(
+        "missing or wrong token: send Authorization: Bearer <token>, X-Consul-Token or ?token="
+    )]
     Forbidden,
     #[error("request body is over the limit of {0} bytes")]
     TooLarge(usize),
@@ -67,7 +69,9 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::Invalid(_)
             | RegistryError::NotTtl(_)
-            | RegistryError::CheckConflict { .. } => ApiError::BadRequest(e.to_string()),
+            | RegistryError::CheckConflict { .. }
+            | RegistryError::Name(_)
+            | RegistryError::LabelTaken { .. } => ApiError::BadRequest(e.to_string()),
             RegistryError::UnknownService(_) | RegistryError::UnknownCheck(_) => {
                 ApiError::NotFound(e.to_string())
             }
@@ -202,32 +206,72 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!("no such endpoint: {method} {}", uri.path()))
 }
 
-/// Guards writes with the configured token, if any.
+/// Guards writes (and, with `token_for_reads`, reads) with the configured token, if any.
+/// Every place a client may put the token is looked at: a wrong or foreign `Authorization`
+/// header does not hide a right `X-Consul-Token`.
 async fn authorize(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let Some(token) = state.config.api.token.as_deref() else {
         return next.run(req).await;
     };
-    if req.method() == Method::GET || req.method() == Method::HEAD {
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    if read && !state.config.api.token_for_reads {
         return next.run(req).await;
     }
-    if presented_token(req.headers(), req.uri().query()).is_some_and(|t| constant_eq(t, token)) {
+    let presented = presented_tokens(req.headers(), req.uri().query());
+    if presented.iter().any(|t| constant_eq(t, token)) {
         next.run(req).await
     } else {
         ApiError::Forbidden.into_response()
     }
 }
 
-fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        return v.strip_prefix("Bearer ").map(str::trim);
+/// Every token the request carries: `Authorization: Bearer`, `X-Consul-Token` and
+/// `?token=` (percent-decoded).
+fn presented_tokens(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+    let mut tokens: Vec<String> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_string())
+        })
+        .collect();
+    tokens.extend(
+        headers
+            .get_all("x-consul-token")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string()),
+    );
+    if let Some(query) = query {
+        tokens.extend(
+            query
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("token="))
+                .filter_map(percent_decode),
+        );
     }
-    if let Some(v) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim());
+    tokens
+}
+
+/// Decodes a query value (`%XX` and `+`); `None` when it is not valid UTF-8 or escapes.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b'+' => b' ',
+            b => b,
+        });
     }
-    query?.split('&').find_map(|kv| kv.strip_prefix("token="))
+    String::from_utf8(out).ok()
 }
 
 fn constant_eq(a: &str, b: &str) -> bool {
@@ -316,12 +360,36 @@ mod tests {
 
     #[test]
     fn tokens_come_from_headers_or_query() {
-        let mut h = HeaderMap::new();
-        assert_eq!(presented_token(&h, Some("a=1&token=s3")), Some("s3"));
-        h.insert("x-consul-token", "t1".parse().unwrap());
-        assert_eq!(presented_token(&h, None), Some("t1"));
-        h.insert(header::AUTHORIZATION, "Bearer t2".parse().unwrap());
-        assert_eq!(presented_token(&h, None), Some("t2"));
+        type Headers<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Headers, Option<&str>, &[&str])] = &[
+            (&[], Some("a=1&token=s3"), &["s3"]),
+            (&[], Some("token=a%2Fb%20c%2b"), &["a/b c+"]),
+            (&[], Some("token=bad%zz"), &[]),
+            (&[("x-consul-token", "t1")], None, &["t1"]),
+            (&[("authorization", "Bearer t2")], None, &["t2"]),
+            (&[("authorization", "bearer t2")], None, &["t2"]),
+            (&[("authorization", "Basic dXNlcg==")], None, &[]),
+            (
+                &[
+                    ("authorization", "Basic dXNlcg=="),
+                    ("x-consul-token", "t1"),
+                ],
+                Some("token=q"),
+                &["t1", "q"],
+            ),
+            (
+                &[("authorization", "Bearer other"), ("x-consul-token", "t1")],
+                None,
+                &["other", "t1"],
+            ),
+        ];
+        for (headers, query, want) in cases {
+            let mut h = HeaderMap::new();
+            for (k, v) in *headers {
+                h.append(*k, v.parse().unwrap());
+            }
+            assert_eq!(presented_tokens(&h, *query), *want, "{headers:?} {query:?}");
+        }
         assert!(constant_eq("abc", "abc"));
         assert!(!constant_eq("abc", "abd"));
         assert!(!constant_eq("abc", "ab"));

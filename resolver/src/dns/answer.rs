@@ -11,21 +11,28 @@
 //! | `_<service>._tcp.<zone>` | SRV | RFC 2782 form of the service's SRV records |
 //! | `<instance>.instance.<service>.<zone>` | A, AAAA | one instance, while it serves |
 //!
-//! SRV targets are instance names, with their addresses in the additional section. A name
-//! that exists with no record of the asked type (or a service with no serving instance) is
-//! NODATA; anything else under the zone is NXDOMAIN. Negative answers carry the SOA, whose
-//! TTL is the zone's negative TTL.
+//! SRV targets are instance names, with their addresses in the additional section. An
+//! instance whose address is a host name is answered with a CNAME to it (see
+//! [`super::names`]), and is its own SRV target. A name that exists with no record of the
+//! asked type (or a service with no serving instance) is NODATA, and so are the empty
+//! non-terminals `_tcp.<zone>` and `instance.<service>.<zone>` (RFC 9156 resolvers ask for
+//! every ancestor of a name); anything else under the zone is NXDOMAIN. Negative answers
+//! carry the SOA, whose TTL is the zone's negative TTL. Zone transfers (AXFR, IXFR) are
+//! REFUSED.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use waymark_shared::{Freshness, Instance, Mirror, ServiceView};
 
-/// The label that introduces per-instance names.
-pub const INSTANCE_LABEL: &str = "instance";
+use super::names::{self, Target};
+pub use super::names::{instance_label, INSTANCE_LABEL};
+
+/// The empty non-terminal above every `_<service>._tcp.<zone>` name.
+const TCP_LABEL: &str = "_tcp";
 
 /// The zone's fixed parts, built once from the config.
 #[derive(Debug, Clone)]
@@ -92,6 +99,9 @@ pub struct Answer {
     pub additionals: Vec<Vec<Record>>,
     pub authority: Vec<Record>,
     pub source: Source,
+    /// False when the answer is one of several equally right ones that a cached copy would
+    /// pin (a CNAME chosen among several host names).
+    pub cacheable: bool,
 }
 
 impl Answer {
@@ -102,6 +112,7 @@ impl Answer {
             additionals,
             authority: Vec::new(),
             source: Source::Zone,
+            cacheable: true,
         }
     }
 
@@ -112,6 +123,19 @@ impl Answer {
             additionals: Vec::new(),
             authority: vec![zone.soa(serial)],
             source: Source::Zone,
+            cacheable: true,
+        }
+    }
+
+    /// A refusal: no records at all.
+    fn refused() -> Answer {
+        Answer {
+            rcode: ResponseCode::Refused,
+            answers: Vec::new(),
+            additionals: Vec::new(),
+            authority: Vec::new(),
+            source: Source::Zone,
+            cacheable: true,
         }
     }
 
@@ -124,6 +148,7 @@ impl Answer {
     pub fn outcome(&self) -> Outcome {
         match self.rcode {
             ResponseCode::NXDomain => Outcome::NxDomain,
+            ResponseCode::Refused => Outcome::Refused,
             _ if self.is_nodata() => Outcome::NoData,
             _ => Outcome::Answer,
         }
@@ -135,30 +160,13 @@ impl Answer {
     }
 }
 
-/// The DNS label of an instance: its ID, lowercased, with anything outside `[a-z0-9-]`
-/// replaced by `-`, cut to 63 bytes.
-pub fn instance_label(id: &str) -> String {
-    let mut label: String = id
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    label.truncate(63);
-    label
-}
-
 /// The kind of an answer, as metrics count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Answer,
     NoData,
     NxDomain,
+    Refused,
 }
 
 impl Outcome {
@@ -168,6 +176,7 @@ impl Outcome {
             Outcome::Answer => "answer",
             Outcome::NoData => "nodata",
             Outcome::NxDomain => "nxdomain",
+            Outcome::Refused => "refused",
         }
     }
 }
@@ -208,42 +217,34 @@ pub fn answer(
     rng: &mut fastrand::Rng,
 ) -> Answer {
     let serial = mirror.index();
-    let depth = qname.num_labels() as usize - zone.origin.num_labels() as usize;
+    // Every label counts: hickory's `num_labels` leaves out a leading `*`, which is an
+    // ordinary label here.
+    let depth = qname.iter().count() - zone.origin.num_labels() as usize;
     let labels: Vec<&[u8]> = qname.iter().take(depth).collect();
     let label = |i: usize| std::str::from_utf8(labels[i]).unwrap_or("");
     let nxdomain = || Answer::negative(zone, serial, ResponseCode::NXDomain);
     let nodata = || Answer::negative(zone, serial, ResponseCode::NoError);
 
+    if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+        return Answer::refused();
+    }
+
     // The one service the name is about, if any: every answer below reads only its view.
     let service_key = match depth {
-        1 if label(0) != "ns" => Some(label(0)),
-        2 if label(1) == "_tcp" && label(0).starts_with('_') => Some(&label(0)[1..]),
+        1 if label(0) != "ns" && label(0) != TCP_LABEL => Some(label(0)),
+        2 if label(1) == TCP_LABEL && label(0).starts_with('_') => Some(&label(0)[1..]),
         2 => Some(label(1)),
         3 if label(1) == INSTANCE_LABEL => Some(label(2)),
         _ => None,
     };
     let Some(key) = service_key else {
         return match depth {
-            0 => match qtype {
-                RecordType::SOA => Answer::records(vec![zone.soa(serial)], vec![vec![]]),
-                RecordType::NS => {
-                    let ns = Record::from_rdata(
-                        zone.origin.clone(),
-                        zone.ttl,
-                        RData::NS(NS(zone.ns_name.clone())),
-                    );
-                    let glue = zone
-                        .ns_address
-                        .map(|ip| address_record(&zone.ns_name, ip, zone.ttl))
-                        .into_iter()
-                        .collect();
-                    Answer::records(vec![ns], vec![glue])
-                }
-                _ => nodata(),
-            },
+            0 => apex(zone, serial, qtype),
+            // `_tcp.<zone>`: the empty non-terminal above the RFC 2782 names.
+            1 if label(0) == TCP_LABEL => nodata(),
             1 => match (qtype, zone.ns_address) {
-                (RecordType::A, Some(ip @ IpAddr::V4(_)))
-                | (RecordType::AAAA, Some(ip @ IpAddr::V6(_))) => {
+                (RecordType::A | RecordType::ANY, Some(ip @ IpAddr::V4(_)))
+                | (RecordType::AAAA | RecordType::ANY, Some(ip @ IpAddr::V6(_))) => {
                     Answer::records(vec![address_record(qname, ip, zone.ttl)], vec![vec![]])
                 }
                 _ => nodata(),
@@ -257,56 +258,78 @@ pub fn answer(
         return nxdomain().from(Source::Absent { creations });
     };
     let source = Source::Service(fresh);
+    let service = |tag: Option<&str>, qtype: RecordType, rng: &mut fastrand::Rng| {
+        service_answer(zone, &view, panic_threshold, qname, tag, qtype, serial, rng)
+    };
     let answer = match depth {
-        1 => service_answer(
-            zone,
-            &view,
-            panic_threshold,
-            qname,
-            None,
-            qtype,
-            serial,
-            rng,
-        ),
-        2 if label(1) == "_tcp" && label(0).starts_with('_') => match qtype {
-            RecordType::SRV | RecordType::ANY => service_answer(
-                zone,
-                &view,
-                panic_threshold,
-                qname,
-                None,
-                RecordType::SRV,
-                serial,
-                rng,
-            ),
+        1 => service(None, qtype, rng),
+        2 if label(1) == TCP_LABEL && label(0).starts_with('_') => match qtype {
+            RecordType::SRV | RecordType::ANY => service(None, RecordType::SRV, rng),
             _ => Some(nodata()),
         },
-        2 => service_answer(
-            zone,
-            &view,
-            panic_threshold,
-            qname,
-            Some(label(0)),
-            qtype,
-            serial,
-            rng,
-        ),
+        // `instance.<service>` is the empty non-terminal above the instance names (unless
+        // some instance has the tag `instance`).
+        2 => service(Some(label(0)), qtype, rng)
+            .or_else(|| (label(0) == INSTANCE_LABEL).then(nodata)),
         _ => view
             .instances
             .iter()
-            .find(|i| instance_label(&i.id) == label(0))
-            .map(|inst| match (inst.is_serving(), inst.ip(), qtype) {
-                (true, Some(ip @ IpAddr::V4(_)), RecordType::A | RecordType::ANY)
-                | (true, Some(ip @ IpAddr::V6(_)), RecordType::AAAA | RecordType::ANY) => {
-                    Answer::records(vec![address_record(qname, ip, zone.ttl)], vec![vec![]])
-                }
-                _ => nodata(),
-            }),
+            .find(|i| names::label_matches(&i.id, labels[0]))
+            .map(|inst| instance_answer(zone, inst, qname, qtype).unwrap_or_else(nodata)),
     };
     answer.unwrap_or_else(nxdomain).from(source)
 }
 
+/// The zone apex: its SOA and NS, both for ANY.
+fn apex(zone: &Zone, serial: u64, qtype: RecordType) -> Answer {
+    let ns = || {
+        Record::from_rdata(
+            zone.origin.clone(),
+            zone.ttl,
+            RData::NS(NS(zone.ns_name.clone())),
+        )
+    };
+    let glue = || -> Vec<Record> {
+        zone.ns_address
+            .map(|ip| address_record(&zone.ns_name, ip, zone.ttl))
+            .into_iter()
+            .collect()
+    };
+    match qtype {
+        RecordType::SOA => Answer::records(vec![zone.soa(serial)], vec![vec![]]),
+        RecordType::NS => Answer::records(vec![ns()], vec![glue()]),
+        RecordType::ANY => Answer::records(vec![zone.soa(serial), ns()], vec![vec![], glue()]),
+        _ => Answer::negative(zone, serial, ResponseCode::NoError),
+    }
+}
+
+/// An instance name's records, while the instance serves: its address, or a CNAME to its
+/// host name (which answers every type). `None`: NODATA.
+fn instance_answer(
+    zone: &Zone,
+    inst: &Instance,
+    qname: &Name,
+    qtype: RecordType,
+) -> Option<Answer> {
+    if !inst.is_serving() {
+        return None;
+    }
+    let record = match (target_of(inst)?, qtype) {
+        (Target::Ip(ip @ IpAddr::V4(_)), RecordType::A | RecordType::ANY)
+        | (Target::Ip(ip @ IpAddr::V6(_)), RecordType::AAAA | RecordType::ANY) => {
+            address_record(qname, ip, zone.ttl)
+        }
+        (Target::Ip(_), _) => return None,
+        (Target::Host(host), _) => cname_record(qname, &host_name(&host)?, zone.ttl),
+    };
+    Some(Answer::records(vec![record], vec![vec![]]))
+}
+
 /// The answer for a service (or its tagged subset); `None` when no such name exists.
+///
+/// Addresses come from the instances whose address is an IP. When none of the chosen
+/// instances has one but some have host names, the name is a CNAME to one of those host
+/// names (as Consul answers), chosen at random per query, for every type but SRV.
 #[allow(clippy::too_many_arguments)]
 fn service_answer(
     zone: &Zone,
@@ -331,10 +354,15 @@ fn service_answer(
 
     let mut answers = Vec::new();
     let mut additionals = Vec::new();
+    let mut any_ip = false;
+    let mut hosts = Vec::new();
     for inst in chosen {
-        let Some(ip) = inst.ip() else { continue };
-        match qtype {
-            RecordType::A | RecordType::AAAA | RecordType::ANY => {
+        let Some(target) = target_of(inst) else {
+            continue;
+        };
+        match (qtype, target) {
+            (RecordType::A | RecordType::AAAA | RecordType::ANY, Target::Ip(ip)) => {
+                any_ip = true;
                 let wanted = match ip {
                     IpAddr::V4(_) => qtype != RecordType::AAAA,
                     IpAddr::V6(_) => qtype != RecordType::A,
@@ -344,32 +372,69 @@ fn service_answer(
                     additionals.push(Vec::new());
                 }
             }
-            RecordType::SRV => {
-                let target = instance_name(zone, &view.name, &inst.id);
+            (RecordType::SRV, target) => {
                 let weight = if inst.health() == waymark_shared::Health::Warning {
                     inst.weight_warning
                 } else {
                     inst.weight_passing
                 };
+                let (name, glue) = match target {
+                    Target::Ip(ip) => {
+                        let name = instance_name(zone, &view.name, &inst.id);
+                        let glue = vec![address_record(&name, ip, zone.ttl)];
+                        (name, glue)
+                    }
+                    Target::Host(host) => {
+                        let Some(name) = host_name(&host) else {
+                            continue;
+                        };
+                        (name, Vec::new())
+                    }
+                };
                 answers.push(Record::from_rdata(
                     qname.clone(),
                     zone.ttl,
-                    RData::SRV(SRV::new(
-                        1,
-                        weight.min(65535) as u16,
-                        inst.port,
-                        target.clone(),
-                    )),
+                    RData::SRV(SRV::new(1, weight.min(65535) as u16, inst.port, name)),
                 ));
-                additionals.push(vec![address_record(&target, ip, zone.ttl)]);
+                additionals.push(glue);
             }
-            _ => {}
+            (_, Target::Ip(_)) => any_ip = true,
+            (_, Target::Host(host)) => hosts.push(host),
+        }
+    }
+    // A name whose instances all have host names is a CNAME, for every type but SRV.
+    if !any_ip && qtype != RecordType::SRV {
+        let several = hosts.len() > 1;
+        if let Some(name) = hosts.first().and_then(|h| host_name(h)) {
+            let mut cname =
+                Answer::records(vec![cname_record(qname, &name, zone.ttl)], vec![vec![]]);
+            cname.cacheable = !several;
+            return Some(cname);
         }
     }
     if answers.is_empty() {
         return Some(Answer::negative(zone, serial, ResponseCode::NoError));
     }
     Some(Answer::records(answers, additionals))
+}
+
+/// What an instance's address is: an IP, a host name, or (not answerable) neither.
+fn target_of(inst: &Instance) -> Option<Target> {
+    match inst.ip() {
+        Some(ip) => Some(Target::Ip(ip)),
+        None => names::check_address(&inst.address).ok(),
+    }
+}
+
+/// A host name (as [`names::check_address`] returns it) as a fully qualified name.
+fn host_name(host: &str) -> Option<Name> {
+    let mut name = Name::from_ascii(host).ok()?;
+    name.set_fqdn(true);
+    Some(name)
+}
+
+fn cname_record(name: &Name, target: &Name, ttl: u32) -> Record {
+    Record::from_rdata(name.clone(), ttl, RData::CNAME(CNAME(target.clone())))
 }
 
 /// The instances to answer: the serving ones, or — when fewer than the panic threshold's
@@ -643,6 +708,183 @@ mod tests {
             .map(|_| answer(&zone(), &m, &|_| 0.0, &q, RecordType::A, &mut rng).answers)
             .any(|a| a != first.answers);
         assert!(differs);
+    }
+
+    #[test]
+    fn every_name_of_the_tree_is_answered_right() {
+        use ResponseCode::{NXDomain, NoError, Refused};
+        let m = mirror();
+        m.upsert(inst(
+            "tagged",
+            "t-1",
+            "10.0.3.1",
+            &["instance"],
+            Health::Passing,
+        ));
+        // (name, type, rcode, answers)
+        let cases: &[(&str, RecordType, ResponseCode, usize)] = &[
+            ("mesh.internal.", RecordType::ANY, NoError, 2),
+            ("mesh.internal.", RecordType::A, NoError, 0),
+            ("mesh.internal.", RecordType::AXFR, Refused, 0),
+            ("mesh.internal.", RecordType::IXFR, Refused, 0),
+            ("payment.mesh.internal.", RecordType::AXFR, Refused, 0),
+            ("ns.mesh.internal.", RecordType::ANY, NoError, 1),
+            ("ns.mesh.internal.", RecordType::AAAA, NoError, 0),
+            // Empty non-terminals: NODATA, for every type.
+            ("_tcp.mesh.internal.", RecordType::A, NoError, 0),
+            ("_TCP.mesh.internal.", RecordType::SRV, NoError, 0),
+            ("instance.payment.mesh.internal.", RecordType::A, NoError, 0),
+            (
+                "instance.payment.mesh.internal.",
+                RecordType::NS,
+                NoError,
+                0,
+            ),
+            ("instance.down.mesh.internal.", RecordType::A, NoError, 0),
+            // ... unless a tag of that name exists.
+            ("instance.tagged.mesh.internal.", RecordType::A, NoError, 1),
+            // Names that do not exist.
+            ("instance.nosuch.mesh.internal.", RecordType::A, NXDomain, 0),
+            ("_nosuch._tcp.mesh.internal.", RecordType::SRV, NXDomain, 0),
+            ("x._tcp.mesh.internal.", RecordType::SRV, NXDomain, 0),
+            ("_payment.mesh.internal.", RecordType::SRV, NXDomain, 0),
+            (
+                "a._payment._tcp.mesh.internal.",
+                RecordType::SRV,
+                NXDomain,
+                0,
+            ),
+            (
+                "x.pay-1.instance.payment.mesh.internal.",
+                RecordType::A,
+                NXDomain,
+                0,
+            ),
+            // A literal `*` is an ordinary label.
+            ("*.mesh.internal.", RecordType::A, NXDomain, 0),
+            ("*.payment.mesh.internal.", RecordType::A, NXDomain, 0),
+            (
+                "*.instance.payment.mesh.internal.",
+                RecordType::A,
+                NXDomain,
+                0,
+            ),
+            // Existing names, for comparison.
+            ("_payment._tcp.mesh.internal.", RecordType::SRV, NoError, 3),
+            (
+                "pay-1.instance.payment.mesh.internal.",
+                RecordType::ANY,
+                NoError,
+                1,
+            ),
+            (
+                "pay-1.instance.payment.mesh.internal.",
+                RecordType::TXT,
+                NoError,
+                0,
+            ),
+        ];
+        for (name, qtype, rcode, answers) in cases {
+            let a = ask(&m, name, *qtype);
+            assert_eq!(a.rcode, *rcode, "{name} {qtype}");
+            assert_eq!(a.answers.len(), *answers, "{name} {qtype}");
+            let negative = *answers == 0 && *rcode != Refused;
+            assert_eq!(
+                a.authority
+                    .iter()
+                    .any(|r| r.record_type() == RecordType::SOA),
+                negative,
+                "{name} {qtype}: the SOA goes with negative answers only"
+            );
+        }
+        let any = ask(&m, "mesh.internal.", RecordType::ANY);
+        let types: Vec<_> = any.answers.iter().map(Record::record_type).collect();
+        assert_eq!(types, [RecordType::SOA, RecordType::NS]);
+    }
+
+    #[test]
+    fn host_name_addresses_are_cnames() {
+        let m = Mirror::new(0);
+        m.upsert(inst("ext", "db-1", "DB1.example.com", &[], Health::Passing));
+        m.upsert(inst(
+            "ext",
+            "db-2",
+            "db2.example.com.",
+            &["b"],
+            Health::Passing,
+        ));
+        m.upsert(inst(
+            "mixed",
+            "m-1",
+            "db1.example.com",
+            &[],
+            Health::Passing,
+        ));
+        m.upsert(inst("mixed", "m-2", "10.0.4.2", &[], Health::Passing));
+        let cname = |a: &Answer| -> Vec<String> {
+            a.answers
+                .iter()
+                .map(|r| match &r.data {
+                    RData::CNAME(c) => c.0.to_string(),
+                    other => panic!("not a CNAME: {other:?}"),
+                })
+                .collect()
+        };
+        let a = ask(&m, "db-1.instance.ext.mesh.internal.", RecordType::A);
+        assert_eq!(cname(&a), ["db1.example.com."]);
+        assert_eq!(
+            a.answers[0].name.to_string(),
+            "db-1.instance.ext.mesh.internal."
+        );
+        let a = ask(&m, "db-2.instance.ext.mesh.internal.", RecordType::TXT);
+        assert_eq!(
+            cname(&a),
+            ["db2.example.com."],
+            "a CNAME answers every type"
+        );
+        // A service of host names only: one CNAME, to one of them, not cached.
+        let a = ask(&m, "ext.mesh.internal.", RecordType::A);
+        assert_eq!(a.answers.len(), 1);
+        assert!(cname(&a)[0].starts_with("db"));
+        assert!(!a.cacheable);
+        let a = ask(&m, "b.ext.mesh.internal.", RecordType::AAAA);
+        assert_eq!(cname(&a), ["db2.example.com."]);
+        assert!(a.cacheable, "only one host name to choose from");
+        for qtype in [
+            RecordType::TXT,
+            RecordType::NS,
+            RecordType::CNAME,
+            RecordType::ANY,
+        ] {
+            let a = ask(&m, "b.ext.mesh.internal.", qtype);
+            assert_eq!(cname(&a), ["db2.example.com."], "a CNAME answers {qtype}");
+        }
+        // SRV: the host name is the target, with no address to add.
+        let a = ask(&m, "_ext._tcp.mesh.internal.", RecordType::SRV);
+        let mut targets: Vec<String> = a
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.target.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        targets.sort();
+        assert_eq!(targets, ["db1.example.com.", "db2.example.com."]);
+        assert!(a.additionals.iter().all(Vec::is_empty));
+        // Beside IP addresses, a host name is not answered for A (a CNAME cannot share its
+        // name), but it is an SRV target.
+        assert_eq!(
+            ips(&ask(&m, "mixed.mesh.internal.", RecordType::A)),
+            ["10.0.4.2"]
+        );
+        assert!(ask(&m, "mixed.mesh.internal.", RecordType::AAAA).is_nodata());
+        assert_eq!(
+            ask(&m, "mixed.mesh.internal.", RecordType::SRV)
+                .answers
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::answer::Outcome;
 use super::cache::{AnswerCache, Entry};
+use super::fit::{Question, Room};
 use super::server::Handler;
 use super::wire::{self, Key, Patch};
 use crate::metrics::DnsLabels;
@@ -49,8 +50,8 @@ pub struct FastPath {
     origin: Vec<u8>,
     cache: AnswerCache,
     our_edns: Edns,
-    /// `dns_queries{proto="udp",outcome}` for answer, nodata and nxdomain.
-    outcomes: [Counter; 3],
+    /// `dns_queries{proto="udp",outcome}` for answer, nodata, nxdomain and refused.
+    outcomes: [Counter; 4],
     hits: Counter,
     misses: Counter,
 }
@@ -79,7 +80,12 @@ impl FastPath {
             origin,
             cache: AnswerCache::new(cache_capacity),
             our_edns,
-            outcomes: [counter("answer"), counter("nodata"), counter("nxdomain")],
+            outcomes: [
+                counter("answer"),
+                counter("nodata"),
+                counter("nxdomain"),
+                counter("refused"),
+            ],
             hits: handler.metrics.dns_cache_hits.clone(),
             misses: handler.metrics.dns_cache_misses.clone(),
             handler,
@@ -143,12 +149,13 @@ impl FastPath {
             Outcome::Answer => 0,
             Outcome::NoData => 1,
             Outcome::NxDomain => 2,
+            Outcome::Refused => 3,
         };
         self.outcomes[i].inc();
     }
 
-    /// Computes and encodes the reply for a cache miss. The reply is cacheable unless it
-    /// was truncated: a cut answer set would otherwise always show the same instances.
+    /// Computes and encodes the reply for a cache miss, and says whether it may be cached
+    /// (see [`super::server::ZoneReply::cacheable`]).
     fn compute(&self, query: &wire::Query, key: &Key, limit: u16) -> Option<(Entry, bool)> {
         let qname = Name::read(&mut BinDecoder::new(key.name())).ok()?;
         let qtype = RecordType::from(query.qtype);
@@ -161,9 +168,17 @@ impl FastPath {
         request.recursion_desired = query.recursion_desired;
         request.checking_disabled = query.checking_disabled;
         let edns = query.edns_payload.map(|_| &self.our_edns);
-        let reply = self
-            .handler
-            .zone_reply(&request, &hquery, &qname, limit as usize, edns, false);
+        let reply = self.handler.zone_reply(
+            &request,
+            &hquery,
+            &qname,
+            Room {
+                limit: limit as usize,
+                question: Question::Encoded,
+                edns,
+            },
+            false,
+        );
         let mut message = Message::new(request.id, MessageType::Response, OpCode::Query);
         message.metadata = reply.metadata;
         message.add_query(hquery);
@@ -175,6 +190,6 @@ impl FastPath {
         }
         let bytes = message.to_vec().ok()?;
         let entry = Entry::new(bytes, reply.source, reply.outcome)?;
-        Some((entry, !reply.fitted.truncated))
+        Some((entry, reply.cacheable))
     }
 }

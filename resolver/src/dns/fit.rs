@@ -7,6 +7,7 @@
 
 use hickory_proto::op::{Edns, Message, Metadata, Query};
 use hickory_proto::rr::{Name, RData, Record};
+use hickory_proto::serialize::binary::BinEncodable;
 
 use super::answer::Answer;
 
@@ -27,24 +28,50 @@ pub fn udp_limit(client_edns: Option<&Edns>, server_max: u16) -> usize {
     }
 }
 
-/// Cuts `answer` to fit in `limit` bytes alongside the given header, query and EDNS.
-pub fn fit(
-    answer: Answer,
-    metadata: Metadata,
-    query: &Query,
-    edns: Option<&Edns>,
-    limit: usize,
-) -> Fitted {
+/// How the question of the reply is written, which decides how much its records compress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question {
+    /// Encoded with the reply: record names can point to the question's name.
+    Encoded,
+    /// Copied as the client sent it (hickory's responses do this): names cannot point to it.
+    Copied,
+}
+
+/// What a reply must fit in, and how it is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Room<'a> {
+    /// Bytes.
+    pub limit: usize,
+    pub question: Question,
+    /// The reply's EDNS, if it has one.
+    pub edns: Option<&'a Edns>,
+}
+
+/// Cuts `answer` to fit in the room alongside the given header and query.
+pub fn fit(answer: Answer, metadata: Metadata, query: &Query, room: Room<'_>) -> Fitted {
+    let Room {
+        limit,
+        question,
+        edns,
+    } = room;
+    let question_len = match question {
+        Question::Encoded => 0,
+        Question::Copied => query.to_bytes().map(|b| b.len()).unwrap_or(usize::MAX / 2),
+    };
     let size = |answers: &[Record], additionals: &[Record], authority: &[Record]| {
         let mut m = Message::new(metadata.id, metadata.message_type, metadata.op_code);
-        m.add_query(query.clone());
+        if question == Question::Encoded {
+            m.add_query(query.clone());
+        }
         m.add_answers(answers.iter().cloned());
         m.add_authorities(authority.iter().cloned());
         m.add_additionals(additionals.iter().cloned());
         if let Some(e) = edns {
             m.set_edns(e.clone());
         }
-        m.to_vec().map(|v| v.len()).unwrap_or(usize::MAX)
+        m.to_vec()
+            .map(|v| v.len() + question_len)
+            .unwrap_or(usize::MAX)
     };
     let all_additionals: Vec<Record> = answer.additionals.iter().flatten().cloned().collect();
     let records = answer
@@ -112,6 +139,7 @@ fn size_bound<'a>(
             RData::AAAA(_) => 16,
             RData::SRV(srv) => 6 + name(&srv.target),
             RData::NS(ns) => name(&ns.0),
+            RData::CNAME(cname) => name(&cname.0),
             RData::SOA(soa) => name(&soa.mname) + name(&soa.rname) + 20,
             _ => return None,
         };
@@ -151,6 +179,15 @@ mod tests {
             additionals: vec![vec![]; n as usize],
             authority: vec![],
             source: Source::Zone,
+            cacheable: true,
+        }
+    }
+
+    fn room(question: Question, limit: usize) -> Room<'static> {
+        Room {
+            limit,
+            question,
+            edns: None,
         }
     }
 
@@ -161,7 +198,7 @@ mod tests {
     #[test]
     fn small_answers_are_whole() {
         let q = Query::query(name("svc.mesh.internal."), RecordType::A);
-        let f = fit(a_records(3), meta(), &q, None, 512);
+        let f = fit(a_records(3), meta(), &q, room(Question::Encoded, 512));
         assert_eq!(f.answers.len(), 3);
         assert!(!f.truncated);
     }
@@ -169,16 +206,20 @@ mod tests {
     #[test]
     fn large_answers_are_cut_to_512_with_tc() {
         let q = Query::query(name("svc.mesh.internal."), RecordType::A);
-        let f = fit(a_records(100), meta(), &q, None, 512);
+        let f = fit(a_records(100), meta(), &q, room(Question::Encoded, 512));
         assert!(f.truncated);
         assert!(
             f.answers.len() > 10 && f.answers.len() < 100,
             "{}",
             f.answers.len()
         );
-        let more = fit(a_records(100), meta(), &q, None, 1232);
+        let more = fit(a_records(100), meta(), &q, room(Question::Encoded, 1232));
         assert!(more.answers.len() > f.answers.len());
-        let all = fit(a_records(100), meta(), &q, None, 65535);
+        let all = fit(a_records(100), meta(), &q, room(Question::Encoded, 65535));
+        // A question the records cannot point to leaves room for fewer of them.
+        let copied = fit(a_records(100), meta(), &q, room(Question::Copied, 512));
+        assert!(copied.answers.len() < f.answers.len());
+        assert!(copied.truncated);
         assert_eq!(all.answers.len(), 100);
         assert!(!all.truncated);
     }
@@ -209,8 +250,9 @@ mod tests {
             additionals,
             authority: vec![],
             source: Source::Zone,
+            cacheable: true,
         };
-        let f = fit(answer, meta(), &q, None, 512);
+        let f = fit(answer, meta(), &q, room(Question::Encoded, 512));
         assert!(!f.truncated, "all SRV answers fit: {}", f.answers.len());
         assert_eq!(f.answers.len(), 6);
         assert!(f.additionals.len() < 6);

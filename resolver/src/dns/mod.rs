@@ -3,6 +3,7 @@
 //! - [`answer`]: the pure decision — which records a query gets, from a mirror snapshot.
 //! - [`fit`]: sizing a reply to the client's payload limit (truncation).
 //! - [`forward`]: relaying names outside the zone to upstream resolvers.
+//! - [`names`]: how registrations become names, and which ones DNS can answer.
 //! - [`server`]: the hickory `RequestHandler` (every query over TCP, and the UDP queries the
 //!   fast path leaves), and binding the sockets.
 //! - [`udp`]: the UDP worker threads, receiving and sending in batches ([`batch`]).
@@ -15,6 +16,7 @@ pub mod cache;
 pub mod fast;
 pub mod fit;
 pub mod forward;
+pub mod names;
 pub mod server;
 pub mod udp;
 pub mod wire;

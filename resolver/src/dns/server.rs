@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use waymark_shared::Mirror;
 
 use super::answer::{self, Outcome, Source, Zone};
-use super::fit::{self, Fitted};
+use super::fit::{self, Fitted, Question, Room};
 use super::forward::Forwarder;
 use super::udp;
 use crate::metrics::{DnsLabels, Metrics};
@@ -27,6 +27,9 @@ pub struct ZoneReply {
     pub fitted: Fitted,
     pub outcome: Outcome,
     pub source: Source,
+    /// Whether the encoded reply may be cached: not when it was truncated (a cut answer set
+    /// would otherwise always show the same instances) or the answer says so.
+    pub cacheable: bool,
 }
 
 /// Everything a query needs.
@@ -126,15 +129,24 @@ impl Handler {
         request: &Request,
         response: &mut R,
     ) -> (&'static str, Sent) {
-        let our_edns = request.edns.as_ref().map(|_| {
+        // Ours is EDNS version 0; the client's DO bit is echoed (RFC 3225).
+        let our_edns = request.edns.as_ref().map(|client| {
             let mut e = Edns::new();
             e.set_max_payload(self.max_udp_payload);
+            e.set_dnssec_ok(client.flags().dnssec_ok);
             e
         });
         let error = |code: ResponseCode| {
             MessageResponseBuilder::new(&request.queries, our_edns.as_ref())
                 .error_msg(&request.metadata, code)
         };
+        // RFC 6891 §6.1.3: a version we do not implement gets BADVERS, with our version.
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return (
+                "badvers",
+                response.send_response(error(ResponseCode::BADVERS)).await,
+            );
+        }
         if request.metadata.op_code != OpCode::Query {
             return (
                 "notimp",
@@ -151,7 +163,9 @@ impl Handler {
         let qname = query.name().to_lowercase();
         let in_zone = self.zone.contains(&qname);
         if !in_zone {
-            return self.forward(request, response, &our_edns).await;
+            return self
+                .forward(request, query.query_class(), response, &our_edns)
+                .await;
         }
         if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
             return (
@@ -167,8 +181,11 @@ impl Handler {
             &request.metadata,
             query.original(),
             &qname,
-            limit,
-            our_edns.as_ref(),
+            Room {
+                limit,
+                question: Question::Copied,
+                edns: our_edns.as_ref(),
+            },
             self.forwarder.allowed(request.src().ip()),
         );
         let msg = MessageResponseBuilder::new(&request.queries, our_edns.as_ref()).build(
@@ -181,15 +198,15 @@ impl Handler {
         (reply.outcome.label(), response.send_response(msg).await)
     }
 
-    /// The reply to a query for a name in the zone (`qname`, lowercased), cut to `limit`
-    /// bytes. No I/O: the UDP fast path encodes it itself, the hickory path sends it.
+    /// The reply to a query for a name in the zone (`qname`, lowercased), cut to fit the
+    /// room. No I/O: the UDP fast path encodes
+    /// it itself, the hickory path sends it.
     pub fn zone_reply(
         &self,
         request: &Metadata,
         query: &Query,
         qname: &Name,
-        limit: usize,
-        our_edns: Option<&Edns>,
+        room: Room<'_>,
         recursion_available: bool,
     ) -> ZoneReply {
         let answer = answer::answer(
@@ -202,26 +219,32 @@ impl Handler {
         );
         let outcome = answer.outcome();
         let source = answer.source.clone();
+        let cacheable = answer.cacheable;
         let mut metadata = Metadata::response_from_request(request);
-        metadata.authoritative = true;
+        metadata.authoritative = outcome != Outcome::Refused;
         metadata.recursion_available = recursion_available;
         metadata.response_code = answer.rcode;
-        let fitted = fit::fit(answer, metadata, query, our_edns, limit);
+        let fitted = fit::fit(answer, metadata, query, room);
         if fitted.truncated {
             metadata.truncation = true;
             self.metrics.dns_truncated.inc();
         }
         ZoneReply {
             metadata,
+            cacheable: cacheable && !fitted.truncated,
             fitted,
             outcome,
             source,
         }
     }
 
+    /// Relays a query for a name outside the zone, when it may be: only class IN queries
+    /// that ask for recursion (RD), from allowed clients. Anything else — CHAOS queries such
+    /// as `version.bind` included — is REFUSED here and never reaches an upstream.
     async fn forward<R: ResponseHandler>(
         &self,
         request: &Request,
+        class: DNSClass,
         response: &mut R,
         our_edns: &Option<Edns>,
     ) -> (&'static str, Sent) {
@@ -229,7 +252,10 @@ impl Handler {
             MessageResponseBuilder::new(&request.queries, our_edns.as_ref())
                 .error_msg(&request.metadata, code)
         };
-        if !self.forwarder.allowed(request.src().ip()) {
+        if class != DNSClass::IN
+            || !request.metadata.recursion_desired
+            || !self.forwarder.allowed(request.src().ip())
+        {
             return (
                 "refused",
                 response.send_response(error(ResponseCode::Refused)).await,
@@ -238,8 +264,22 @@ impl Handler {
         let tcp = request.protocol() != Protocol::Udp;
         match self.forwarder.forward(request.as_slice(), tcp).await {
             Ok(reply) => {
-                let msg = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
-                    reply.metadata,
+                // Not our zone: never authoritative, whatever the upstream said.
+                let mut metadata = reply.metadata;
+                metadata.authoritative = false;
+                // The upstream's EDNS options, with our payload size; none if the client
+                // sent no EDNS (RFC 6891 §7).
+                let edns = reply
+                    .edns
+                    .clone()
+                    .filter(|_| request.edns.is_some())
+                    .map(|mut e| {
+                        e.set_max_payload(self.max_udp_payload);
+                        e.set_version(0);
+                        e
+                    });
+                let msg = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build(
+                    metadata,
                     reply.answers.iter(),
                     reply.authorities.iter(),
                     std::iter::empty::<&Record>(),

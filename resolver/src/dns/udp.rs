@@ -16,7 +16,7 @@ use std::time::Duration;
 use hickory_net::runtime::TokioTime;
 use hickory_net::xfer::Protocol;
 use hickory_net::NetError;
-use hickory_proto::op::{Header, Message, MessageType, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, ResponseCode};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -25,6 +25,7 @@ use socket2::{Domain, Socket, Type};
 
 use super::batch::{Inbox, Outbox};
 use super::fast::{FastPath, Scratch, Verdict};
+use super::fit;
 use super::server::Handler;
 use super::wire;
 
@@ -176,7 +177,8 @@ async fn slow(packet: Vec<u8>, src: SocketAddr, socket: Arc<UdpSocket>, handler:
     let reply = match Request::from_bytes(packet, src, Protocol::Udp) {
         Ok(request) if request.metadata.message_type == MessageType::Response => None,
         Ok(request) => {
-            let capture = Capture::default();
+            let limit = fit::udp_limit(request.edns.as_ref(), handler.max_udp_payload);
+            let capture = Capture::new(limit);
             handler
                 .handle_request::<_, TokioTime>(&request, capture.clone())
                 .await;
@@ -192,14 +194,46 @@ async fn slow(packet: Vec<u8>, src: SocketAddr, socket: Arc<UdpSocket>, handler:
     }
 }
 
-/// A [`ResponseHandler`] that keeps the encoded reply for the caller to send.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Option<Vec<u8>>>>);
+/// A [`ResponseHandler`] that keeps the encoded reply for the caller to send. A reply over
+/// the client's size limit (a relayed upstream answer, say) is replaced by its header and
+/// question with TC set, so that what is sent always parses and always fits.
+#[derive(Clone)]
+struct Capture {
+    reply: Arc<Mutex<Option<Vec<u8>>>>,
+    limit: usize,
+}
 
 impl Capture {
-    fn take(&self) -> Option<Vec<u8>> {
-        self.0.lock().ok()?.take()
+    fn new(limit: usize) -> Capture {
+        Capture {
+            reply: Arc::default(),
+            limit,
+        }
     }
+
+    fn take(&self) -> Option<Vec<u8>> {
+        self.reply.lock().ok()?.take()
+    }
+}
+
+/// `reply` cut to its header, question and EDNS (without options), with TC set.
+fn truncated(reply: &[u8]) -> Result<Vec<u8>, hickory_proto::ProtoError> {
+    let full = Message::from_vec(reply)?;
+    let mut m = Message::new(
+        full.metadata.id,
+        MessageType::Response,
+        full.metadata.op_code,
+    );
+    m.metadata = full.metadata;
+    m.metadata.truncation = true;
+    m.add_queries(full.queries);
+    if let Some(edns) = full.edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(edns.max_payload());
+        ours.set_dnssec_ok(edns.flags().dnssec_ok);
+        m.set_edns(ours);
+    }
+    m.to_vec()
 }
 
 #[async_trait::async_trait]
@@ -215,28 +249,34 @@ impl ResponseHandler for Capture {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        // Over UDP a reply may be as big as the EDNS size it carries, or 512 bytes.
-        let max = response.edns().map_or(512, |e| e.max_payload());
         let metadata = *response.metadata();
+        let servfail = || -> Result<(ResponseInfo, Vec<u8>), NetError> {
+            let mut m = Message::new(metadata.id, MessageType::Response, metadata.op_code);
+            m.metadata.response_code = ResponseCode::ServFail;
+            let bytes = m.to_vec()?;
+            let info = ResponseInfo::from(Header {
+                metadata: m.metadata,
+                counts: Default::default(),
+            });
+            Ok((info, bytes))
+        };
+        // Encoded whole (an encoder's size limit leaves the bytes of a record that did not
+        // fit behind), then cut if it is over the client's limit.
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(max);
         let result = response.destructive_emit(&mut encoder);
         let (info, bytes) = match result {
-            Ok(info) => (info, bytes),
+            Ok(info) if bytes.len() <= self.limit => (info, bytes),
+            Ok(info) => match truncated(&bytes) {
+                Ok(cut) if cut.len() <= self.limit => (info, cut),
+                _ => servfail()?,
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "could not encode a reply; sending SERVFAIL");
-                let mut m = Message::new(metadata.id, MessageType::Response, metadata.op_code);
-                m.metadata.response_code = ResponseCode::ServFail;
-                let bytes = m.to_vec()?;
-                let info = ResponseInfo::from(Header {
-                    metadata: m.metadata,
-                    counts: Default::default(),
-                });
-                (info, bytes)
+                servfail()?
             }
         };
-        if let Ok(mut slot) = self.0.lock() {
+        if let Ok(mut slot) = self.reply.lock() {
             *slot = Some(bytes);
         }
         Ok(info)

@@ -17,6 +17,8 @@ const TYPE_SOA: u16 = 6;
 const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
+/// The DO bit, in the high byte of an OPT record's flags.
+const DO_BIT: u8 = 0x80;
 
 /// What the fast path needs to know about a query it can answer from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub struct Query {
     pub question_end: usize,
     /// The client's advertised UDP payload size, when it sent EDNS.
     pub edns_payload: Option<u16>,
+    /// The client's EDNS DO bit, echoed in the reply (RFC 3225).
+    pub dnssec_ok: bool,
 }
 
 /// The answer cache's key: the lowercased name in wire form, the type, whether the client
@@ -133,9 +137,12 @@ pub fn parse_query(packet: &[u8], key: &mut Key) -> Option<Query> {
         return None;
     }
     let question_end = at + 4;
-    let edns_payload = match ar {
-        0 if packet.len() == question_end => None,
-        1 => Some(read_opt(packet, question_end)?),
+    let (edns_payload, dnssec_ok) = match ar {
+        0 if packet.len() == question_end => (None, false),
+        1 => {
+            let (payload, dnssec_ok) = read_opt(packet, question_end)?;
+            (Some(payload), dnssec_ok)
+        }
         _ => return None,
     };
     Some(Query {
@@ -145,18 +152,21 @@ pub fn parse_query(packet: &[u8], key: &mut Key) -> Option<Query> {
         qtype,
         question_end,
         edns_payload,
+        dnssec_ok,
     })
 }
 
-/// An OPT record at `at` that ends the packet: returns its payload size. Only EDNS version 0.
-fn read_opt(packet: &[u8], at: usize) -> Option<u16> {
+/// An OPT record at `at` that ends the packet: returns its payload size and DO bit. Only
+/// EDNS version 0: other versions get BADVERS from the slow path.
+fn read_opt(packet: &[u8], at: usize) -> Option<(u16, bool)> {
     let rr = packet.get(at..at + 11)?;
     let (name, rtype) = (rr[0], u16::from_be_bytes([rr[1], rr[2]]));
     let payload = u16::from_be_bytes([rr[3], rr[4]]);
     let version = rr[6];
+    let dnssec_ok = rr[7] & DO_BIT != 0;
     let rdlen = u16::from_be_bytes([rr[9], rr[10]]) as usize;
     (name == 0 && rtype == TYPE_OPT && version == 0 && packet.len() == at + 11 + rdlen)
-        .then_some(payload)
+        .then_some((payload, dnssec_ok))
 }
 
 /// The UDP reply size limit: 512 without EDNS, else the client's size within [512, ours].
@@ -175,6 +185,8 @@ pub struct Layout {
     pub serial_at: Option<u16>,
     /// The answer records, when they are address records that can be served in any order.
     pub rotation: Option<Rotation>,
+    /// Offset of the high byte of the OPT record's flags (where DO is), when there is one.
+    pub opt_flags_at: Option<u16>,
 }
 
 /// A run of equally long, self-contained answer records.
@@ -203,6 +215,7 @@ pub fn layout(reply: &[u8]) -> Option<Layout> {
     let question_end = at;
     let answers_start = at;
     let mut serial_at = None;
+    let mut opt_flags_at = None;
     let mut rotatable = an >= 2 && ns == 0;
     let mut record_len = None;
     for i in 0..an + ns + ar {
@@ -218,6 +231,10 @@ pub fn layout(reply: &[u8]) -> Option<Layout> {
         }
         if rtype == TYPE_SOA && serial_at.is_none() && rdlen >= 22 {
             serial_at = Some((end - 20) as u16);
+        }
+        if rtype == TYPE_OPT && i >= an + ns {
+            // TTL: extended RCODE, version, then the flags.
+            opt_flags_at = Some((name_end + 6) as u16);
         }
         if i < an {
             // A rotatable record: an address, owned by a pointer to an earlier name.
@@ -249,6 +266,7 @@ pub fn layout(reply: &[u8]) -> Option<Layout> {
         question_end: question_end as u16,
         serial_at,
         rotation,
+        opt_flags_at,
     })
 }
 
@@ -300,6 +318,10 @@ pub fn patch_into(reply: &[u8], layout: &Layout, p: Patch<'_>, out: &mut [u8]) -
     if let Some(at) = layout.serial_at {
         let at = at as usize;
         out[at..at + 4].copy_from_slice(&p.serial.to_be_bytes());
+    }
+    if let Some(at) = layout.opt_flags_at {
+        let at = at as usize;
+        out[at] = (out[at] & !DO_BIT) | if p.query.dnssec_ok { DO_BIT } else { 0 };
     }
     if let Some(r) = layout.rotation {
         let (start, len) = (r.start as usize, r.record_len as usize);

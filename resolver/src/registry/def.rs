@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use waymark_shared::Health;
 
 use super::RegistryError;
+use crate::dns::names;
 
 /// A service instance as registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,12 +172,8 @@ impl ServiceDef {
         if self.name.is_empty() {
             return Err(RegistryError::Invalid("missing service Name".into()));
         }
-        if self.name.len() > 255 || self.name.contains(['/', '\0']) {
-            return Err(RegistryError::Invalid(format!(
-                "service Name {:?} is not usable",
-                self.name
-            )));
-        }
+        // Nothing is accepted that DNS could never answer.
+        names::check_service(&self.name)?;
         if self.id.trim().is_empty() {
             self.id = self.name.clone();
         }
@@ -184,6 +181,9 @@ impl ServiceDef {
             return Err(RegistryError::Invalid(
                 "service ID is over 255 bytes".into(),
             ));
+        }
+        if !self.address.is_empty() {
+            names::check_address(&self.address)?;
         }
         let several = self.checks.len() > 1;
         for (n, check) in self.checks.iter_mut().enumerate() {
@@ -288,5 +288,35 @@ mod tests {
         let mut d = def();
         d.name = " ".into();
         assert!(d.normalize().is_err());
+    }
+
+    #[test]
+    fn names_and_addresses_dns_cannot_answer_are_refused() {
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("pay", "10.0.0.1", None),
+            ("pay", "", None),
+            ("pay", "db.example.com", None),
+            ("Pay-2", "fd00::1", None),
+            ("my_svc", "10.0.0.1", Some("cannot be a DNS label")),
+            ("a.b", "10.0.0.1", Some("cannot be a DNS label")),
+            (&"x".repeat(64), "10.0.0.1", Some("cannot be a DNS label")),
+            ("ns", "10.0.0.1", Some("reserved")),
+            (
+                "pay",
+                "not an ip!",
+                Some("neither an IP address nor a valid host name"),
+            ),
+            ("pay", "10.0.0.300", Some("neither an IP address")),
+        ];
+        for (name, address, err) in cases {
+            let mut d = def();
+            d.name = (*name).into();
+            d.address = (*address).into();
+            match (d.normalize(), err) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{name}: {e}"),
+                (got, want) => panic!("{name} {address}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

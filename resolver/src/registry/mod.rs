@@ -20,6 +20,7 @@ use tokio::task::AbortHandle;
 use waymark_shared::{CheckView, Health, Instance, Mirror};
 
 use crate::config::HealthConfig;
+use crate::dns::names::{self, NameError};
 use crate::metrics::{Metrics, TransitionLabels};
 use crate::store::{
     Pending, Source, Store, StoreError, StoredCheck, StoredCheckRef, StoredReg, StoredRegRef,
@@ -42,6 +43,18 @@ pub enum RegistryError {
     #[error("check ID {check:?} belongs to service {owner:?}")]
     CheckConflict { check: String, owner: String },
     #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(
+        "service ID {id:?} has the DNS label {label:?}, which instance {other:?} of service \
+         {service:?} already has: choose IDs that differ in letters, digits or '-'"
+    )]
+    LabelTaken {
+        id: String,
+        other: String,
+        service: String,
+        label: String,
+    },
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -49,6 +62,8 @@ pub enum RegistryError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub node_address: String,
+    /// The DNS zone, whose length bounds the names of registrations.
+    pub zone: String,
     pub health: HealthConfig,
 }
 
@@ -167,9 +182,11 @@ impl Registry {
     /// Registers (or replaces) an instance. Returns the change index once it is durable.
     pub async fn register(&self, def: ServiceDef, source: Source) -> Result<u64, RegistryError> {
         let def = def.normalize()?;
+        names::check_lengths(&def.name, &def.id, &self.settings.zone)?;
         let (index, pending) = {
             let mut inner = self.lock();
             let id = def.id.clone();
+            self.check_label_free(&def)?;
             let mut carried = HashMap::new();
             if let Some(old) = inner.regs.get(&id) {
                 for c in &old.checks {
@@ -199,6 +216,28 @@ impl Registry {
             out
         };
         self.committed(index, pending).await
+    }
+
+    /// Refuses an instance whose DNS label another instance of the service already has
+    /// (`coll_1` and `COLL.1` are both `coll-1`): DNS could answer only one of them.
+    fn check_label_free(&self, def: &ServiceDef) -> Result<(), RegistryError> {
+        let Some(view) = self.mirror.service(&def.name) else {
+            return Ok(());
+        };
+        let label = names::instance_label(&def.id);
+        match view
+            .instances
+            .iter()
+            .find(|i| i.id != def.id && names::label_matches(&i.id, label.as_bytes()))
+        {
+            Some(other) => Err(RegistryError::LabelTaken {
+                id: def.id.to_string(),
+                other: other.id.to_string(),
+                service: view.name.to_string(),
+                label,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Removes an instance. Returns the change index once it is durable.
