@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use waymark_e2e::gateway::gateway_bin;
+use waymark_e2e::gateway::{gateway_bin, TestCa};
 use waymark_e2e::root;
 use waymark_gateway::config::{AccessLog, Config};
 
@@ -39,9 +39,32 @@ fn example_config_parses_and_validates() {
 
 #[test]
 fn check_config_accepts_the_example_and_refuses_mistakes() {
+    // As installed (deploy/README.md): the certificate directory it names exists and holds
+    // a pair. Here, a temporary one.
+    let text = deploy("gateway.toml");
+    let installed = "/etc/waymark/tls";
+    assert!(text.contains(installed), "the example names {installed}");
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    TestCa::new("deploy test CA").write_leaf(&tls, "api.example.test");
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(&config, text.replace(installed, tls.to_str().unwrap())).unwrap();
+    // Without the certificates, check-config refuses as ingress would, naming the directory.
+    let missing = tmp.path().join("missing.toml");
+    let nowhere = tmp.path().join("nowhere");
+    std::fs::write(&missing, text.replace(installed, nowhere.to_str().unwrap())).unwrap();
+    let refused = Command::new(gateway_bin())
+        .arg("check-config")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("nowhere"));
+
     let ok = Command::new(gateway_bin())
         .args(["check-config"])
-        .arg(root().join("deploy/gateway.toml"))
+        .arg(&config)
         .output()
         .unwrap();
     assert!(
