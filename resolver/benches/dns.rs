@@ -53,6 +53,7 @@ fn handler() -> Arc<Handler> {
             vec![],
             Duration::from_secs(2),
             vec!["127.0.0.0/8".parse().unwrap()],
+            16,
             metrics.clone(),
         ),
         panic_threshold: Box::new(|_| 0.0),

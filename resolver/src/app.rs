@@ -233,6 +233,7 @@ async fn start_dns(
             upstreams.clone(),
             config.dns.upstream_timeout,
             config.dns.forward_allow.clone(),
+            config.dns.max_forwards,
             metrics.clone(),
         ),
         panic_threshold: Box::new(move |s| per_service.panic_threshold(s)),

@@ -64,6 +64,8 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// Clients allowed to have names forwarded; others get REFUSED for names outside the zone.
     pub forward_allow: Vec<IpNet>,
+    /// Queries upstream at once at most; beyond, SERVFAIL at once.
+    pub max_forwards: usize,
     /// Idle timeout of DNS-over-TCP connections.
     #[serde(with = "dur")]
     pub tcp_idle_timeout: Duration,
@@ -97,6 +99,7 @@ impl Default for DnsConfig {
             ns_address: None,
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
+            max_forwards: 1024,
             forward_allow: vec![
                 "127.0.0.0/8".parse().expect("valid"),
                 "::1/128".parse().expect("valid"),
@@ -298,6 +301,9 @@ impl Config {
                 "dns.udp_workers {} is over 256",
                 self.dns.udp_workers
             ));
+        }
+        if self.dns.max_forwards == 0 {
+            return bad("dns.max_forwards must be at least 1".into());
         }
         if self.dns.upstream_timeout.is_zero() {
             return bad("dns.upstream_timeout must be above zero".into());

@@ -17,7 +17,7 @@ use waymark_shared::Mirror;
 
 use super::answer::{self, Outcome, Source, Zone};
 use super::fit::{self, Fitted, Question, Room};
-use super::forward::Forwarder;
+use super::forward::{ForwardError, Forwarder};
 use super::udp;
 use crate::metrics::{DnsLabels, Metrics};
 
@@ -287,8 +287,15 @@ impl Handler {
                 );
                 ("forwarded", response.send_response(msg).await)
             }
+            Err(e @ ForwardError::Busy(_)) => {
+                tracing::debug!(error = %e, "forwarding refused");
+                (
+                    "servfail",
+                    response.send_response(error(ResponseCode::ServFail)).await,
+                )
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "forwarding failed");
+                tracing::debug!(error = %e, "forwarding failed");
                 (
                     "servfail",
                     response.send_response(error(ResponseCode::ServFail)).await,
