@@ -71,6 +71,11 @@ struct ServeArgs {
     /// Log JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// When the data dir is not consistent (a missing snapshot, a damaged log), start from
+    /// what is readable instead of refusing to start: the damaged files are renamed with a
+    /// `.damaged-<time>` suffix and what was dropped is logged.
+    #[arg(long)]
+    recover_readable: bool,
 }
 
 impl ServeArgs {
@@ -95,6 +100,7 @@ impl ServeArgs {
             c.dns.upstreams = self.upstreams.clone();
         }
         c.log_json |= self.log_json;
+        c.store.recover_readable = self.recover_readable;
         c.validate()?;
         Ok(c)
     }

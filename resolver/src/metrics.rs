@@ -57,6 +57,7 @@ pub struct Metrics {
     pub check_runs: Family<CheckLabels, Counter>,
     pub check_transitions: Family<TransitionLabels, Counter>,
     pub store_errors: Counter,
+    pub store_writable: Gauge,
 }
 
 impl Default for Metrics {
@@ -82,6 +83,7 @@ impl Metrics {
             check_runs: Family::default(),
             check_transitions: Family::default(),
             store_errors: Counter::default(),
+            store_writable: Gauge::default(),
         };
         registry.register(
             "dns_queries",
@@ -140,8 +142,14 @@ impl Metrics {
         );
         registry.register(
             "store_errors",
-            "Failed writes to the data dir",
+            "Failed writes to the data dir (log appends, snapshots)",
             m.store_errors.clone(),
+        );
+        registry.register(
+            "store_writable",
+            "1 while the data dir can be written; 0 after a failed write, until a write or a \
+             probe succeeds",
+            m.store_writable.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -35,8 +35,11 @@ impl Timing {
     }
 }
 
-/// Starts the task of one check. It stops by itself once the check is gone or replaced.
+/// Starts the task of one check on `runtime`. It stops by itself once the check is gone or
+/// replaced.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
+    runtime: &tokio::runtime::Handle,
     registry: Weak<Registry>,
     check_id: String,
     generation: u64,
@@ -67,7 +70,7 @@ pub fn spawn(
             }
         }
     };
-    tokio::spawn(task).abort_handle()
+    runtime.spawn(task).abort_handle()
 }
 
 async fn watch_ttl(registry: Weak<Registry>, check_id: String, generation: u64) {
