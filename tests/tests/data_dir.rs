@@ -24,7 +24,8 @@ fn aside(dir: &Path) -> Vec<String> {
     names
 }
 
-fn start(data: &Path, recover: bool) -> Resolver {
+/// Starts a resolver on `data`; `compact_early` has it compact after 20 log records.
+fn start_with(data: &Path, recover: bool, compact_early: bool) -> Resolver {
     Resolver::with(Options {
         data_dir: Some(data.to_path_buf()),
         extra_args: if recover {
@@ -32,9 +33,13 @@ fn start(data: &Path, recover: bool) -> Resolver {
         } else {
             vec![]
         },
-        config: Some("[store]\ncompact_after_records = 20\n".into()),
+        config: compact_early.then(|| "[store]\ncompact_after_records = 20\n".into()),
         ..Options::default()
     })
+}
+
+fn start(data: &Path, recover: bool) -> Resolver {
+    start_with(data, recover, false)
 }
 
 fn refusal(data: &Path) -> String {
@@ -48,7 +53,7 @@ fn refusal(data: &Path) -> String {
 async fn a_missing_snapshot_is_refused_until_told_to_start_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut r = start(&data, false);
+    let mut r = start_with(&data, false, true);
     let api = Api::new(&r);
     for n in 0..10 {
         api.register(json!({"Name": "m", "ID": format!("m{n}"), "Port": 1}))

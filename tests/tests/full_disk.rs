@@ -108,14 +108,14 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
         .await;
     assert_eq!(resp.status(), 500);
     let body: Value = resp.json().await.unwrap();
+    assert_eq!(rcode(&r, "b.mesh.internal.").await, ResponseCode::NXDomain);
+    assert_eq!(api.registered_ids().await, ["a1", "pad-1"]);
+    assert_eq!(index(&api).await, before, "the change index moved");
     let msg = body["error"].as_str().unwrap();
     assert!(
         msg.contains("No space left on device") && msg.contains("not applied"),
         "{msg}"
     );
-    assert_eq!(rcode(&r, "b.mesh.internal.").await, ResponseCode::NXDomain);
-    assert_eq!(api.registered_ids().await, ["a1", "pad-1"]);
-    assert_eq!(index(&api).await, before, "the change index moved");
     let changes: Value = api
         .get(&format!("/v1/waymark/changes?index={before}&wait=100ms"))
         .await
