@@ -1,9 +1,10 @@
 //! A full disk, for real: the resolver's data dir is a 1 MiB tmpfs (in a private mount
 //! namespace, so nothing is mounted on the machine), filled up while the resolver runs. A write
 //! that cannot be made durable answers 500 and changes nothing anyone can see (API, DNS, the
-//! change index); the log still ends at a record boundary; readiness and metrics say the store
-//! cannot write, and clear by themselves once space returns; and after a crash every
-//! acknowledged write is back, none of the failed ones. Needs root (skipped otherwise).
+//! change index, health); the log still ends at a record boundary; readiness and metrics say
+//! the store cannot write, and clear by themselves once space returns, when what could not be
+//! written (a TTL expiry) is written; and after a crash every acknowledged write is back, none
+//! of the failed ones. Needs root (skipped otherwise).
 
 use std::time::Duration;
 
@@ -59,6 +60,11 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
     let api = Api::new(&r);
     api.register(json!({"Name": "a", "ID": "a1", "Address": "127.0.20.1", "Port": 1}))
         .await;
+    api.register(
+        json!({"Name": "t", "ID": "t1", "Address": "127.0.20.5", "Port": 1,
+        "Check": {"CheckID": "t1-ttl", "TTL": "2s", "Status": "passing"}}),
+    )
+    .await;
 
     // tmpfs allocates whole pages, so a record that fits in what is left of the log's last
     // page is written however full the disk is. Pad the log to end at a page boundary first.
@@ -96,6 +102,11 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
         "0",
         "the tmpfs is not full"
     );
+    // A heartbeat that changes nothing needs no write: t1's TTL now runs out on a full disk.
+    assert_eq!(
+        api.put_empty("/v1/agent/check/pass/t1-ttl").await.status(),
+        200
+    );
 
     // A registration that cannot be written: 500, a clear message, and nowhere to be seen.
     let before = index(&api).await;
@@ -109,7 +120,7 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
     assert_eq!(resp.status(), 500);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(rcode(&r, "b.mesh.internal.").await, ResponseCode::NXDomain);
-    assert_eq!(api.registered_ids().await, ["a1", "pad-1"]);
+    assert_eq!(api.registered_ids().await, ["a1", "pad-1", "t1"]);
     assert_eq!(index(&api).await, before, "the change index moved");
     let msg = body["error"].as_str().unwrap();
     assert!(
@@ -131,7 +142,22 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
         dns::a_records(r.dns, "a.mesh.internal.").await,
         ips(&["127.0.20.1"])
     );
-    assert_eq!(api.registered_ids().await, ["a1", "pad-1"]);
+    assert_eq!(api.registered_ids().await, ["a1", "pad-1", "t1"]);
+    assert_eq!(index(&api).await, before);
+
+    // Nor does a health change show before it can be written: t1's TTL expires unseen.
+    let expired = r#"waymark_health_check_runs_total{kind="ttl",result="critical"}"#;
+    until(
+        "t1's TTL expired",
+        WAIT,
+        || metric(&api, expired),
+        |n| n.is_some_and(|n| n >= 1.0),
+    )
+    .await;
+    assert_eq!(
+        dns::a_records(r.dns, "t.mesh.internal.").await,
+        ips(&["127.0.20.5"])
+    );
     assert_eq!(index(&api).await, before);
 
     // Readiness and metrics say so.
@@ -159,7 +185,15 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
     fs.sh(&format!("rm {}/fill", fs.dir.display()));
     until("ready again", WAIT, || ready(&api), |(s, _)| *s == 200).await;
     assert_eq!(metric(&api, "waymark_store_writable").await, Some(1.0));
-    assert_eq!(index(&api).await, before);
+    // The expiry is recorded once it can be, and only then leaves DNS.
+    until(
+        "t1 out of DNS",
+        WAIT,
+        || dns::a_records(r.dns, "t.mesh.internal."),
+        Vec::is_empty,
+    )
+    .await;
+    let before = index(&api).await;
 
     // The next writes are acknowledged, visible, and (after a crash) still there.
     api.register(json!({"Name": "c", "ID": "c1", "Address": "127.0.20.4", "Port": 1}))
@@ -178,8 +212,10 @@ async fn a_full_disk_fails_writes_invisibly_and_recovers_by_itself() {
     assert_eq!(last, before + 2, "one index per acknowledged change");
     r.kill();
     r.restart_stopped();
-    assert_eq!(api.registered_ids().await, ["c1", "pad-1"]);
+    assert_eq!(api.registered_ids().await, ["c1", "pad-1", "t1"]);
     assert_eq!(index(&api).await, last);
+    let checks: Value = api.get("/v1/agent/checks").await.json().await.unwrap();
+    assert_eq!(checks["t1-ttl"]["Status"], "critical");
     assert_eq!(rcode(&r, "a.mesh.internal.").await, ResponseCode::NXDomain);
     assert_eq!(rcode(&r, "b.mesh.internal.").await, ResponseCode::NXDomain);
     assert_eq!(

@@ -27,6 +27,9 @@ use crate::store::{Loaded, Pending, Source, Store, StoreError, StoredCheck, Stor
 use commit::{Change, Publish, Undo};
 use def::{CheckDef, CheckKind, ServiceDef};
 
+/// A TTL check's output once it expired.
+const TTL_EXPIRED: &str = "TTL expired";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("{0}")]
@@ -460,12 +463,19 @@ impl Registry {
         }
     }
 
-    /// The TTL deadline of a check, and the notifier a heartbeat pokes.
-    fn ttl_state(&self, check_id: &str, generation: u64) -> Option<(Instant, Arc<Notify>)> {
+    /// The TTL deadline of a check, the notifier a heartbeat pokes, and whether its expiry is
+    /// recorded.
+    fn ttl_state(&self, check_id: &str, generation: u64) -> Option<(Instant, Arc<Notify>, bool)> {
         let mut inner = self.lock();
         let (reg, i) = find_check(&mut inner, check_id).ok()?;
         let c = &reg.checks[i];
-        (c.generation == generation).then(|| (c.ttl_deadline, c.ttl_notify.clone()))
+        (c.generation == generation).then(|| {
+            (
+                c.ttl_deadline,
+                c.ttl_notify.clone(),
+                c.status == Health::Critical && c.output == TTL_EXPIRED,
+            )
+        })
     }
 
     fn ttl_expired(&self, check_id: &str, generation: u64) {
@@ -484,7 +494,7 @@ impl Registry {
                 result: "critical",
             })
             .inc();
-        if set_status(check, Health::Critical, "TTL expired".into(), &self.metrics) {
+        if set_status(check, Health::Critical, TTL_EXPIRED.into(), &self.metrics) {
             let id = reg.stored.def.id.clone();
             drop(self.queue_state(&mut inner, &id, None));
             drop(inner);
