@@ -268,6 +268,13 @@ impl Mirror {
         true
     }
 
+    /// Moves the index to `index` (when above it) without changing any service: a change of
+    /// the registry of record that no service shows.
+    pub fn advance_to(&self, index: u64) {
+        let _log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        self.advance(index.max(self.index.load(Ordering::Acquire)));
+    }
+
     /// Moves the index without changing any service.
     fn advance(&self, index: u64) {
         if index != self.index.load(Ordering::Acquire) {
@@ -444,6 +451,10 @@ mod tests {
         assert_eq!((m.index(), m.service("api").unwrap().index), (8, 8));
         m.remove_at(9, "nope", "x");
         assert_eq!(m.index(), 9);
+        m.advance_to(10);
+        m.advance_to(4);
+        assert_eq!(m.index(), 10);
+        assert!(!m.changes_since(9).reset);
     }
 
     #[test]

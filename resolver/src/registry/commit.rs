@@ -31,12 +31,15 @@ pub(super) enum Undo {
         id: CompactString,
         before: Arc<StoredReg>,
     },
+    /// Nothing to undo (a restart record).
+    Nothing,
 }
 
 impl Undo {
     pub fn id(&self) -> &str {
         match self {
             Undo::Replace { id, .. } | Undo::States { id, .. } => id,
+            Undo::Nothing => "",
         }
     }
 }
@@ -52,6 +55,8 @@ pub(super) enum Publish {
         service: CompactString,
         id: CompactString,
     },
+    /// Only the index moves.
+    Index,
 }
 
 /// The registry as the store's [`Sink`].
@@ -90,6 +95,7 @@ impl Registry {
                 Publish::Remove { service, id } => {
                     self.mirror.remove_at(change.index, &service, &id)
                 }
+                Publish::Index => self.mirror.advance_to(change.index),
             }
             inner.published = change.index;
         }
@@ -126,6 +132,7 @@ impl Registry {
                     }
                 }
             }
+            Undo::Nothing => {}
             Undo::States { id, before } => {
                 let Some(reg) = inner.regs.get_mut(id.as_str()) else {
                     return;

@@ -166,6 +166,15 @@ impl Registry {
             }
             reg.metrics.change_index.set(loaded.index as i64);
             reg.update_gauges(&inner);
+            // A registry that has a history records its restart as a change: followers that
+            // resume from the index they last saw get an answer at once.
+            if loaded.index > 0 {
+                drop(
+                    reg.queue(&mut inner, Undo::Nothing, Publish::Index, |index| {
+                        reg.store.restart(index)
+                    }),
+                );
+            }
         }
         reg
     }

@@ -386,7 +386,7 @@ fn apply(state: &mut State, record: Record, snap_index: Option<u64>, framed: boo
         return;
     }
     match record {
-        Record::Begin { .. } => {}
+        Record::Begin { .. } | Record::Restart { .. } => {}
         Record::Put { reg, .. } => state.put(reg),
         Record::Delete { id, .. } => state.delete(&id),
     }

@@ -264,6 +264,11 @@ impl Store {
         self.append(index, &Record::Delete { index, id })
     }
 
+    /// Appends a restart (a change index that changes no registration).
+    pub fn restart(&self, index: u64) -> Pending {
+        self.append(index, &Record::Restart { index })
+    }
+
     fn append(&self, index: u64, record: &Record<&StoredReg, &str>) -> Pending {
         let line = encode(record);
         let (ack, rx) = oneshot::channel();

@@ -26,14 +26,21 @@ pub enum Record<R = StoredReg, I = String> {
         index: u64,
         id: I,
     },
+    /// A change that changes no registration: the registry started again. Followers that
+    /// resume see the index move, and learn that nothing changed.
+    Restart {
+        index: u64,
+    },
 }
 
 impl<R, I> Record<R, I> {
-    /// The change index of a put or delete.
+    /// The change index of a put, delete or restart.
     pub fn index(&self) -> Option<u64> {
         match self {
             Record::Begin { .. } => None,
-            Record::Put { index, .. } | Record::Delete { index, .. } => Some(*index),
+            Record::Put { index, .. }
+            | Record::Delete { index, .. }
+            | Record::Restart { index } => Some(*index),
         }
     }
 }
