@@ -85,7 +85,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     ready.waiting_for("services file");
     ready.waiting_for("dns");
 
-    let (store, loaded) = Store::open(&config.store.data_dir)?;
+    let (store, loaded) = Store::open(
+        &config.store.data_dir,
+        config.store.recover_readable,
+        metrics.clone(),
+    )?;
     tracing::info!(
         registrations = loaded.registrations.len(),
         index = loaded.index,
@@ -96,11 +100,12 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let registry = Registry::new(
         mirror.clone(),
         store,
-        loaded.registrations,
+        loaded,
         Settings {
             node_address: config.api.node_address.clone(),
             zone: config.dns.zone.clone(),
             health: config.health.clone(),
+            compact_after_records: config.store.compact_after_records,
         },
         metrics.clone(),
     );

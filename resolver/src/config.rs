@@ -171,12 +171,21 @@ impl Default for ApiConfig {
 pub struct StoreConfig {
     /// Where registrations are kept across restarts.
     pub data_dir: PathBuf,
+    /// Log records after which the log is compacted into a snapshot, at the least (and at
+    /// least twice the number of registrations).
+    pub compact_after_records: u64,
+    /// Start from what is readable when the data dir is not consistent, setting the damaged
+    /// files aside: set by `serve --recover-readable` for one start, never from the file.
+    #[serde(skip)]
+    pub recover_readable: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             data_dir: PathBuf::from("waymark-data"),
+            compact_after_records: 10_000,
+            recover_readable: false,
         }
     }
 }
@@ -315,6 +324,9 @@ impl Config {
         }
         if self.api.max_connections_per_client == 0 {
             return bad("api.max_connections_per_client must be at least 1".into());
+        }
+        if self.store.compact_after_records < 10 {
+            return bad("store.compact_after_records must be at least 10".into());
         }
         if self.api.max_body_bytes < 1024 {
             return bad("api.max_body_bytes must be at least 1024".into());

@@ -78,6 +78,11 @@ struct ServeArgs {
     /// Require api.token for reads of the registry too, not only for writes.
     #[arg(long)]
     token_for_reads: bool,
+    /// When the data dir is not consistent (a missing snapshot, a damaged log), start from
+    /// what is readable instead of refusing to start: the damaged files are renamed with a
+    /// `.damaged-<time>` suffix and what was dropped is logged.
+    #[arg(long)]
+    recover_readable: bool,
 }
 
 impl ServeArgs {
@@ -103,6 +108,7 @@ impl ServeArgs {
         }
         c.log_json |= self.log_json;
         c.api.token_for_reads |= self.token_for_reads;
+        c.store.recover_readable = self.recover_readable;
         c.validate()?;
         Ok(c)
     }

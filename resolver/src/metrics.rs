@@ -73,6 +73,7 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub connections: Family<ListenerLabels, Gauge>,
     pub connections_refused: Family<RefusedLabels, Counter>,
+    pub store_writable: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,6 +101,7 @@ impl Metrics {
             store_errors: Counter::default(),
             connections: Family::default(),
             connections_refused: Family::default(),
+            store_writable: Gauge::default(),
         };
         registry.register(
             "dns_queries",
@@ -158,7 +160,7 @@ impl Metrics {
         );
         registry.register(
             "store_errors",
-            "Failed writes to the data dir",
+            "Failed writes to the data dir (log appends, snapshots)",
             m.store_errors.clone(),
         );
         registry.register(
@@ -170,6 +172,12 @@ impl Metrics {
             "connections_refused",
             "Connections closed at once because a cap was reached, by listener and cap",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "store_writable",
+            "1 while the data dir can be written; 0 after a failed write, until a write or a \
+             probe succeeds",
+            m.store_writable.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -193,31 +193,69 @@ impl Mirror {
     /// Inserts or replaces an instance (matched by ID within its service). Returns the change
     /// index, or `None` when the instance was already exactly so (no change is recorded).
     pub fn upsert(&self, instance: Instance) -> Option<u64> {
-        let key = key_of(&instance.service);
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let index = self.index.load(Ordering::Acquire) + 1;
+        self.upsert_locked(&mut log, index, instance)
+            .then_some(index)
+    }
+
+    /// Removes an instance. Returns the change index, or `None` if there was no such instance.
+    pub fn remove(&self, service: &str, id: &str) -> Option<u64> {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let index = self.index.load(Ordering::Acquire) + 1;
+        self.remove_locked(&mut log, index, service, id)
+            .then_some(index)
+    }
+
+    /// Inserts or replaces an instance as the change the registry of record made at `index`:
+    /// the mirror's index becomes `index` (it never goes back: a lower one counts as the
+    /// current one), even when the instance was already exactly so.
+    pub fn upsert_at(&self, index: u64, instance: Instance) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let index = index.max(self.index.load(Ordering::Acquire));
+        if !self.upsert_locked(&mut log, index, instance) {
+            self.advance(index);
+        }
+    }
+
+    /// Removes an instance as the change the registry of record made at `index` (see
+    /// [`Mirror::upsert_at`]).
+    pub fn remove_at(&self, index: u64, service: &str, id: &str) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let index = index.max(self.index.load(Ordering::Acquire));
+        if !self.remove_locked(&mut log, index, service, id) {
+            self.advance(index);
+        }
+    }
+
+    /// Whether anything changed.
+    fn upsert_locked(&self, log: &mut ChangeLog, index: u64, instance: Instance) -> bool {
+        let key = key_of(&instance.service);
         let current = self.services.get(&key).map(|s| s.view.clone());
         let mut instances = current
             .as_ref()
             .map(|v| v.instances.clone())
             .unwrap_or_default();
         match instances.iter_mut().find(|i| i.id == instance.id) {
-            Some(existing) if **existing == instance => return None,
+            Some(existing) if **existing == instance => return false,
             Some(existing) => *existing = Arc::new(instance),
             None => instances.push(Arc::new(instance)),
         }
         let name = current
             .map(|v| v.name.clone())
             .unwrap_or_else(|| instances[instances.len() - 1].service.clone());
-        Some(self.commit(&mut log, key, Some((name, instances))))
+        self.commit(log, index, key, Some((name, instances)));
+        true
     }
 
-    /// Removes an instance. Returns the change index, or `None` if there was no such instance.
-    pub fn remove(&self, service: &str, id: &str) -> Option<u64> {
+    /// Whether anything changed.
+    fn remove_locked(&self, log: &mut ChangeLog, index: u64, service: &str, id: &str) -> bool {
         let key = key_of(service);
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.services.get(&key).map(|s| s.view.clone())?;
+        let Some(current) = self.services.get(&key).map(|s| s.view.clone()) else {
+            return false;
+        };
         if !current.instances.iter().any(|i| i.id == id) {
-            return None;
+            return false;
         }
         let instances: Vec<_> = current
             .instances
@@ -226,7 +264,23 @@ impl Mirror {
             .cloned()
             .collect();
         let next = (!instances.is_empty()).then(|| (current.name.clone(), instances));
-        Some(self.commit(&mut log, key, next))
+        self.commit(log, index, key, next);
+        true
+    }
+
+    /// Moves the index to `index` (when above it) without changing any service: a change of
+    /// the registry of record that no service shows.
+    pub fn advance_to(&self, index: u64) {
+        let _log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        self.advance(index.max(self.index.load(Ordering::Acquire)));
+    }
+
+    /// Moves the index without changing any service.
+    fn advance(&self, index: u64) {
+        if index != self.index.load(Ordering::Acquire) {
+            self.index.store(index, Ordering::Release);
+            self.notify.send_replace(index);
+        }
     }
 
     /// Applies a follower's batch: replaces the named services whole and drops removed ones.
@@ -260,10 +314,10 @@ impl Mirror {
     fn commit(
         &self,
         log: &mut ChangeLog,
+        index: u64,
         key: CompactString,
         next: Option<(CompactString, Vec<Arc<Instance>>)>,
-    ) -> u64 {
-        let index = self.index.load(Ordering::Acquire) + 1;
+    ) {
         let view = next.map(|(name, instances)| ServiceView {
             name,
             index,
@@ -278,7 +332,6 @@ impl Mirror {
         log.entries.push_back((index, key));
         self.index.store(index, Ordering::Release);
         self.notify.send_replace(index);
-        index
     }
 
     /// Installs a service's new view (or removes it), then ends the old view's freshness.
@@ -373,6 +426,35 @@ mod tests {
         assert_eq!(m.remove("web", "b"), Some(14));
         assert!(m.service("web").is_none());
         assert_eq!(m.index(), 14);
+    }
+
+    #[test]
+    fn changes_at_an_index_take_it_and_never_go_back() {
+        let m = Mirror::new(5);
+        // Restoring at the current index changes services but not the index.
+        m.upsert_at(5, inst("web", "a", 1));
+        assert_eq!(m.index(), 5);
+        assert_eq!(m.service("web").unwrap().index, 5);
+        m.upsert_at(6, inst("web", "b", 1));
+        assert_eq!((m.index(), m.service("web").unwrap().index), (6, 6));
+        // A change that changes nothing visible still moves the index to the registry's.
+        m.upsert_at(7, inst("web", "b", 1));
+        assert_eq!((m.index(), m.service("web").unwrap().index), (7, 6));
+        // One change can touch two services (an instance that moves) at one index.
+        m.remove_at(8, "web", "b");
+        m.upsert_at(8, inst("api", "b", 1));
+        assert_eq!(m.index(), 8);
+        assert_eq!(m.service("api").unwrap().index, 8);
+        assert_eq!(m.changes_since(7).services.len(), 2);
+        // An index below the current one counts as the current one.
+        m.upsert_at(3, inst("api", "c", 1));
+        assert_eq!((m.index(), m.service("api").unwrap().index), (8, 8));
+        m.remove_at(9, "nope", "x");
+        assert_eq!(m.index(), 9);
+        m.advance_to(10);
+        m.advance_to(4);
+        assert_eq!(m.index(), 10);
+        assert!(!m.changes_since(9).reset);
     }
 
     #[test]

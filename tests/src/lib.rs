@@ -14,12 +14,14 @@ pub mod process;
 
 use std::fmt::{Debug, Display};
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use serde_json::Value;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::task::JoinHandle;
@@ -134,6 +136,7 @@ pub struct Resolver {
     http_shared: Arc<Mutex<SocketAddr>>,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    wrapper: Vec<String>,
     log: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -149,6 +152,8 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     pub dns_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
+    /// A command the resolver runs under, such as [`PrivateTmpfs::enter`].
+    pub wrapper: Vec<String>,
 }
 
 impl Resolver {
@@ -196,6 +201,7 @@ impl Resolver {
             dns: unbound,
             http: unbound,
             http_shared: Arc::new(Mutex::new(unbound)),
+            wrapper: opts.wrapper.clone(),
             data_dir,
             args,
             log,
@@ -206,7 +212,14 @@ impl Resolver {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(resolver_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(resolver_bin());
+                cmd
+            }
+            None => Command::new(resolver_bin()),
+        };
         cmd.args(&self.args).env(
             "RUST_LOG",
             "info,hickory_server=warn,waymark_resolver=debug",
@@ -301,6 +314,139 @@ impl Drop for Resolver {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `waymark-resolver serve` with these arguments (addresses on port 0 are added) and
+/// expects it to refuse to start: returns its exit code and what it wrote to stderr. Panics
+/// if it starts serving or has not exited within 30 s (it is then killed).
+pub fn resolver_refuses(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(resolver_bin())
+        .args([
+            "serve",
+            "--dns-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", "127.0.0.1:9"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning waymark-resolver");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("waymark-resolver {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout);
+    let _ = child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr);
+    assert!(
+        !stdout.contains("listening"),
+        "waymark-resolver {args:?} started: {stdout}"
+    );
+    (status.code(), stderr)
+}
+
+/// A tmpfs of a fixed size in a private mount namespace that a process of this harness holds
+/// open, so that nothing is mounted on the machine itself. Commands run in it through
+/// [`PrivateTmpfs::enter`] (a command prefix) or [`PrivateTmpfs::sh`], and see the tmpfs at
+/// `dir`. Needs root (see [`is_root`]); the holder is stopped, by PID, on drop.
+pub struct PrivateTmpfs {
+    holder: Child,
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl PrivateTmpfs {
+    /// Mounts a tmpfs of `size` (`mount -o size=`, such as `1m`).
+    pub fn mount(size: &str) -> anyhow::Result<PrivateTmpfs> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("tmpfs");
+        std::fs::create_dir(&dir)?;
+        let mut holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && echo mounted && exec sleep 3600"#)
+            .args(["sh", size])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawning unshare")?;
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().expect("piped")).read_line(&mut line)?;
+        let fs = PrivateTmpfs {
+            holder,
+            dir,
+            _tmp: tmp,
+        };
+        if line.trim() != "mounted" {
+            bail!("could not mount a tmpfs in a private mount namespace");
+        }
+        Ok(fs)
+    }
+
+    /// The command prefix that runs a command in the namespace.
+    pub fn enter(&self) -> Vec<String> {
+        [
+            "nsenter",
+            "--target",
+            &self.holder.id().to_string(),
+            "--mount",
+            "--",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Runs a shell script in the namespace; returns its stdout, panicking unless it succeeds.
+    pub fn sh(&self, script: &str) -> Vec<u8> {
+        let out = Command::new("nsenter")
+            .args(["--target", &self.holder.id().to_string(), "--mount", "--"])
+            .args(["sh", "-c", script])
+            .output()
+            .expect("running nsenter");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for PrivateTmpfs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Whether the tests run as root (mounting needs it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// A JSON HTTP client for the registration API of one resolver (it follows restarts).

@@ -27,14 +27,23 @@ pub async fn live() -> &'static str {
     "live\n"
 }
 
+/// Ready once nothing is pending and the store can write: a resolver whose data dir is full
+/// answers DNS but cannot take registrations.
 pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     let pending = state.ready.pending();
-    if pending.is_empty() {
+    let mut problems = Vec::new();
+    if !pending.is_empty() {
+        problems.push(format!("waiting for {}", pending.join(", ")));
+    }
+    if let Err(e) = state.registry.store_status() {
+        problems.push(format!("the store cannot write: {e}"));
+    }
+    if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_string()).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: waiting for {}\n", pending.join(", ")),
+            format!("not ready: {}\n", problems.join("; ")),
         )
             .into_response()
     }

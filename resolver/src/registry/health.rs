@@ -41,8 +41,11 @@ impl Timing {
     }
 }
 
-/// Starts the task of one check. It stops by itself once the check is gone or replaced.
+/// Starts the task of one check on `runtime`. It stops by itself once the check is gone or
+/// replaced.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
+    runtime: &tokio::runtime::Handle,
     registry: Weak<Registry>,
     check_id: String,
     generation: u64,
@@ -73,22 +76,35 @@ pub fn spawn(
             }
         }
     };
-    tokio::spawn(task).abort_handle()
+    runtime.spawn(task).abort_handle()
 }
+
+/// How long an expired TTL check whose expiry was undone waits before recording it again.
+const TTL_RETRY: Duration = Duration::from_secs(1);
 
 async fn watch_ttl(registry: Weak<Registry>, check_id: String, generation: u64) {
     loop {
         let Some(reg) = registry.upgrade() else {
             return;
         };
-        let Some((deadline, notify)) = reg.ttl_state(&check_id, generation) else {
+        let Some((deadline, notify, recorded)) = reg.ttl_state(&check_id, generation) else {
             return;
         };
         let notified = notify.notified();
         if std::time::Instant::now() >= deadline {
+            if recorded {
+                drop(reg);
+                notified.await;
+                continue;
+            }
             reg.ttl_expired(&check_id, generation);
             drop(reg);
-            notified.await;
+            // Until a heartbeat; but look again in a while: an expiry the store could not
+            // write is undone, and must be recorded once it can.
+            tokio::select! {
+                _ = tokio::time::sleep(TTL_RETRY) => {}
+                _ = notified => {}
+            }
             continue;
         }
         drop(reg);

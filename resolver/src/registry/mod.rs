@@ -1,15 +1,17 @@
 //! The embedded registry of record: registrations, their health checks' state, persistence.
 //!
-//! Every write goes through here: it updates the registration table under one short lock,
-//! publishes the resulting instance to the [`Mirror`] (which DNS and the API read, and the
-//! change stream serves), queues the new state to the [`Store`], and — for writes a client is
-//! waiting on — returns only once the store has made it durable. Health check tasks
+//! Every write goes through here: under one short lock it updates the registration table,
+//! takes the next change index and queues the new state to the [`Store`]. The change reaches
+//! the [`Mirror`] (which DNS and the API read, and the change stream serves) only once the
+//! store has made it durable ([`commit`]); a write the store could not make durable is undone
+//! and never seen. Writes a client waits on return once published. Health check tasks
 //! ([`health`]) report back here, and hysteresis is applied here.
 
+mod commit;
 pub mod def;
 pub mod health;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use compact_str::CompactString;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -22,13 +24,12 @@ use waymark_shared::{CheckView, Health, Instance, Mirror};
 use crate::config::HealthConfig;
 use crate::dns::names::{self, NameError};
 use crate::metrics::{Metrics, TransitionLabels};
-use crate::store::{
-    Pending, Source, Store, StoreError, StoredCheck, StoredCheckRef, StoredReg, StoredRegRef,
-};
+use crate::store::{Loaded, Pending, Source, Store, StoreError, StoredCheck, StoredReg};
+use commit::{Change, Publish, Undo};
 use def::{CheckDef, CheckKind, ServiceDef};
 
-/// Log records after which the store is compacted, at the least.
-const COMPACT_MIN_RECORDS: u64 = 10_000;
+/// A TTL check's output once it expired.
+const TTL_EXPIRED: &str = "TTL expired";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -65,6 +66,9 @@ pub struct Settings {
     /// The DNS zone, whose length bounds the names of registrations.
     pub zone: String,
     pub health: HealthConfig,
+    /// Log records after which the store is compacted, at the least (and at least twice the
+    /// number of registrations).
+    pub compact_after_records: u64,
 }
 
 pub struct Registry {
@@ -75,6 +79,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     http: reqwest::Client,
     http_insecure: reqwest::Client,
+    /// Where check tasks run (undoing a failed write restarts checks from the store's thread).
+    runtime: tokio::runtime::Handle,
     this: Weak<Registry>,
 }
 
@@ -87,14 +93,23 @@ struct Inner {
     check_owner: HashMap<String, String>,
     /// Bumped for every check (re)start, so stale probe results are ignored.
     generation: u64,
+    /// The index of the last change queued to the store.
+    queued: u64,
+    /// The index of the last change published (durable).
+    published: u64,
+    /// Changes queued and not yet durable, oldest first.
+    pending: VecDeque<Change>,
 }
 
 struct Reg {
-    def: ServiceDef,
-    source: Source,
-    maintenance: Option<String>,
+    /// What is persisted: definition, source, maintenance, each check's last state. Shared
+    /// with queued changes (to undo them) and compactions (to write them without the lock).
+    stored: Arc<StoredReg>,
+    /// One per check of the definition, in its order.
     checks: Vec<CheckState>,
     tasks: Vec<AbortHandle>,
+    /// The index of the last change queued for this registration.
+    last_change: u64,
 }
 
 struct CheckState {
@@ -120,16 +135,21 @@ impl Drop for Reg {
 
 impl Registry {
     /// Builds the registry over a mirror and a store, restoring what the store loaded: every
-    /// instance keeps its last known health until its checks run again.
+    /// instance keeps its last known health until its checks run again. Must be called
+    /// within a tokio runtime (check tasks run on it).
     pub fn new(
         mirror: Arc<Mirror>,
         store: Store,
-        restored: Vec<StoredReg>,
+        loaded: Loaded,
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Arc<Registry> {
         let reg = Arc::new_cyclic(|this| Registry {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                queued: loaded.index,
+                published: loaded.index,
+                ..Inner::default()
+            }),
             mirror,
             store,
             settings,
@@ -143,30 +163,33 @@ impl Registry {
                 .danger_accept_invalid_certs(true)
                 .build()
                 .expect("tls backend available"),
+            runtime: tokio::runtime::Handle::current(),
             this: this.clone(),
         });
+        reg.store
+            .attach(Arc::new(commit::Publisher(Arc::downgrade(&reg))));
         {
             let mut inner = reg.lock();
-            for stored in restored {
-                let statuses: HashMap<_, _> = stored
-                    .checks
-                    .iter()
-                    .map(|c| (c.id.clone(), (c.status, c.output.clone())))
-                    .collect();
-                match reg.install(
-                    &mut inner,
-                    stored.def,
-                    stored.source,
-                    stored.maintenance,
-                    statuses,
-                ) {
+            for stored in loaded.registrations {
+                match reg.install(&mut inner, Arc::new(stored)) {
                     Ok(id) => {
-                        reg.publish(&inner.regs[&id]);
+                        let instance = reg.instance(&inner.regs[&id]);
+                        reg.mirror.upsert_at(loaded.index, instance);
                     }
                     Err(e) => tracing::error!(error = %e, "dropping a stored registration"),
                 }
             }
+            reg.metrics.change_index.set(loaded.index as i64);
             reg.update_gauges(&inner);
+            // A registry that has a history records its restart as a change: followers that
+            // resume from the index they last saw get an answer at once.
+            if loaded.index > 0 {
+                drop(
+                    reg.queue(&mut inner, Undo::Nothing, Publish::Index, |index| {
+                        reg.store.restart(index)
+                    }),
+                );
+            }
         }
         reg
     }
@@ -175,24 +198,24 @@ impl Registry {
         &self.mirror
     }
 
+    /// `Err` with the reason while the store cannot write (readiness says so).
+    pub fn store_status(&self) -> Result<(), String> {
+        self.store.status()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers (or replaces) an instance. Returns the change index once it is durable.
+    /// Registers (or replaces) an instance. Returns the change index once it is durable and
+    /// published.
     pub async fn register(&self, def: ServiceDef, source: Source) -> Result<u64, RegistryError> {
         let def = def.normalize()?;
         names::check_lengths(&def.name, &def.id, &self.settings.zone)?;
-        let (index, pending) = {
+        let queued = {
             let mut inner = self.lock();
             let id = def.id.clone();
             self.check_label_free(&def)?;
-            let mut carried = HashMap::new();
-            if let Some(old) = inner.regs.get(&id) {
-                for c in &old.checks {
-                    carried.insert(c.def.id.clone(), (c.status, c.output.clone()));
-                }
-            }
             for check in &def.checks {
                 if let Some(owner) = inner.check_owner.get(&check.id) {
                     if *owner != id {
@@ -203,19 +226,59 @@ impl Registry {
                     }
                 }
             }
-            let old_service = inner.regs.get(&id).map(|r| r.def.name.clone());
-            let maintenance = inner.regs.get(&id).and_then(|r| r.maintenance.clone());
-            self.uninstall(&mut inner, &id);
+            let old = inner.regs.get(&id);
+            let checks = def
+                .checks
+                .iter()
+                .map(|c| {
+                    let carried = old.and_then(|o| o.stored.checks.iter().find(|s| s.id == c.id));
+                    StoredCheck {
+                        id: c.id.clone(),
+                        status: carried.map_or_else(
+                            || c.status.unwrap_or(self.settings.health.initial_status),
+                            |s| s.status,
+                        ),
+                        output: carried.map(|s| s.output.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            let stored = Arc::new(StoredReg {
+                def: Arc::new(def),
+                source,
+                maintenance: old.and_then(|o| o.stored.maintenance.clone()),
+                checks,
+            });
+            let old = self.uninstall(&mut inner, &id);
+            let before = old.as_ref().map(|o| o.stored.clone());
+            let last_change = old.as_ref().map_or(0, |o| o.last_change);
             // An instance that moves to another service leaves the old one.
-            if let Some(old) = old_service.filter(|o| !o.eq_ignore_ascii_case(&def.name)) {
-                self.mirror.remove(&old, &id);
+            let moved_from = before
+                .as_ref()
+                .map(|b| b.def.name.clone())
+                .filter(|o| !o.eq_ignore_ascii_case(&stored.def.name));
+            // Dropping the old registration stops its checks; the new one starts them again.
+            drop(old);
+            let unchanged = before.as_deref() == Some(&*stored);
+            let id = self.install(&mut inner, stored.clone())?;
+            if let Some(reg) = inner.regs.get_mut(&id) {
+                reg.last_change = last_change;
             }
-            let id = self.install(&mut inner, def, source, maintenance, carried)?;
-            let out = self.persist(&inner.regs[&id]);
-            self.update_gauges(&inner);
-            out
+            if unchanged {
+                Err(self.waits_on(&inner, &id))
+            } else {
+                let instance = self.instance(&inner.regs[&id]);
+                Ok(self.queue(
+                    &mut inner,
+                    Undo::Replace { id, before },
+                    Publish::Upsert {
+                        instance,
+                        moved_from,
+                    },
+                    |index| self.store.put(index, &stored),
+                ))
+            }
         };
-        self.committed(index, pending).await
+        self.committed(queued).await
     }
 
     /// Refuses an instance whose DNS label another instance of the service already has
@@ -240,21 +303,31 @@ impl Registry {
         }
     }
 
-    /// Removes an instance. Returns the change index once it is durable.
+    /// Removes an instance. Returns the change index once it is durable and published.
     pub async fn deregister(&self, id: &str) -> Result<u64, RegistryError> {
-        let (index, pending) = {
+        let queued = {
             let mut inner = self.lock();
             let Some(reg) = self.uninstall(&mut inner, id) else {
                 return Err(RegistryError::UnknownService(id.to_string()));
             };
-            let index = self
-                .mirror
-                .remove(&reg.def.name, id)
-                .unwrap_or_else(|| self.mirror.index());
-            self.update_gauges(&inner);
-            (index, self.store.delete(index, id))
+            let before = reg.stored.clone();
+            drop(reg);
+            let id = before.def.id.clone();
+            let service = before.def.name.clone();
+            Ok(self.queue(
+                &mut inner,
+                Undo::Replace {
+                    id: id.clone(),
+                    before: Some(before),
+                },
+                Publish::Remove {
+                    service,
+                    id: id.clone(),
+                },
+                |index| self.store.delete(index, &id),
+            ))
         };
-        self.committed(index, pending).await
+        self.committed(queued).await
     }
 
     /// Sets a TTL check's status (a heartbeat) and restarts its TTL.
@@ -264,7 +337,7 @@ impl Registry {
         status: Health,
         note: Option<String>,
     ) -> Result<u64, RegistryError> {
-        let (index, pending) = {
+        let queued = {
             let mut inner = self.lock();
             let (reg, i) = find_check(&mut inner, check_id)?;
             let check = &mut reg.checks[i];
@@ -274,13 +347,11 @@ impl Registry {
             check.ttl_deadline = Instant::now() + ttl;
             check.ttl_notify.notify_one();
             let output = note.unwrap_or_default();
-            let changed = set_status(check, status, output, &self.metrics);
-            if !changed {
-                return Ok(self.mirror.index());
-            }
-            self.persist(reg)
+            set_status(check, status, output, &self.metrics);
+            let id = reg.stored.def.id.clone();
+            self.queue_state(&mut inner, &id, None)
         };
-        self.committed(index, pending).await
+        self.committed(queued).await
     }
 
     /// Puts an instance in or out of maintenance (draining: never answered).
@@ -290,20 +361,19 @@ impl Registry {
         enable: bool,
         reason: Option<String>,
     ) -> Result<u64, RegistryError> {
-        let (index, pending) = {
+        let queued = {
             let mut inner = self.lock();
-            let reg = inner
-                .regs
-                .get_mut(id)
-                .ok_or_else(|| RegistryError::UnknownService(id.to_string()))?;
-            reg.maintenance = enable.then(|| {
+            if !inner.regs.contains_key(id) {
+                return Err(RegistryError::UnknownService(id.to_string()));
+            }
+            let maintenance = enable.then(|| {
                 reason
                     .filter(|r| !r.is_empty())
                     .unwrap_or_else(|| "Maintenance mode is enabled for this service".into())
             });
-            self.persist(reg)
+            self.queue_state(&mut inner, id, Some(maintenance))
         };
-        self.committed(index, pending).await
+        self.committed(queued).await
     }
 
     /// Adds (or replaces) a check on a registered instance (`/v1/agent/check/register`).
@@ -348,14 +418,17 @@ impl Registry {
         self.lock()
             .regs
             .values()
-            .filter(|r| r.source == source)
-            .map(|r| r.def.id.to_string())
+            .filter(|r| r.stored.source == source)
+            .map(|r| r.stored.def.id.to_string())
             .collect()
     }
 
     /// The registration's definition as given, when it exists.
     pub fn definition(&self, id: &str) -> Option<(ServiceDef, Source)> {
-        self.lock().regs.get(id).map(|r| (r.def.clone(), r.source))
+        self.lock()
+            .regs
+            .get(id)
+            .map(|r| (ServiceDef::clone(&r.stored.def), r.stored.source))
     }
 
     /// Deregisters instances whose checks have been critical for longer than their
@@ -372,7 +445,7 @@ impl Registry {
                         (Some(after), Some(since)) if now.duration_since(since) >= after)
                 })
             })
-            .map(|r| r.def.id.to_string())
+            .map(|r| r.stored.def.id.to_string())
             .collect();
         for id in expired {
             tracing::info!(id, "deregistering an instance critical for too long");
@@ -430,19 +503,27 @@ impl Registry {
         };
         let status = next.unwrap_or(check.status);
         if set_status(check, status, output, &self.metrics) {
-            // Nobody waits on health flips: durability follows in the next group commit.
-            drop(self.persist(reg));
+            // Nobody waits on health flips: they are published once durable.
+            let id = reg.stored.def.id.clone();
+            drop(self.queue_state(&mut inner, &id, None));
             drop(inner);
             self.maybe_compact();
         }
     }
 
-    /// The TTL deadline of a check, and the notifier a heartbeat pokes.
-    fn ttl_state(&self, check_id: &str, generation: u64) -> Option<(Instant, Arc<Notify>)> {
+    /// The TTL deadline of a check, the notifier a heartbeat pokes, and whether its expiry is
+    /// recorded.
+    fn ttl_state(&self, check_id: &str, generation: u64) -> Option<(Instant, Arc<Notify>, bool)> {
         let mut inner = self.lock();
         let (reg, i) = find_check(&mut inner, check_id).ok()?;
         let c = &reg.checks[i];
-        (c.generation == generation).then(|| (c.ttl_deadline, c.ttl_notify.clone()))
+        (c.generation == generation).then(|| {
+            (
+                c.ttl_deadline,
+                c.ttl_notify.clone(),
+                c.status == Health::Critical && c.output == TTL_EXPIRED,
+            )
+        })
     }
 
     fn ttl_expired(&self, check_id: &str, generation: u64) {
@@ -461,34 +542,39 @@ impl Registry {
                 result: "critical",
             })
             .inc();
-        if set_status(check, Health::Critical, "TTL expired".into(), &self.metrics) {
-            drop(self.persist(reg));
+        if set_status(check, Health::Critical, TTL_EXPIRED.into(), &self.metrics) {
+            let id = reg.stored.def.id.clone();
+            drop(self.queue_state(&mut inner, &id, None));
             drop(inner);
             self.maybe_compact();
         }
     }
 
-    /// Adds a registration to the table and starts its checks; the caller publishes it.
-    /// `statuses` carries check states over from before (a re-registration, a restart).
+    /// Adds a registration to the table and starts its checks, each in the state `stored`
+    /// gives it (a re-registration carries states over, a restart restores them); the caller
+    /// queues or publishes it.
     fn install(
         &self,
         inner: &mut Inner,
-        def: ServiceDef,
-        source: Source,
-        maintenance: Option<String>,
-        statuses: HashMap<String, (Health, String)>,
+        stored: Arc<StoredReg>,
     ) -> Result<CompactString, RegistryError> {
         let now = Instant::now();
+        let def = &stored.def;
         let mut checks = Vec::with_capacity(def.checks.len());
         for check in &def.checks {
             let kind = check.kind()?;
             inner.generation += 1;
-            let (status, output) = statuses.get(&check.id).cloned().unwrap_or_else(|| {
-                (
-                    check.status.unwrap_or(self.settings.health.initial_status),
-                    String::new(),
-                )
-            });
+            let (status, output) = stored
+                .checks
+                .iter()
+                .find(|s| s.id == check.id)
+                .map(|s| (s.status, s.output.clone()))
+                .unwrap_or_else(|| {
+                    (
+                        check.status.unwrap_or(self.settings.health.initial_status),
+                        String::new(),
+                    )
+                });
             let ttl = match kind {
                 CheckKind::Ttl { ttl } => ttl,
                 _ => Duration::ZERO,
@@ -510,6 +596,7 @@ impl Registry {
             .iter()
             .map(|c| {
                 health::spawn(
+                    &self.runtime,
                     self.this.clone(),
                     c.def.id.clone(),
                     c.generation,
@@ -528,12 +615,20 @@ impl Registry {
         for c in &checks {
             inner.check_owner.insert(c.def.id.clone(), id.to_string());
         }
+        // The stored form lists exactly the checks that run, with their states.
+        let stored = if states(&checks) == stored.checks {
+            stored
+        } else {
+            Arc::new(StoredReg {
+                checks: states(&checks),
+                ..StoredReg::clone(&stored)
+            })
+        };
         let reg = Reg {
-            def,
-            source,
-            maintenance,
+            stored,
             checks,
             tasks,
+            last_change: 0,
         };
         inner.regs.insert(id.clone(), Box::new(reg));
         Ok(id)
@@ -547,25 +642,78 @@ impl Registry {
         Some(reg)
     }
 
-    /// Publishes a registration's instance to the mirror; returns the change index.
-    fn publish(&self, reg: &Reg) -> u64 {
-        let index = self
-            .mirror
-            .upsert(self.instance(reg))
-            .unwrap_or_else(|| self.mirror.index());
-        self.metrics.change_index.set(index as i64);
-        index
+    /// Queues a registration's changed state (maintenance when `Some`, check statuses) as a
+    /// change; `Err` with what to wait on when nothing changed.
+    fn queue_state(
+        &self,
+        inner: &mut Inner,
+        id: &str,
+        maintenance: Option<Option<String>>,
+    ) -> Result<(u64, Pending), Waits> {
+        let Some(reg) = inner.regs.get_mut(id) else {
+            return Err(self.waits_on(inner, id));
+        };
+        let before = reg.stored.clone();
+        let next = StoredReg {
+            def: before.def.clone(),
+            source: before.source,
+            maintenance: maintenance.unwrap_or_else(|| before.maintenance.clone()),
+            checks: states(&reg.checks),
+        };
+        if next == *before {
+            return Err(self.waits_on(inner, id));
+        }
+        reg.stored = Arc::new(next);
+        let stored = reg.stored.clone();
+        let instance = self.instance(reg);
+        let id = before.def.id.clone();
+        Ok(self.queue(
+            inner,
+            Undo::States { id, before },
+            Publish::Upsert {
+                instance,
+                moved_from: None,
+            },
+            |index| self.store.put(index, &stored),
+        ))
     }
 
-    /// Publishes and queues the registration's state for the store.
-    fn persist(&self, reg: &Reg) -> (u64, Pending) {
-        let index = self.publish(reg);
-        let pending = self.store.put(index, &stored(reg));
+    /// Takes the next change index for a change and queues its record (`write`) to the store;
+    /// the change is published once the record is durable, or undone if it cannot be.
+    fn queue(
+        &self,
+        inner: &mut Inner,
+        undo: Undo,
+        publish: Publish,
+        write: impl FnOnce(u64) -> Pending,
+    ) -> (u64, Pending) {
+        let index = inner.queued + 1;
+        inner.queued = index;
+        let pending = write(index);
+        if let Some(reg) = inner.regs.get_mut(undo.id()) {
+            reg.last_change = index;
+        }
+        inner.pending.push_back(Change {
+            index,
+            undo,
+            publish,
+        });
+        self.update_gauges(inner);
         (index, pending)
     }
 
+    /// For a write that changed nothing: what it must wait for before it answers (a change
+    /// to the same registration that is not durable yet).
+    fn waits_on(&self, inner: &Inner, id: &str) -> Waits {
+        let last = inner.regs.get(id).map_or(0, |r| r.last_change);
+        Waits {
+            flush: last > inner.published,
+        }
+    }
+
     fn instance(&self, reg: &Reg) -> Instance {
-        let def = &reg.def;
+        let def = &reg.stored.def;
+        let maintenance = &reg.stored.maintenance;
         let mut checks: Vec<CheckView> = reg
             .checks
             .iter()
@@ -578,7 +726,7 @@ impl Registry {
                 notes: c.def.notes.clone(),
             })
             .collect();
-        if let Some(reason) = &reg.maintenance {
+        if let Some(reason) = maintenance {
             checks.push(CheckView {
                 id: format!("_service_maintenance:{}", def.id),
                 name: "Service Maintenance Mode".into(),
@@ -602,7 +750,7 @@ impl Registry {
             weight_passing: def.weights.passing,
             weight_warning: def.weights.warning,
             checks,
-            draining: reg.maintenance.is_some(),
+            draining: maintenance.is_some(),
         }
     }
 
@@ -613,31 +761,63 @@ impl Registry {
             .set(self.mirror.service_count() as i64);
     }
 
-    /// Snapshots the whole table into the store when its log has grown long.
+    /// Compacts the store when its log has grown long (and no compaction is under way).
     fn maybe_compact(&self) {
         let inner = self.lock();
-        let threshold = COMPACT_MIN_RECORDS.max(2 * inner.regs.len() as u64);
-        if self.store.records_since_compaction() < threshold {
-            return;
+        let threshold = self
+            .settings
+            .compact_after_records
+            .max(2 * inner.regs.len() as u64);
+        if self.store.records_since_compaction() >= threshold && !self.store.compacting() {
+            self.compact_locked(&inner);
         }
-        self.store
-            .compact(self.mirror.index(), AllRegs(&inner.regs));
     }
 
-    /// Finishes a client's write: compacts the store when due, then waits until the write is
-    /// durable and returns its change index.
-    async fn committed(&self, index: u64, pending: Pending) -> Result<u64, RegistryError> {
-        self.maybe_compact();
-        pending.wait().await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
-        Ok(index)
+    /// Compacts the store now: the snapshot is written from the registrations' shared stored
+    /// forms, taken under the lock (a pointer each); it is serialized and written without it.
+    pub fn compact(&self) {
+        let inner = self.lock();
+        self.compact_locked(&inner);
+    }
+
+    fn compact_locked(&self, inner: &Inner) {
+        let regs = inner.regs.values().map(|r| r.stored.clone()).collect();
+        self.store.compact(inner.queued, regs);
+    }
+
+    /// Whether a compaction is under way.
+    pub fn compacting(&self) -> bool {
+        self.store.compacting()
+    }
+
+    /// Finishes a client's write: compacts the store when due, then waits until the change is
+    /// durable and published and returns its change index. A write that changed nothing waits
+    /// for the change before it to the same registration, then returns the current index.
+    async fn committed(&self, queued: Result<(u64, Pending), Waits>) -> Result<u64, RegistryError> {
+        match queued {
+            Ok((index, pending)) => {
+                self.maybe_compact();
+                pending.wait().await?;
+                Ok(index)
+            }
+            Err(Waits { flush }) => {
+                if flush {
+                    self.store.flush().await?;
+                }
+                Ok(self.lock().published)
+            }
+        }
     }
 
     /// Waits until every queued write is durable (used at shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.store.flush().await
     }
+}
+
+/// What a write that changed nothing waits for.
+struct Waits {
+    flush: bool,
 }
 
 fn find_check<'a>(
@@ -680,43 +860,17 @@ fn set_status(check: &mut CheckState, status: Health, output: String, metrics: &
     true
 }
 
-/// Every registration, serialized in place for a snapshot (no copy of the table).
-struct AllRegs<'a>(&'a HashMap<CompactString, Box<Reg>>);
-
-impl serde::Serialize for AllRegs<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.values().map(|reg| {
-            StoredRegRef {
-                def: &reg.def,
-                source: reg.source,
-                maintenance: &reg.maintenance,
-                checks: reg
-                    .checks
-                    .iter()
-                    .map(|c| StoredCheckRef {
-                        id: &c.def.id,
-                        status: c.status,
-                        output: &c.output,
-                    })
-                    .collect(),
-            }
-        }))
-    }
+/// The stored states of running checks.
+fn states(checks: &[CheckState]) -> Vec<StoredCheck> {
+    checks
+        .iter()
+        .map(|c| StoredCheck {
+            id: c.def.id.clone(),
+            status: c.status,
+            output: c.output.clone(),
+        })
+        .collect()
 }
 
-fn stored(reg: &Reg) -> StoredReg {
-    StoredReg {
-        def: reg.def.clone(),
-        source: reg.source,
-        maintenance: reg.maintenance.clone(),
-        checks: reg
-            .checks
-            .iter()
-            .map(|c| StoredCheck {
-                id: c.def.id.clone(),
-                status: c.status,
-                output: c.output.clone(),
-            })
-            .collect(),
-    }
-}
+#[cfg(test)]
+mod tests;
