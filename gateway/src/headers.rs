@@ -432,7 +432,8 @@ mod tests {
     #[test]
     fn content_length_has_one_canonical_value() {
         let cl = |lines: &[&str]| content_length(lines.iter().map(|l| l.as_bytes()));
-        let cases: &[(&[&str], Result<Option<(u64, bool)>, HeaderError>)] = &[
+        type Want = Result<Option<(u64, bool)>, HeaderError>;
+        let cases: &[(&[&str], Want)] = &[
             (&[], Ok(None)),
             (&["5"], Ok(Some((5, true)))),
             (&["0"], Ok(Some((0, true)))),

@@ -2,9 +2,11 @@
 //! forwarding headers, retried when that is safe, logged and counted.
 //!
 //! The phases, in pingora's order:
-//! - `request_filter`: size limits (431, 413), the per-client and per-route rate limits (429
-//!   with `Retry-After`), the route (404 when none matches), a serving instance must exist
-//!   (503 when none does), request ID and trace context.
+//! - `request_filter`: size limits (431, 413; `Content-Length` made canonical, 400 when its
+//!   values disagree), the per-client and per-route rate limits (429 with `Retry-After`), the
+//!   route on the normalised path (see [`crate::path`]; 400 for no Host or an ambiguous path,
+//!   404 when no route matches), a serving instance must exist (503 when none does), request
+//!   ID and trace context.
 //! - `upstream_peer`: an instance by least-outstanding of two random choices, never one this
 //!   request already tried; no new try after the overall deadline (504).
 //! - `upstream_request_filter`: prefix stripping, hop-by-hop removal, forwarding headers.
@@ -14,7 +16,9 @@
 //! - `upstream_response_filter`: a 5xx counts against the instance; a 502/503/504 to an
 //!   idempotent request is retried on another instance within the retry budget, before
 //!   anything was sent to the client.
-//! - `error_while_proxy`: the retry decision for errors after connecting.
+//! - `error_while_proxy`: for errors after connecting, whose fault it was: the client's never
+//!   counts against the instance nor is retried; a stale pooled connection is retried free;
+//!   the instance's counts and is retried within the budget.
 //! - `fail_to_proxy`: a short error body.
 //! - `logging`: the access log line and metrics.
 
