@@ -1,7 +1,8 @@
 //! The admin listener and the gateway's metrics.
 //!
 //! - `GET /metrics`: Prometheus text format: requests by route and status, latency by
-//!   route, retries, outlier ejections, rate-limited requests, and the registry link.
+//!   route, retries, outlier ejections, rate-limited requests, client errors, and the
+//!   registry link.
 //! - `GET /healthz/live`: 200 while the process serves.
 //! - `GET /healthz/ready`: 200 once the gateway has received the registry's state, and while
 //!   it keeps serving that state; the JSON body says whether the registry is reachable right
@@ -53,6 +54,12 @@ pub struct LimitLabel {
     pub scope: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `bad_request` (refused by the gateway) or `aborted` (the client went away mid-request).
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -61,6 +68,7 @@ pub struct Metrics {
     pub retries: Family<RouteLabel, Counter>,
     pub ejections: Family<ServiceLabel, Counter>,
     pub rate_limited: Family<LimitLabel, Counter>,
+    pub client_errors: Family<ReasonLabel, Counter>,
     pub in_flight: Gauge,
     pub routes: Gauge,
     pub registry_connected: Gauge,
@@ -110,6 +118,12 @@ impl Metrics {
             "Requests refused with 429, by route and limit",
             rate_limited.clone(),
         );
+        let client_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Requests that failed by the client's fault, by reason; never counted against instances",
+            client_errors.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "in_flight_requests",
@@ -149,6 +163,7 @@ impl Metrics {
             retries,
             ejections,
             rate_limited,
+            client_errors,
             in_flight,
             routes,
             registry_connected,

@@ -13,10 +13,11 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use waymark_shared::duration::serde_str as dur;
 
@@ -62,8 +63,14 @@ pub struct Config {
     /// workers: about 15% less CPU per request on small requests, at the price of balance
     /// when a few connections carry most of the load.
     pub work_stealing: bool,
-    /// Access log: `text`, `json` or `off`. Lines go to stderr with the other logs.
+    /// Access log: `text`, `json` or `off`. Lines go to stderr with the other logs (under
+    /// systemd, the journal, which rotates them); the gateway writes no log file.
     pub access_log: AccessLog,
+    /// Networks of proxies in front of the gateway (like nginx's `set_real_ip_from`). Requests
+    /// from them keep their `X-Forwarded-For`, `Forwarded`, `X-Forwarded-Proto` and
+    /// `X-Real-IP` (the gateway appends to the lists); from anyone else those headers are
+    /// replaced with the gateway's own. Empty by default: trust no one.
+    pub trusted_proxies: Vec<IpNet>,
     pub shutdown: ShutdownConfig,
     pub timeouts: TimeoutConfig,
     pub retry: RetryConfig,
@@ -90,6 +97,7 @@ impl Default for Config {
             threads: 2,
             work_stealing: false,
             access_log: AccessLog::Text,
+            trusted_proxies: Vec::new(),
             shutdown: ShutdownConfig::default(),
             timeouts: TimeoutConfig::default(),
             retry: RetryConfig::default(),
@@ -406,6 +414,13 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Whether a peer's forwarding headers are to be believed.
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+}
+
 impl RouteConfig {
     pub fn display_name(&self) -> String {
         match &self.name {
@@ -443,6 +458,7 @@ mod tests {
             tls_dir = "/etc/waymark/tls"
             registry = "http://127.0.0.1:8500"
             access_log = "json"
+            trusted_proxies = ["10.0.0.0/8", "::1/128"]
             client_rate_limit = { rate = 100, burst = 200 }
             [timeouts]
             connect = "250ms"
@@ -459,6 +475,10 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.timeouts.connect, Duration::from_millis(250));
         assert_eq!(c.access_log, AccessLog::Json);
+        assert!(c.is_trusted_proxy("10.2.3.4".parse().unwrap()));
+        assert!(c.is_trusted_proxy("::1".parse().unwrap()));
+        assert!(!c.is_trusted_proxy("11.0.0.1".parse().unwrap()));
+        assert!(!Config::default().is_trusted_proxy("127.0.0.1".parse().unwrap()));
         assert_eq!(c.routes[0].split.len(), 2);
         assert_eq!(c.routes[0].path, "/pay/");
     }

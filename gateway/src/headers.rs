@@ -1,9 +1,15 @@
 //! Forwarding headers, pure: what the gateway adds to or removes from a request on its way to
 //! an instance, and from a response on its way back.
 //!
-//! - `X-Forwarded-For`: the client address appended to any list the client sent.
-//! - `X-Forwarded-Proto`: `http` or `https`, as the client reached the gateway.
-//! - `Forwarded` (RFC 7239): one element `for=…;proto=…;host=…` appended.
+//! - `X-Forwarded-For`: the client address, appended to the list (all its lines, merged) when
+//!   the peer is a trusted proxy; alone otherwise.
+//! - `X-Forwarded-Proto`: `http` or `https`, as the client reached the gateway (a trusted
+//!   proxy's own value is kept).
+//! - `X-Real-IP`: the client address (a trusted proxy's own value is kept).
+//! - `Forwarded` (RFC 7239): one element `for=…;proto=…;host=…`, appended for a trusted proxy.
+//! - `Content-Length`: one canonical value (`5, 5` and `005` are `5`); values that disagree
+//!   are refused.
+//! - `TE`: only `trailers` is forwarded (gRPC needs it), and only when the client sent it.
 //! - `X-Request-Id`: kept when the client sent a sane one, else a new random ID.
 //! - `traceparent` (W3C Trace Context): a valid one is continued (same trace ID and flags,
 //!   the gateway's own span ID as parent); otherwise a new trace is started.
@@ -32,29 +38,45 @@ const RESPONSE_HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// The value of `X-Forwarded-For` to send: the client appended to what came in.
-pub fn x_forwarded_for(existing: Option<&str>, client: IpAddr) -> String {
-    let mut out = String::with_capacity(48);
-    if let Some(list) = existing.map(str::trim).filter(|s| !s.is_empty()) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("Content-Length values disagree or are not numbers")]
+    BadContentLength,
+}
+
+/// Appends every non-empty line of a list header (lines merged as one list), then `, `.
+fn push_list<'a>(out: &mut String, lines: impl Iterator<Item = &'a str>) {
+    for list in lines.map(str::trim).filter(|s| !s.is_empty()) {
         out.push_str(list);
         out.push_str(", ");
     }
+}
+
+/// The value of `X-Forwarded-For` to send: the client appended to what came in (every line
+/// of it; pass none when the peer is not trusted).
+pub fn x_forwarded_for<'a>(existing: impl Iterator<Item = &'a str>, client: IpAddr) -> String {
+    let mut out = String::with_capacity(48);
+    push_list(&mut out, existing);
+    push_ip(&mut out, client);
+    out
+}
+
+/// An address as `X-Real-IP` carries it.
+pub fn real_ip(client: IpAddr) -> String {
+    let mut out = String::with_capacity(40);
     push_ip(&mut out, client);
     out
 }
 
 /// The value of `Forwarded` to send: one element appended to what came in.
-pub fn forwarded(
-    existing: Option<&str>,
+pub fn forwarded<'a>(
+    existing: impl Iterator<Item = &'a str>,
     client: IpAddr,
     proto: &str,
     host: Option<&str>,
 ) -> String {
     let mut out = String::with_capacity(64);
-    if let Some(list) = existing.map(str::trim).filter(|s| !s.is_empty()) {
-        out.push_str(list);
-        out.push_str(", ");
-    }
+    push_list(&mut out, existing);
     out.push_str("for=");
     match client {
         IpAddr::V4(_) => push_ip(&mut out, client),
@@ -233,6 +255,50 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
     Some((trace_id, flags))
 }
 
+/// A request's `Content-Length`, from all its lines and comma-separated values: `Ok(None)`
+/// when absent, the value and whether the header is already in canonical form (one line, one
+/// value, no leading zeros), or an error when the values disagree or are not numbers.
+pub fn content_length<'a>(
+    mut lines: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<(u64, bool)>, HeaderError> {
+    let Some(first) = lines.next() else {
+        return Ok(None);
+    };
+    let canonical_digits = |v: &[u8]| {
+        !v.is_empty() && v.iter().all(u8::is_ascii_digit) && (v[0] != b'0' || v.len() == 1)
+    };
+    let mut canonical = canonical_digits(first);
+    let mut value: Option<u64> = None;
+    for line in std::iter::once(first).chain(lines) {
+        for part in line.split(|c| *c == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(HeaderError::BadContentLength);
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match value {
+                Some(v) if v != n => return Err(HeaderError::BadContentLength),
+                Some(_) => canonical = false,
+                None => value = Some(n),
+            }
+        }
+    }
+    Ok(value.map(|v| (v, canonical)))
+}
+
+/// Whether a `TE` header asks for trailers (`trailers` among its tokens).
+pub fn te_trailers(te: Option<&str>) -> bool {
+    te.is_some_and(|v| {
+        v.split(',').any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        })
+    })
+}
+
 /// Whether a request or response may carry a hop-by-hop header at all: none of the listed
 /// names is present (a header named in `Connection` needs `Connection` itself). Lets the
 /// common case skip building the removal list.
@@ -312,9 +378,18 @@ mod tests {
     #[test]
     fn x_forwarded_for_appends() {
         let ip: IpAddr = "127.0.0.9".parse().unwrap();
-        assert_eq!(x_forwarded_for(None, ip), "127.0.0.9");
-        assert_eq!(x_forwarded_for(Some(" "), ip), "127.0.0.9");
-        assert_eq!(x_forwarded_for(Some("10.1.1.1"), ip), "10.1.1.1, 127.0.0.9");
+        assert_eq!(x_forwarded_for([].into_iter(), ip), "127.0.0.9");
+        assert_eq!(x_forwarded_for([" "].into_iter(), ip), "127.0.0.9");
+        assert_eq!(
+            x_forwarded_for(["10.1.1.1"].into_iter(), ip),
+            "10.1.1.1, 127.0.0.9"
+        );
+        // Two lines are one list.
+        assert_eq!(
+            x_forwarded_for(["10.1.1.1, 10.1.1.2", "10.1.1.3"].into_iter(), ip),
+            "10.1.1.1, 10.1.1.2, 10.1.1.3, 127.0.0.9"
+        );
+        assert_eq!(real_ip(ip), "127.0.0.9");
         for text in [
             "0.0.0.0",
             "10.200.99.255",
@@ -323,7 +398,7 @@ mod tests {
             "2001:db8::7",
         ] {
             let ip: IpAddr = text.parse().unwrap();
-            assert_eq!(x_forwarded_for(None, ip), text);
+            assert_eq!(x_forwarded_for([].into_iter(), ip), text);
         }
     }
 
@@ -332,17 +407,69 @@ mod tests {
         let v4: IpAddr = "127.0.0.9".parse().unwrap();
         let v6: IpAddr = "::1".parse().unwrap();
         assert_eq!(
-            forwarded(None, v4, "http", Some("api.test")),
+            forwarded([].into_iter(), v4, "http", Some("api.test")),
             "for=127.0.0.9;proto=http;host=api.test"
         );
         assert_eq!(
-            forwarded(Some("for=1.2.3.4"), v6, "https", Some("api.test:8443")),
+            forwarded(
+                ["for=1.2.3.4"].into_iter(),
+                v6,
+                "https",
+                Some("api.test:8443")
+            ),
             "for=1.2.3.4, for=\"[::1]\";proto=https;host=\"api.test:8443\""
         );
         assert_eq!(
-            forwarded(None, v4, "http", Some("bad\"host")),
+            forwarded(["for=1.1.1.1", "for=2.2.2.2"].into_iter(), v4, "http", None),
+            "for=1.1.1.1, for=2.2.2.2, for=127.0.0.9;proto=http"
+        );
+        assert_eq!(
+            forwarded([].into_iter(), v4, "http", Some("bad\"host")),
             "for=127.0.0.9;proto=http"
         );
+    }
+
+    #[test]
+    fn content_length_has_one_canonical_value() {
+        let cl = |lines: &[&str]| content_length(lines.iter().map(|l| l.as_bytes()));
+        type Want = Result<Option<(u64, bool)>, HeaderError>;
+        let cases: &[(&[&str], Want)] = &[
+            (&[], Ok(None)),
+            (&["5"], Ok(Some((5, true)))),
+            (&["0"], Ok(Some((0, true)))),
+            (&["1048576"], Ok(Some((1_048_576, true)))),
+            (&["5, 5"], Ok(Some((5, false)))),
+            (&["5,5,5"], Ok(Some((5, false)))),
+            (&["5", "5"], Ok(Some((5, false)))),
+            (&["005"], Ok(Some((5, false)))),
+            (&["00"], Ok(Some((0, false)))),
+            (&[" 7 "], Ok(Some((7, false)))),
+            (&["5, 6"], Err(HeaderError::BadContentLength)),
+            (&["5", "6"], Err(HeaderError::BadContentLength)),
+            (&["5", "005"], Ok(Some((5, false)))),
+            (&["-1"], Err(HeaderError::BadContentLength)),
+            (&["+5"], Err(HeaderError::BadContentLength)),
+            (&["5,"], Err(HeaderError::BadContentLength)),
+            (&[""], Err(HeaderError::BadContentLength)),
+            (&["0x10"], Err(HeaderError::BadContentLength)),
+            (
+                &["99999999999999999999"],
+                Err(HeaderError::BadContentLength),
+            ),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(cl(lines), *want, "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn te_trailers_is_found_among_tokens() {
+        assert!(te_trailers(Some("trailers")));
+        assert!(te_trailers(Some("gzip, Trailers")));
+        assert!(te_trailers(Some("trailers;q=1")));
+        assert!(!te_trailers(Some("gzip")));
+        assert!(!te_trailers(Some("trailersx")));
+        assert!(!te_trailers(None));
     }
 
     #[test]

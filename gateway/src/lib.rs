@@ -11,6 +11,7 @@
 //! - [`limits`]: token buckets for rate limits and the retry budget.
 //! - [`header_deadline`]: a total deadline for reading each request head (slow clients).
 //! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
+//! - [`path`]: request path normalisation before routing (dot segments, escapes, slashes).
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
 //! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
@@ -29,6 +30,7 @@ pub mod headers;
 pub mod limits;
 pub mod listen;
 pub mod mirror_client;
+pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod tls;

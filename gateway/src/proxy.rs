@@ -2,9 +2,11 @@
 //! forwarding headers, retried when that is safe, logged and counted.
 //!
 //! The phases, in pingora's order:
-//! - `request_filter`: size limits (431, 413), the per-client and per-route rate limits (429
-//!   with `Retry-After`), the route (404 when none matches), a serving instance must exist
-//!   (503 when none does), request ID and trace context.
+//! - `request_filter`: size limits (431, 413; `Content-Length` made canonical, 400 when its
+//!   values disagree), the per-client and per-route rate limits (429 with `Retry-After`), the
+//!   route on the normalised path (see [`crate::path`]; 400 for no Host or an ambiguous path,
+//!   404 when no route matches), a serving instance must exist (503 when none does), request
+//!   ID and trace context.
 //! - `upstream_peer`: an instance by least-outstanding of two random choices, never one this
 //!   request already tried; no new try after the overall deadline (504).
 //! - `upstream_request_filter`: prefix stripping, hop-by-hop removal, forwarding headers.
@@ -14,10 +16,13 @@
 //! - `upstream_response_filter`: a 5xx counts against the instance; a 502/503/504 to an
 //!   idempotent request is retried on another instance within the retry budget, before
 //!   anything was sent to the client.
-//! - `error_while_proxy`: the retry decision for errors after connecting.
+//! - `error_while_proxy`: for errors after connecting, whose fault it was: the client's never
+//!   counts against the instance nor is retried; a stale pooled connection is retried free;
+//!   the instance's counts and is retried within the budget.
 //! - `fail_to_proxy`: a short error body.
 //! - `logging`: the access log line and metrics.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,10 +36,11 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use waymark_shared::ServiceView;
 
-use crate::admin::{LimitLabel, RouteLabel, RouteStatus, ServiceLabel};
+use crate::admin::{LimitLabel, ReasonLabel, RouteLabel, RouteStatus, ServiceLabel};
 use crate::balancer::{InFlight, PickError, Verdict};
 use crate::config::AccessLog;
-use crate::headers;
+use crate::headers::{self, HeaderError};
+use crate::path;
 use crate::routes::Route;
 use crate::Shared;
 
@@ -57,7 +63,11 @@ pub struct Ctx {
     request_id: String,
     trace: Option<headers::TraceContext>,
     client: Option<IpAddr>,
+    /// The peer is a trusted proxy: its forwarding headers are kept.
+    trusted: bool,
     https: bool,
+    /// The current try got a response head from the instance.
+    answered: bool,
     body_bytes: u64,
     /// The status this gateway answered itself, when it did.
     local_status: Option<u16>,
@@ -146,6 +156,111 @@ impl Gateway {
         }
     }
 
+    /// Answers 400 for a request the gateway refuses, counted as the client's error.
+    async fn bad_request(&self, session: &mut Session, ctx: &mut Ctx, why: &str) -> Result<bool> {
+        tracing::debug!(why, "bad request");
+        self.client_error("bad_request");
+        let body = format!("bad request: {why}\n");
+        self.answer(session, ctx, 400, body, None).await
+    }
+
+    fn client_error(&self, reason: &'static str) {
+        self.shared
+            .metrics
+            .client_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// The declared body length, with `Content-Length` rewritten to its one canonical value
+    /// when it had several or leading zeros; removed when `Transfer-Encoding` frames the body.
+    fn canonical_content_length(session: &mut Session) -> Result<Option<u64>, HeaderError> {
+        let req = session.req_header();
+        let Some((n, canonical)) = headers::content_length(
+            req.headers
+                .get_all("content-length")
+                .iter()
+                .map(|v| v.as_bytes()),
+        )?
+        else {
+            return Ok(None);
+        };
+        if req.headers.contains_key("transfer-encoding") {
+            session.req_header_mut().remove_header("content-length");
+            return Ok(None);
+        }
+        if !canonical {
+            // A number is always a valid header value.
+            let _ = session
+                .req_header_mut()
+                .insert_header("content-length", n.to_string());
+        }
+        Ok(Some(n))
+    }
+
+    /// Normalises the request's path and finds its route. The path (and an absolute-form
+    /// target, which becomes origin-form) is rewritten in the request when it changed, so the
+    /// instance gets what was routed. `Err` is a reason for 400: no Host, a path that is
+    /// malformed, or one whose other readings would take another route.
+    fn route(&self, session: &mut Session) -> Result<Option<Arc<Route>>, String> {
+        let req = session.req_header();
+        let host_header = req.headers.get("host").and_then(|v| v.to_str().ok());
+        let host = req.uri.host().or(host_header).filter(|h| !h.is_empty());
+        // HTTP/1.1 requires Host (RFC 9112 §3.2); HTTP/2 carries :authority or Host.
+        if host.is_none()
+            && req.version != http::Version::HTTP_10
+            && req.version != http::Version::HTTP_09
+        {
+            return Err("no Host".into());
+        }
+        let query = req.uri.query();
+        let normalized = path::normalize(req.uri.path())
+            .and_then(|n| query.map_or(Ok(()), path::check_query).map(|()| n))
+            .map_err(|e| e.to_string())?;
+        let table = self.shared.routes.load();
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let route = table.find(host, &normalized.path, header);
+        for other in &normalized.alternatives {
+            let elsewhere = table.find(host, other, header);
+            let same = match (&route, &elsewhere) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                return Err("an encoded slash or dot segment makes the path ambiguous".into());
+            }
+        }
+        let raw = req.raw_path();
+        let absolute_form = !raw.starts_with(b"/") && raw != b"*";
+        let http_scheme = |s: &[u8]| raw.len() > s.len() && raw[..s.len()].eq_ignore_ascii_case(s);
+        if absolute_form && !http_scheme(b"http://") && !http_scheme(b"https://") {
+            // Not origin, absolute or asterisk form: what pingora makes of a request line
+            // with a space too many, among others.
+            return Err("a request target in no known form".into());
+        }
+        if matches!(normalized.path, Cow::Owned(_)) || absolute_form {
+            let mut target =
+                String::with_capacity(normalized.path.len() + query.map_or(0, |q| q.len() + 1));
+            target.push_str(&normalized.path);
+            if let Some(q) = query {
+                target.push('?');
+                target.push_str(q);
+            }
+            // An HTTP/2 request keeps its scheme and authority (the instance's Host comes from
+            // them); an HTTP/1.1 absolute-form target has neither in the URI and becomes
+            // origin-form.
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = req.uri.scheme().cloned();
+            parts.authority = req.uri.authority().cloned();
+            parts.path_and_query =
+                Some(http::uri::PathAndQuery::try_from(target).map_err(|e| e.to_string())?);
+            let uri = http::Uri::from_parts(parts).map_err(|e| e.to_string())?;
+            session.req_header_mut().set_uri(uri);
+        }
+        Ok(route)
+    }
+
     fn header_bytes(req: &RequestHeader) -> usize {
         let u = &req.uri;
         let uri = u.scheme_str().map_or(0, |s| s.len() + 3)
@@ -157,6 +272,34 @@ impl Gateway {
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
         uri + headers + req.method.as_str().len() + 12
+    }
+}
+
+/// Whose fault an error after connecting was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The client's (its connection failed, or its request could not be forwarded), or the
+    /// gateway's own: never held against the instance.
+    Client,
+    /// A reused connection that was closed or reset before any answer.
+    StalePool,
+    /// The instance's: reset, timeout or garbage on a fresh connection, or after answering.
+    Upstream,
+}
+
+/// Classifies an error after connecting: only errors on the instance's side count.
+fn fault(e: &Error, reused: bool, answered: bool) -> Fault {
+    if e.esource() != &ErrorSource::Upstream {
+        return Fault::Client;
+    }
+    let closed = matches!(
+        e.etype(),
+        ConnectionClosed | ReadError | WriteError | ConnectError
+    );
+    if reused && !answered && closed {
+        Fault::StalePool
+    } else {
+        Fault::Upstream
     }
 }
 
@@ -179,7 +322,9 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             trace: None,
             client: None,
+            trusted: false,
             https: false,
+            answered: false,
             body_bytes: 0,
             local_status: None,
             counted_in_flight: false,
@@ -194,6 +339,7 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.trusted = ctx.client.is_some_and(|ip| cfg.is_trusted_proxy(ip));
         shared.metrics.in_flight.inc();
         ctx.counted_in_flight = true;
         shared.retry_budget.deposit();
@@ -222,11 +368,10 @@ impl ProxyHttp for Gateway {
                 )
                 .await;
         }
-        let declared = req
-            .headers
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let declared = match Self::canonical_content_length(session) {
+            Ok(n) => n,
+            Err(e) => return self.bad_request(session, ctx, &e.to_string()).await,
+        };
         if declared.is_some_and(|n| n > cfg.limits.max_body_bytes) {
             return self
                 .answer(session, ctx, 413, "request body too large\n".into(), None)
@@ -250,17 +395,10 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        let req = session.req_header();
-        let host = req.uri.host().map(str::to_string).or_else(|| {
-            req.headers
-                .get("host")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        });
-        let table = shared.routes.load();
-        let route = table.find(host.as_deref(), req.uri.path(), |name| {
-            req.headers.get(name).and_then(|v| v.to_str().ok())
-        });
+        let route = match self.route(session) {
+            Ok(route) => route,
+            Err(why) => return self.bad_request(session, ctx, &why).await,
+        };
         let Some(route) = route else {
             return self
                 .answer(session, ctx, 404, "no route\n".into(), None)
@@ -310,7 +448,8 @@ impl ProxyHttp for Gateway {
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > self.shared.config.limits.max_body_bytes {
-                return Error::e_explain(HTTPStatus(413), "request body too large");
+                // The client's fault: counted as such, never against the instance.
+                return Err(Error::explain(HTTPStatus(413), "request body too large").into_down());
             }
         }
         Ok(())
@@ -376,6 +515,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.current = Some(inflight);
         ctx.retry_on_status = None;
+        ctx.answered = false;
         Ok(Box::new(peer))
     }
 
@@ -438,31 +578,59 @@ impl ProxyHttp for Gateway {
                 upstream.remove_header(&name);
             }
         }
-        let proto = if ctx.https { "https" } else { "http" };
+        // Pingora's own hop-by-hop removal takes TE whole; trailers are end to end (gRPC).
+        if headers::te_trailers(
+            session
+                .req_header()
+                .headers
+                .get("te")
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            upstream.insert_header("te", "trailers")?;
+        }
+        let own_proto = if ctx.https { "https" } else { "http" };
+        let proto = if ctx.trusted {
+            upstream
+                .headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .filter(|p| *p == "http" || *p == "https")
+                .map_or(own_proto, |p| if p == "https" { "https" } else { "http" })
+        } else {
+            own_proto
+        };
         if let Some(ip) = ctx.client {
-            let xff = headers::x_forwarded_for(
-                upstream
-                    .headers
-                    .get("x-forwarded-for")
-                    .and_then(|v| v.to_str().ok()),
-                ip,
-            );
-            upstream.insert_header("x-forwarded-for", xff)?;
+            // A trusted proxy's lists are continued (all their lines, as one list); anyone
+            // else's are replaced, so a client cannot pose as another address.
+            let lists = |name: &str| -> Vec<&str> {
+                if ctx.trusted {
+                    upstream
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            };
+            let xff = headers::x_forwarded_for(lists("x-forwarded-for").into_iter(), ip);
             let host = session
                 .req_header()
                 .uri
                 .host()
                 .or_else(|| upstream.headers.get("host").and_then(|v| v.to_str().ok()));
-            let fwd = headers::forwarded(
-                upstream
-                    .headers
-                    .get("forwarded")
-                    .and_then(|v| v.to_str().ok()),
-                ip,
-                proto,
-                host,
-            );
+            let fwd = headers::forwarded(lists("forwarded").into_iter(), ip, own_proto, host);
+            let keep_real_ip = ctx.trusted && upstream.headers.contains_key("x-real-ip");
+            upstream.insert_header("x-forwarded-for", xff)?;
             upstream.insert_header("forwarded", fwd)?;
+            if !keep_real_ip {
+                upstream.insert_header("x-real-ip", headers::real_ip(ip))?;
+            }
+        } else if !ctx.trusted {
+            for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+                upstream.remove_header(name);
+            }
         }
         upstream.insert_header("x-forwarded-proto", proto)?;
         upstream.insert_header("x-request-id", ctx.request_id.clone())?;
@@ -479,6 +647,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        ctx.answered = true;
         if resp.status.is_informational() && status != 101 {
             return Ok(());
         }
@@ -530,7 +699,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        _client_reused: bool,
+        client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("instance {peer}"));
         if ctx.retry_on_status.is_some() {
@@ -538,16 +707,30 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
             return e;
         }
-        // A failure after connecting: the request may have reached the instance.
-        self.record_failure(ctx);
-        // An idempotent request may go to another instance as long as nothing of the answer
-        // has reached the client: a reset or close before the response (an instance killed
-        // mid-request, or a stale pooled connection) is retried within the budget.
         let idempotent = session.req_header().method.is_idempotent();
         let replayable = idempotent
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
-        e.set_retry(replayable && self.may_retry(ctx, false));
+        match fault(&e, client_reused, ctx.answered) {
+            Fault::Client => {
+                // The client's doing (it went away, or sent what cannot be forwarded): not
+                // held against the instance, never retried.
+                e.set_retry(false);
+            }
+            Fault::StalePool => {
+                // A pooled connection the instance had closed (it died, or timed the
+                // connection out): nothing was answered, so an idempotent request goes to
+                // another instance, free like a connect failure. Not counted against the
+                // instance either: a fresh connect to a dead one fails, and counts.
+                e.set_retry(replayable && self.may_retry(ctx, true));
+            }
+            Fault::Upstream => {
+                self.record_failure(ctx);
+                // An idempotent request may go to another instance as long as nothing of the
+                // answer has reached the client, within the budget.
+                e.set_retry(replayable && self.may_retry(ctx, false));
+            }
+        }
         e
     }
 
@@ -591,6 +774,10 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let shared = &self.shared;
+        if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Downstream) {
+            let refused = matches!(e.etype(), HTTPStatus(_) | InvalidHTTPHeader);
+            self.client_error(if refused { "bad_request" } else { "aborted" });
+        }
         if ctx.counted_in_flight {
             shared.metrics.in_flight.dec();
         }
@@ -673,6 +860,42 @@ impl ProxyHttp for Gateway {
                     error.map(|e| format!(" error={e:?}")).unwrap_or_default(),
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_instances_faults_count() {
+        let up = |t: ErrorType| Error::new_up(t);
+        let down = |t: ErrorType| Error::new_down(t);
+        // (error, reused connection, instance answered) → fault
+        let cases: Vec<(Box<Error>, bool, bool, Fault)> = vec![
+            (down(ReadError), false, false, Fault::Client),
+            (down(ConnectionClosed), true, false, Fault::Client),
+            (down(WriteError), true, true, Fault::Client),
+            (down(InvalidHTTPHeader), false, false, Fault::Client),
+            (down(HTTPStatus(413)), false, false, Fault::Client),
+            (Error::new_in(InvalidHTTPHeader), true, false, Fault::Client),
+            (Error::new(HTTPStatus(413)), false, false, Fault::Client),
+            (up(ConnectionClosed), true, false, Fault::StalePool),
+            (up(ReadError), true, false, Fault::StalePool),
+            (up(WriteError), true, false, Fault::StalePool),
+            (up(ConnectionClosed), false, false, Fault::Upstream),
+            (up(ConnectionClosed), true, true, Fault::Upstream),
+            (up(ReadTimedout), true, false, Fault::Upstream),
+            (up(InvalidHTTPHeader), true, false, Fault::Upstream),
+            (up(ReadError), false, true, Fault::Upstream),
+        ];
+        for (e, reused, answered, want) in cases {
+            assert_eq!(
+                fault(&e, reused, answered),
+                want,
+                "{e} reused={reused} answered={answered}"
+            );
         }
     }
 }

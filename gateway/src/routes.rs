@@ -2,8 +2,8 @@
 //! routes and the registry's services (their `waymark-public-host` / `waymark-public-path`
 //! metadata), then matched against a request's host, path and headers.
 //!
-//! Matching: the host must equal the route's host (case-insensitively, port ignored) or the
-//! route has no host; the path must start with the route's prefix on a segment boundary; a
+//! Matching: the host must equal the route's host (case-insensitively, port and one trailing
+//! dot ignored: `api.test.` is `api.test`) or the route has no host; the path must start with the route's prefix on a segment boundary; a
 //! route with a header condition needs that header. Among the routes that match, the longest
 //! prefix wins; at equal length a route with a header condition beats one without, a route
 //! with a host beats a hostless one, and a config route beats a metadata one.
@@ -230,7 +230,10 @@ impl RouteTable {
         path: &str,
         header: impl Fn(&str) -> Option<&'a str>,
     ) -> Option<Arc<Route>> {
-        let host = host.map(strip_port).map(str::to_ascii_lowercase);
+        let host = host
+            .map(strip_port)
+            .map(|h| h.strip_suffix('.').unwrap_or(h))
+            .map(str::to_ascii_lowercase);
         self.routes
             .iter()
             .find(|r| {
@@ -357,6 +360,13 @@ mod tests {
             Some("root")
         );
         assert_eq!(service_for(&t, "other.test", "/pay"), None);
+        // A fully qualified host (trailing dot) is the same host.
+        assert_eq!(service_for(&t, "api.test.", "/pay").as_deref(), Some("pay"));
+        assert_eq!(
+            service_for(&t, "API.TEST.:8080", "/pay").as_deref(),
+            Some("pay")
+        );
+        assert_eq!(service_for(&t, "api.test..", "/pay"), None);
         assert_eq!(t.find(None, "/pay", no_headers), None);
     }
 

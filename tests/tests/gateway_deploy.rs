@@ -21,6 +21,7 @@ fn example_config_parses_and_validates() {
     assert_eq!(c.admin_addr.to_string(), "127.0.0.1:9901");
     assert!(c.admin_addr.ip().is_loopback(), "admin stays private");
     assert_eq!(c.access_log, AccessLog::Text);
+    assert!(c.trusted_proxies.is_empty(), "trust no proxy by default");
     assert!(c.tls_listen.is_some() && c.tls_dir.is_some());
     assert_eq!(c.routes.len(), 4);
     assert!(c.routes.iter().any(|r| r.header.is_some()));
@@ -110,6 +111,11 @@ fn systemd_unit_runs_the_checked_config() {
     assert!(unit.contains(
         "ExecStart=/usr/local/bin/waymark-gateway ingress --config /etc/waymark/gateway.toml"
     ));
+    // Logs, the access log included, go to the journal: the gateway writes no file that
+    // would need rotating, and the unit gives it nowhere to write one.
+    assert!(unit.contains("StandardError=journal"), "{unit}");
+    assert!(unit.contains("ProtectSystem=strict"), "{unit}");
+    assert!(!unit.contains("LogsDirectory"), "{unit}");
     // The stop timeout leaves room for the configured grace period and timeout.
     let c = Config::parse(&deploy("gateway.toml")).unwrap();
     let stop: u64 = unit

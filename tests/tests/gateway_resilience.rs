@@ -313,3 +313,178 @@ async fn sigterm_stops_gracefully_within_the_grace_period() {
         .is_err());
     assert_eq!(slow.await.unwrap().unwrap(), 200);
 }
+
+/// Sends raw bytes on a fresh connection, then closes it without reading much: a client that
+/// gives up. Returns the first bytes of whatever answer came back within 2 s.
+fn abort_after(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_faults_neither_eject_instances_nor_spend_the_retry_budget() {
+    let resolver = Resolver::start();
+    let api = Api::new(&resolver);
+    let a = Backend::start(BACKEND, "a");
+    let b = Backend::start(BACKEND, "b");
+    for x in [&a, &b] {
+        api.register(x.registration("svc", &[], json!({"waymark-public-host": "c.test"}), 0))
+            .await;
+    }
+    // Two failures in a row would eject; the budget holds two retries and earns none.
+    let gw = Gateway::with_config(
+        &resolver,
+        r#"
+[retry]
+attempts = 2
+budget_ratio = 0.0
+budget_reserve = 2
+[outlier]
+consecutive_failures = 2
+base_ejection = "60s"
+max_ejected_ratio = 0.5
+"#,
+    );
+    let c = client();
+    gw.wait_status(&c, "c.test", "/", 200).await;
+    let addr = gw.http;
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut answers = Vec::new();
+        for i in 0..6 {
+            // An upload the client abandons: 100 kB announced, 10 bytes sent, then gone.
+            answers.push(abort_after(
+                addr,
+                format!(
+                    "PUT /upload/{i} HTTP/1.1\r\nHost: c.test\r\nContent-Length: 100000\r\n\r\n0123456789"
+                )
+                .as_bytes(),
+            ));
+            // A request the gateway cannot forward: Connection names Host.
+            answers.push(abort_after(
+                addr,
+                b"GET /bad HTTP/1.1\r\nHost: c.test\r\nConnection: host\r\n\r\n",
+            ));
+        }
+        answers
+    })
+    .await
+    .unwrap();
+    assert!(
+        answers
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .all(|a| a.starts_with("HTTP/1.1 400")),
+        "{answers:?}"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        !m.contains("waymark_gateway_outlier_ejections_total{"),
+        "client faults ejected an instance:\n{m}"
+    );
+    assert!(
+        m.contains("waymark_gateway_client_errors_total{reason="),
+        "client faults are counted as such:\n{m}"
+    );
+    // Both instances still get traffic.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = c
+            .get(gw.url("/after"))
+            .header("host", "c.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        seen.insert(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "an instance stopped getting traffic: {seen:?}"
+    );
+    // The budget is untouched: a 503 is still retried (once per request, two in reserve).
+    let before = retries(&gw.metrics().await);
+    for _ in 0..2 {
+        let r = c
+            .get(gw.url("/x?status=503"))
+            .header("host", "c.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(
+        retries(&gw.metrics().await),
+        before + 2,
+        "the retry budget was spent by client faults"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_gets_while_instances_are_sigkilled_under_load() {
+    let resolver = Resolver::start();
+    let api = Api::new(&resolver);
+    let mut backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(BACKEND, &format!("k-{i}")))
+        .collect();
+    for b in &backends {
+        api.register(b.registration("k", &[], json!({"waymark-public-host": "k.test"}), 200))
+            .await;
+    }
+    // A small budget that earns nothing: retries of requests caught on connections to an
+    // instance that just died must not depend on it.
+    let gw = Gateway::with_config(
+        &resolver,
+        "access_log = \"off\"\n[timeouts]\nconnect = \"300ms\"\n[retry]\nbudget_ratio = 0.0\nbudget_reserve = 3\n",
+    );
+    gw.wait_status(&client(), "k.test", "/", 200).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = load(
+        gw.url("/kill?x=1"),
+        "k.test",
+        6,
+        8_000,
+        Duration::from_secs(12),
+        stop.clone(),
+    );
+    // SIGKILL one instance at a time, every 600 ms, and bring it back: six kills.
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let i = round % 3;
+        backends[i].kill();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        backends[i].restart();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    assert!(ok > 300, "the load ran: {ok} ok");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests ({ok} ok): {:?}\ngateway log tail:\n{}",
+        &errors[..errors.len().min(10)],
+        tail(&gw.log())
+    );
+}

@@ -228,13 +228,18 @@ async fn forwarding_headers_and_hop_by_hop() {
     let web = Backend::start(BACKEND, "web-1");
     api.register(web.registration("web", &[], json!({"waymark-public-host": "h.test"}), 0))
         .await;
-    let gw = Gateway::start(&resolver, GatewayOptions::default());
+    // 127.0.0.2 is a trusted proxy; the test's usual address, 127.0.0.1, is not.
+    let gw = Gateway::with_config(&resolver, "trusted_proxies = [\"127.0.0.2/32\"]\n");
     let c = client();
 
     let resp = c
         .get(gw.url("/x"))
         .header("host", "h.test")
         .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-for", "203.0.113.8")
+        .header("x-real-ip", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=203.0.113.7")
         .header("connection", "x-secret")
         .header("x-secret", "leak")
         .header("keep-alive", "timeout=5")
@@ -250,7 +255,9 @@ async fn forwarding_headers_and_hop_by_hop() {
     let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let v: Value = resp.json().await.unwrap();
     let h = &v["headers"];
-    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    // From an untrusted client, forwarding headers are the gateway's own.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=h.test");
     assert_eq!(h["x-request-id"].as_str(), Some(rid.as_str()));
@@ -284,6 +291,106 @@ async fn forwarding_headers_and_hop_by_hop() {
     let tp = v["headers"]["traceparent"].as_str().unwrap();
     assert_eq!(tp.len(), 55, "{tp}");
     assert!(tp.starts_with("00-"));
+
+    // From a trusted proxy, its lists are continued (two lines merged) and its X-Real-IP and
+    // X-Forwarded-Proto are kept.
+    let proxy = reqwest::Client::builder()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let v: Value = proxy
+        .get(gw.url("/z"))
+        .header("host", "h.test")
+        .header("x-forwarded-for", "203.0.113.7, 10.0.0.1")
+        .header("x-forwarded-for", "10.0.0.2")
+        .header("x-real-ip", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=203.0.113.7;proto=https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let h = &v["headers"];
+    assert_eq!(
+        h["x-forwarded-for"],
+        "203.0.113.7, 10.0.0.1, 10.0.0.2, 127.0.0.2"
+    );
+    assert_eq!(h["x-real-ip"], "203.0.113.7");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(
+        h["forwarded"],
+        "for=203.0.113.7;proto=https, for=127.0.0.2;proto=http;host=h.test"
+    );
+}
+
+/// One raw HTTP/1.1 exchange (the request closes the connection); the backend's echo.
+fn raw_echo(addr: std::net::SocketAddr, request: &[u8]) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_is_canonical_and_te_trailers_is_kept() {
+    let resolver = Resolver::start();
+    let api = Api::new(&resolver);
+    let web = Backend::start(BACKEND, "web-1");
+    api.register(web.registration("web", &[], json!({"waymark-public-host": "cl.test"}), 0))
+        .await;
+    let gw = Gateway::with_config(&resolver, "");
+    gw.wait_status(&client(), "cl.test", "/", 200).await;
+    let addr = gw.http;
+    let results = tokio::task::spawn_blocking(move || {
+        let post = |cl: &str| {
+            raw_echo(
+                addr,
+                format!(
+                    "POST /cl HTTP/1.1\r\nHost: cl.test\r\n{cl}\r\nConnection: close\r\n\r\nhello"
+                )
+                .as_bytes(),
+            )
+        };
+        (
+            post("Content-Length: 5, 5"),
+            post("Content-Length: 005"),
+            post("Content-Length: 5\r\nContent-Length: 5"),
+            post("Content-Length: 5\r\nContent-Length: 6"),
+            raw_echo(
+                addr,
+                b"GET /te HTTP/1.1\r\nHost: cl.test\r\nTE: trailers\r\nConnection: close, TE\r\n\r\n",
+            ),
+            raw_echo(
+                addr,
+                b"GET /te HTTP/1.1\r\nHost: cl.test\r\nTE: gzip\r\nConnection: close\r\n\r\n",
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    let (listed, zeros, twice, conflict, trailers, gzip) = results;
+    for (what, (status, v)) in [("5, 5", listed), ("005", zeros), ("two lines", twice)] {
+        assert_eq!(status, 200, "{what}: {v}");
+        assert_eq!(v["headers"]["content-length"], "5", "{what}: {v}");
+        assert_eq!(v["body_len"], 5, "{what}: {v}");
+    }
+    assert_eq!(conflict.0, 400, "{conflict:?}");
+    assert_eq!(trailers.0, 200);
+    assert_eq!(trailers.1["headers"]["te"], "trailers", "{trailers:?}");
+    assert!(gzip.1["headers"].get("te").is_none(), "{gzip:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
