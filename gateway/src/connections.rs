@@ -4,10 +4,11 @@
 //!
 //! HTTP/1.1 idle connections are closed by pingora's keep-alive timeout, which the proxy sets
 //! on each request. HTTP/2 has no request between which to wait, so `Guarded` watches the
-//! connection's traffic with one timer per connection: after `idle_timeout` without a byte
-//! either way it asks for a graceful close (GOAWAY, through a shutdown signal of the
-//! connection's own that also follows the server's), and after another `idle_timeout` of
-//! silence it drops the connection (a peer that never answers GOAWAY). A client that keeps
+//! connection's traffic with one timer per connection, ticking every quarter of
+//! `idle_timeout`: after `idle_timeout` without a byte either way (to within a tick) it asks
+//! for a graceful close (GOAWAY, through a shutdown signal of the connection's own that also
+//! follows the server's), and after another `idle_timeout` of silence it drops the
+//! connection (a peer that never answers GOAWAY). A client that keeps
 //! the connection busy with PINGs alone is closed by pingora's stream-aware idle timeout
 //! (three times `idle_timeout` with no stream open, so that it comes after the GOAWAY of a
 //! silent connection), which the gateway also sets.
@@ -103,24 +104,26 @@ impl Drop for Counted {
     }
 }
 
-/// What the HTTP/2 idle watch decides at each tick.
+/// Ticks of the HTTP/2 idle watch per `idle_timeout`.
+const TICKS: u32 = 4;
+
+/// What the HTTP/2 idle watch decides at a tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IdleStep {
-    /// Traffic since the last tick: keep watching.
-    Busy,
-    /// A whole tick without traffic: send GOAWAY.
+    /// Traffic since the last tick, or not silent long enough yet: keep watching.
+    Wait,
+    /// Silent for `idle_timeout`: send GOAWAY.
     GoAway,
-    /// Still silent a tick after GOAWAY: drop the connection.
+    /// Still silent `idle_timeout` after GOAWAY: drop the connection.
     Drop,
 }
 
-fn idle_step(last: u64, now: u64, goaway_sent: bool) -> IdleStep {
-    if now != last {
-        IdleStep::Busy
-    } else if goaway_sent {
-        IdleStep::Drop
-    } else {
-        IdleStep::GoAway
+/// The decision at a tick after `silent` ticks in a row without traffic (this one included).
+fn idle_step(silent: u32) -> IdleStep {
+    match silent {
+        TICKS => IdleStep::GoAway,
+        s if s >= 2 * TICKS => IdleStep::Drop,
+        _ => IdleStep::Wait,
     }
 }
 
@@ -151,10 +154,10 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
         tokio::pin!(inner);
         let mut server = shutdown.clone();
         let mut server_open = true;
-        let idle = self.policy.idle_timeout;
+        let every = self.policy.idle_timeout / TICKS;
         let mut last = activity.load(Ordering::Relaxed);
-        let mut goaway_sent = false;
-        let mut tick = Box::pin(tokio::time::sleep(idle));
+        let mut silent = 0;
+        let mut tick = Box::pin(tokio::time::sleep(every));
         loop {
             tokio::select! {
                 done = &mut inner => return done,
@@ -168,11 +171,12 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
                 },
                 () = &mut tick => {
                     let now = activity.load(Ordering::Relaxed);
-                    match idle_step(last, now, goaway_sent) {
-                        IdleStep::Busy => last = now,
+                    silent = if now == last { silent + 1 } else { 0 };
+                    last = now;
+                    match idle_step(silent) {
+                        IdleStep::Wait => {}
                         IdleStep::GoAway => {
-                            tracing::debug!(?idle, "idle HTTP/2 connection: GOAWAY");
-                            goaway_sent = true;
+                            tracing::debug!("idle HTTP/2 connection: GOAWAY");
                             let _ = tx.send(true);
                         }
                         IdleStep::Drop => {
@@ -180,7 +184,7 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
                             return None;
                         }
                     }
-                    tick.as_mut().reset(tokio::time::Instant::now() + idle);
+                    tick.as_mut().reset(tokio::time::Instant::now() + every);
                 }
             }
         }
@@ -221,17 +225,19 @@ mod tests {
 
     #[test]
     fn the_idle_watch_goes_away_then_drops() {
+        // Silent ticks in a row → step; traffic resets the count to 0 (Wait).
         let cases = [
-            // (bytes at the last tick, bytes now, GOAWAY already sent) → step
-            ((0, 0, false), IdleStep::GoAway),
-            ((0, 9, false), IdleStep::Busy),
-            ((9, 9, false), IdleStep::GoAway),
-            ((9, 9, true), IdleStep::Drop),
-            // Traffic after GOAWAY (streams finishing): keep waiting.
-            ((9, 12, true), IdleStep::Busy),
+            (0, IdleStep::Wait),
+            (1, IdleStep::Wait),
+            (TICKS - 1, IdleStep::Wait),
+            (TICKS, IdleStep::GoAway),
+            // After GOAWAY: streams may still finish; wait another idle_timeout.
+            (TICKS + 1, IdleStep::Wait),
+            (2 * TICKS - 1, IdleStep::Wait),
+            (2 * TICKS, IdleStep::Drop),
         ];
-        for ((last, now, sent), want) in cases {
-            assert_eq!(idle_step(last, now, sent), want, "{last} {now} {sent}");
+        for (silent, want) in cases {
+            assert_eq!(idle_step(silent), want, "{silent}");
         }
     }
 }
