@@ -114,16 +114,17 @@ enum IdleStep {
     Wait,
     /// Silent for `idle_timeout`: send GOAWAY.
     GoAway,
-    /// Still silent `idle_timeout` after GOAWAY: drop the connection.
+    /// Silent for `idle_timeout` again after GOAWAY: drop the connection.
     Drop,
 }
 
-/// The decision at a tick after `silent` ticks in a row without traffic (this one included).
-fn idle_step(silent: u32) -> IdleStep {
-    match silent {
-        TICKS => IdleStep::GoAway,
-        s if s >= 2 * TICKS => IdleStep::Drop,
-        _ => IdleStep::Wait,
+/// The decision at a tick after `silent` ticks in a row without traffic (this one included),
+/// before or after GOAWAY was sent (whose own bytes count as traffic).
+fn idle_step(silent: u32, goaway_sent: bool) -> IdleStep {
+    match (silent >= TICKS, goaway_sent) {
+        (false, _) => IdleStep::Wait,
+        (true, false) => IdleStep::GoAway,
+        (true, true) => IdleStep::Drop,
     }
 }
 
@@ -157,6 +158,7 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
         let every = self.policy.idle_timeout / TICKS;
         let mut last = activity.load(Ordering::Relaxed);
         let mut silent = 0;
+        let mut goaway_sent = false;
         let mut tick = Box::pin(tokio::time::sleep(every));
         loop {
             tokio::select! {
@@ -173,10 +175,12 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
                     let now = activity.load(Ordering::Relaxed);
                     silent = if now == last { silent + 1 } else { 0 };
                     last = now;
-                    match idle_step(silent) {
+                    match idle_step(silent, goaway_sent) {
                         IdleStep::Wait => {}
                         IdleStep::GoAway => {
                             tracing::debug!("idle HTTP/2 connection: GOAWAY");
+                            goaway_sent = true;
+                            silent = 0;
                             let _ = tx.send(true);
                         }
                         IdleStep::Drop => {
@@ -225,19 +229,19 @@ mod tests {
 
     #[test]
     fn the_idle_watch_goes_away_then_drops() {
-        // Silent ticks in a row → step; traffic resets the count to 0 (Wait).
+        // (silent ticks in a row, GOAWAY sent) → step; traffic resets the count to 0.
         let cases = [
-            (0, IdleStep::Wait),
-            (1, IdleStep::Wait),
-            (TICKS - 1, IdleStep::Wait),
-            (TICKS, IdleStep::GoAway),
-            // After GOAWAY: streams may still finish; wait another idle_timeout.
-            (TICKS + 1, IdleStep::Wait),
-            (2 * TICKS - 1, IdleStep::Wait),
-            (2 * TICKS, IdleStep::Drop),
+            ((0, false), IdleStep::Wait),
+            ((1, false), IdleStep::Wait),
+            ((TICKS - 1, false), IdleStep::Wait),
+            ((TICKS, false), IdleStep::GoAway),
+            // After GOAWAY streams may still finish: another idle_timeout of silence.
+            ((0, true), IdleStep::Wait),
+            ((TICKS - 1, true), IdleStep::Wait),
+            ((TICKS, true), IdleStep::Drop),
         ];
-        for (silent, want) in cases {
-            assert_eq!(idle_step(silent), want, "{silent}");
+        for ((silent, sent), want) in cases {
+            assert_eq!(idle_step(silent, sent), want, "{silent} {sent}");
         }
     }
 }
