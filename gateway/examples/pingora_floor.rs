@@ -16,7 +16,7 @@ use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
-use waymark_gateway::header_deadline::Guarded;
+use waymark_gateway::connections::{ConnectionPolicy, Guarded};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -67,7 +67,17 @@ fn main() -> anyhow::Result<()> {
     );
     let mut proxy = Service::new(
         "pingora floor".into(),
-        Guarded::new(app, Duration::from_secs(10)),
+        Guarded::new(
+            app,
+            ConnectionPolicy {
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(75),
+                max_connections: 10_000,
+                h2c: false,
+            },
+            prometheus_client::metrics::gauge::Gauge::default(),
+            prometheus_client::metrics::counter::Counter::default(),
+        ),
     );
     proxy.add_tcp(listen);
     server.add_service(proxy);

@@ -1,8 +1,8 @@
 //! The admin listener and the gateway's metrics.
 //!
 //! - `GET /metrics`: Prometheus text format: requests by route and status, latency by
-//!   route, retries, outlier ejections, rate-limited requests, client errors, and the
-//!   registry link.
+//!   route, retries, outlier ejections, rate-limited requests, client errors, client
+//!   connections open and refused, and the registry link.
 //! - `GET /healthz/live`: 200 while the process serves.
 //! - `GET /healthz/ready`: 200 once the gateway has received the registry's state, and while
 //!   it keeps serving that state; the JSON body says whether the registry is reachable right
@@ -75,6 +75,8 @@ pub struct Metrics {
     pub registry_index: Gauge,
     pub registry_age_ms: Gauge,
     pub certificates: Gauge,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -156,6 +158,18 @@ impl Metrics {
             "Server names with a loaded certificate",
             certificates.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed at once because limits.max_connections were open",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -170,6 +184,8 @@ impl Metrics {
             registry_index,
             registry_age_ms,
             certificates,
+            connections,
+            connections_refused,
         }
     }
 

@@ -216,10 +216,37 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Request body in bytes; larger is refused with 413.
     pub max_body_bytes: u64,
-    /// The whole request head (line and headers) must arrive within this; a client that
-    /// trickles it is disconnected.
+    /// The whole request head (line and headers, and any empty lines before them) must
+    /// arrive within this; a client that trickles it is disconnected.
     #[serde(with = "dur")]
     pub header_read_timeout: Duration,
+    /// A kept-alive HTTP/1.1 connection waiting for its next request, and an HTTP/2
+    /// connection with no traffic, is closed after this (HTTP/2: GOAWAY first). Whole
+    /// seconds (pingora's unit for keep-alive).
+    #[serde(with = "dur")]
+    pub idle_timeout: Duration,
+    /// Client connections open at once; beyond this a new connection is closed at once
+    /// (counted in `waymark_gateway_connections_refused_total`). Lowered at start to what
+    /// the descriptor limit (`RLIMIT_NOFILE`) can hold with an upstream connection each.
+    pub max_connections: usize,
+    /// The longest wait for the next bytes of a request body (HTTP/1.1).
+    #[serde(with = "dur")]
+    pub body_read_timeout: Duration,
+    /// Bytes a second a request body must average: after `body_read_timeout`, the body's
+    /// deadline moves one second later for every `min_body_rate` bytes received (Apache's
+    /// mod_reqtimeout `MinRate`), so a trickled upload is cut. 0: no minimum.
+    pub min_body_rate: u64,
+    /// The longest a write of response bytes to the client may take; a client that stops
+    /// reading (HTTP/2: a stream stalled on a zero flow-control window) ends the request, and
+    /// its upstream connection is closed.
+    #[serde(with = "dur")]
+    pub send_timeout: Duration,
+    /// HTTP/2 streams a client may have open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 bytes buffered per stream, each way: the receive window offered to the client
+    /// (SETTINGS_INITIAL_WINDOW_SIZE) and the send buffer towards it.
+    pub h2_stream_buffer_bytes: u32,
 }
 
 impl Default for LimitsConfig {
@@ -228,6 +255,13 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
+            body_read_timeout: Duration::from_secs(60),
+            min_body_rate: 500,
+            send_timeout: Duration::from_secs(60),
+            h2_max_concurrent_streams: 100,
+            h2_stream_buffer_bytes: 65_535,
         }
     }
 }
@@ -319,7 +353,8 @@ impl Config {
         if self.tls_listen.is_some() && self.tls_dir.is_none() {
             return bad("tls_listen needs tls_dir".into());
         }
-        if self.listen.is_some() && self.listen == self.tls_listen {
+        // Port 0 is any free port: two of them are never the same one.
+        if self.listen.is_some_and(|a| a.port() != 0) && self.listen == self.tls_listen {
             return bad("listen and tls_listen are the same address".into());
         }
         if !(self.registry.starts_with("http://") || self.registry.starts_with("https://")) {
@@ -351,6 +386,25 @@ impl Config {
         }
         if self.limits.header_read_timeout.is_zero() {
             return bad("limits.header_read_timeout must be positive".into());
+        }
+        let l = &self.limits;
+        if l.idle_timeout.subsec_nanos() != 0 || l.idle_timeout.is_zero() {
+            return bad(
+                "limits.idle_timeout must be a whole number of seconds, at least 1s".into(),
+            );
+        }
+        if l.max_connections == 0 {
+            return bad("limits.max_connections must be at least 1".into());
+        }
+        if l.body_read_timeout.is_zero() || l.send_timeout.is_zero() {
+            return bad("limits.body_read_timeout and limits.send_timeout must be positive".into());
+        }
+        if l.h2_max_concurrent_streams == 0 {
+            return bad("limits.h2_max_concurrent_streams must be at least 1".into());
+        }
+        // RFC 9113: the window is at most 2^31-1; below 1 KiB every stream crawls.
+        if !(1024..=(1 << 31) - 1).contains(&l.h2_stream_buffer_bytes) {
+            return bad("limits.h2_stream_buffer_bytes must be within 1024..2147483647".into());
         }
         if self.tls_reload_interval.is_zero() {
             return bad("tls_reload_interval must be positive".into());
@@ -499,6 +553,17 @@ mod tests {
         assert!(with(&|c| c.tls_listen = Some("127.0.0.1:1".parse().unwrap())).is_err());
         assert!(with(&|c| c.registry = "127.0.0.1:8500".into()).is_err());
         assert!(with(&|c| c.retry.budget_ratio = 2.0).is_err());
+        assert!(with(&|c| c.limits.idle_timeout = Duration::from_millis(1500)).is_err());
+        assert!(with(&|c| c.limits.idle_timeout = Duration::ZERO).is_err());
+        assert!(with(&|c| c.limits.max_connections = 0).is_err());
+        assert!(with(&|c| c.limits.send_timeout = Duration::ZERO).is_err());
+        assert!(with(&|c| c.limits.body_read_timeout = Duration::ZERO).is_err());
+        assert!(with(&|c| c.limits.h2_max_concurrent_streams = 0).is_err());
+        assert!(with(&|c| c.limits.h2_stream_buffer_bytes = 10).is_err());
+        assert!(
+            with(&|c| c.limits.min_body_rate = 0).is_ok(),
+            "0: no minimum"
+        );
         let route = RouteConfig {
             name: None,
             host: None,

@@ -3,36 +3,41 @@
 //! so this wraps every accepted connection, after TLS, before pingora's HTTP code reads it.
 //!
 //! The wrapper watches the bytes the HTTP layer reads for the end of the request head (an
-//! empty line). Until it is seen, reading past the deadline fails with `TimedOut`, whether
-//! bytes keep trickling in or none arrive. Once seen, the connection reads freely (bodies,
-//! upgraded streams, HTTP/2 frames: the h2 preface holds an empty line). When pingora hands
-//! the connection back for the next keep-alive request, the deadline is armed again and runs
-//! from that request's first byte.
+//! empty line after the request line; empty lines before it, which RFC 9112 lets a server
+//! skip, do not end it). Until it is seen, reading past the deadline fails with `TimedOut`,
+//! whether bytes keep trickling in or none arrive. Once seen, the connection reads freely
+//! (bodies, upgraded streams, HTTP/2 frames: the h2 preface holds an empty line). At the end
+//! of each request the proxy calls [`HeaderDeadline::next_request`]: the deadline is armed
+//! again and runs from the next request's first byte.
+//!
+//! The wrapper also counts the bytes that cross an HTTP/2 connection (when told to, by
+//! [`HeaderDeadline::count_activity`]), so that an idle one can be closed.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
 use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN};
 use pingora::protocols::{SocketDigest, TimingDigest};
-use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// Where the scan for the end of the head is: how much of `\r\n\r\n` (or `\n\n`) was seen.
+/// Where the scan for the end of the head is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scan {
-    /// Reading the head; the number is how many bytes of the terminator matched so far.
+    /// Nothing but empty lines (CR, LF) so far: the request line has not begun.
+    Lead,
+    /// In the head; the number is how many bytes of the terminator (`\r\n\r\n`, or `\n\n`)
+    /// matched so far.
     Head(u8),
     /// The head is complete: no deadline.
     Done,
@@ -41,19 +46,26 @@ enum Scan {
 /// Feeds bytes to the scan; returns the new state.
 fn scan(mut state: Scan, bytes: &[u8]) -> Scan {
     for b in bytes {
-        let Scan::Head(n) = state else {
-            return Scan::Done;
-        };
-        state = match (n, *b) {
-            (0 | 2, b'\r') => Scan::Head(n + 1),
-            // A bare LF line ending counts as CRLF: "\n\n" ends the head too.
-            (0 | 1, b'\n') => Scan::Head(2),
-            (2 | 3, b'\n') => return Scan::Done,
-            (_, b'\r') => Scan::Head(1),
-            _ => Scan::Head(0),
+        state = match (state, *b) {
+            (Scan::Done, _) => return Scan::Done,
+            (Scan::Lead, b'\r' | b'\n') => Scan::Lead,
+            (Scan::Lead, b) => scan_head(0, b),
+            (Scan::Head(n), b) => scan_head(n, b),
         };
     }
     state
+}
+
+/// One byte of the head after the request line began.
+fn scan_head(n: u8, b: u8) -> Scan {
+    match (n, b) {
+        (0 | 2, b'\r') => Scan::Head(n + 1),
+        // A bare LF line ending counts as CRLF: "\n\n" ends the head too.
+        (0 | 1, b'\n') => Scan::Head(2),
+        (2 | 3, b'\n') => Scan::Done,
+        (_, b'\r') => Scan::Head(1),
+        _ => Scan::Head(0),
+    }
 }
 
 /// A connection whose request head must arrive within a deadline.
@@ -63,6 +75,10 @@ pub struct HeaderDeadline {
     state: Scan,
     /// Armed at the request's first byte (or at accept for the first request).
     timer: Option<Pin<Box<Sleep>>>,
+    /// Set by the proxy when a request ends: the next read starts a new head.
+    next: AtomicBool,
+    /// Bytes read and written, when counted (HTTP/2 idle detection).
+    activity: Option<Arc<AtomicU64>>,
 }
 
 impl fmt::Debug for HeaderDeadline {
@@ -81,15 +97,38 @@ impl HeaderDeadline {
         HeaderDeadline {
             inner,
             limit,
-            state: Scan::Head(0),
+            state: Scan::Lead,
             timer: Some(Box::pin(tokio::time::sleep(limit))),
+            next: AtomicBool::new(false),
+            activity: None,
         }
     }
 
-    /// For the next request on a kept-alive connection: the clock starts at its first byte.
+    /// Counts every byte read or written into `activity` from now on.
+    pub fn count_activity(&mut self, activity: Arc<AtomicU64>) {
+        self.activity = Some(activity);
+    }
+
+    /// Called by the proxy when a request on this connection ends: the next request's head
+    /// is under the deadline again, its clock starting at its first byte.
+    pub fn next_request(&self) {
+        self.next.store(true, Ordering::Relaxed);
+    }
+
+    /// The wrapper under a pingora stream, if the stream is one.
+    pub fn of(stream: &Stream) -> Option<&HeaderDeadline> {
+        (**stream).as_any().downcast_ref::<HeaderDeadline>()
+    }
+
     fn rearm(&mut self) {
-        self.state = Scan::Head(0);
+        self.state = Scan::Lead;
         self.timer = None;
+    }
+
+    fn count(&self, n: usize) {
+        if let Some(a) = &self.activity {
+            a.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -100,8 +139,17 @@ impl AsyncRead for HeaderDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.next.load(Ordering::Relaxed) {
+            this.next.store(false, Ordering::Relaxed);
+            this.rearm();
+        }
+        let before = buf.filled().len();
         if this.state == Scan::Done {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if this.activity.is_some() {
+                this.count(buf.filled().len() - before);
+            }
+            return res;
         }
         if let Some(timer) = this.timer.as_mut() {
             if timer.as_mut().poll(cx).is_ready() {
@@ -111,7 +159,6 @@ impl AsyncRead for HeaderDeadline {
                 )));
             }
         }
-        let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &res {
             let read = &buf.filled()[before..];
@@ -126,6 +173,7 @@ impl AsyncRead for HeaderDeadline {
                 if this.state == Scan::Done {
                     this.timer = None;
                 }
+                this.count(read.len());
             }
         }
         res
@@ -138,7 +186,11 @@ impl AsyncWrite for HeaderDeadline {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.count(*n);
+        }
+        res
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -154,7 +206,11 @@ impl AsyncWrite for HeaderDeadline {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.count(*n);
+        }
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -237,100 +293,43 @@ impl Peek for HeaderDeadline {
     }
 }
 
-/// A pingora server app that puts every connection under a header deadline, then hands it
-/// to the wrapped app (the proxy). It also counts the connections being served, so that a
-/// graceful shutdown can end as soon as none is left.
-pub struct Guarded<A> {
-    inner: Arc<A>,
-    limit: Duration,
-    connections: Arc<AtomicU64>,
-}
-
-impl<A> Guarded<A> {
-    pub fn new(inner: A, limit: Duration) -> Guarded<A> {
-        Guarded {
-            inner: Arc::new(inner),
-            limit,
-            connections: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    pub fn inner(&self) -> &A {
-        &self.inner
-    }
-
-    /// The number of connections inside the app now (idle kept-alive ones included).
-    pub fn connections(&self) -> Arc<AtomicU64> {
-        self.connections.clone()
-    }
-}
-
-/// Counts one connection for as long as it lives (however its future ends).
-struct Counted(Arc<AtomicU64>);
-
-impl Counted {
-    fn new(count: &Arc<AtomicU64>) -> Counted {
-        count.fetch_add(1, Ordering::AcqRel);
-        Counted(count.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let _counted = Counted::new(&self.connections);
-        let wrapped: Stream = if stream.as_any().is::<HeaderDeadline>() {
-            match stream.into_any().downcast::<HeaderDeadline>() {
-                Ok(mut reused) => {
-                    reused.rearm();
-                    reused
-                }
-                Err(_) => return None,
-            }
-        } else {
-            Box::new(HeaderDeadline::new(stream, self.limit))
-        };
-        self.inner.process_new(wrapped, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Feeds `parts` in turn (as separate reads) from the start of a head.
+    fn scanned(parts: &[&[u8]]) -> Scan {
+        parts.iter().fold(Scan::Lead, |s, p| scan(s, p))
+    }
+
     #[test]
     fn the_scan_finds_the_end_of_the_head() {
-        assert_eq!(
-            scan(Scan::Head(0), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Scan::Done
-        );
-        assert_eq!(
-            scan(Scan::Head(0), b"GET / HTTP/1.1\r\nHost: a\r\n"),
-            Scan::Head(2)
-        );
-        // Split across reads.
-        let s = scan(Scan::Head(0), b"GET / HTTP/1.1\r\nHost: a\r");
-        let s = scan(s, b"\n\r");
-        assert_eq!(scan(s, b"\n"), Scan::Done);
-        assert_eq!(scan(Scan::Head(0), b"GET / HTTP/1.0\n\n"), Scan::Done);
-        assert_eq!(
-            scan(Scan::Head(0), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Scan::Done
-        );
-        assert_eq!(scan(Scan::Head(0), b"a\r\rb\r\n"), Scan::Head(2));
+        let done = Scan::Done;
+        let cases: &[(&[&[u8]], Scan)] = &[
+            (&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], done),
+            (&[b"GET / HTTP/1.1\r\nHost: a\r\n"], Scan::Head(2)),
+            // Split across reads.
+            (&[b"GET / HTTP/1.1\r\nHost: a\r", b"\n\r", b"\n"], done),
+            (&[b"GET / HTTP/1.0\n\n"], done),
+            (&[b"GET / HTTP/1.1\r\nHost: a\n\r\n"], done),
+            (&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], done),
+            (&[b"a\r\rb\r\n"], Scan::Head(2)),
+            // Empty lines before the request line are not the end of the head.
+            (&[b"\r\n\r\n"], Scan::Lead),
+            (&[b"\n\n\n"], Scan::Lead),
+            (&[b"\r\n\r\n", b"\r\n"], Scan::Lead),
+            (&[b"\r\n\r\nGET / HTTP/1.1\r\n"], Scan::Head(2)),
+            (&[b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n"], Scan::Head(2)),
+            (&[b"\r\n", b"\r\nG", b"ET / HTTP/1.1\r\n\r\n"], done),
+            (&[b"\n\nGET / HTTP/1.1\n\n"], done),
+            // The request line's first byte starts the head; its own CRLF is not an end.
+            (&[b"\r\nG\r\n"], Scan::Head(2)),
+            (&[b"", b""], Scan::Lead),
+        ];
+        for (parts, want) in cases {
+            assert_eq!(scanned(parts), *want, "{parts:?}");
+        }
+        // Once done, nothing changes it.
+        assert_eq!(scan(Scan::Done, b"\r\n\r\nxyz"), Scan::Done);
     }
 }

@@ -10,6 +10,7 @@
 //! - [`balancer`]: two-choice least-outstanding balancing and outlier ejection.
 //! - [`limits`]: token buckets for rate limits and the retry budget.
 //! - [`header_deadline`]: a total deadline for reading each request head (slow clients).
+//! - [`connections`]: the connection cap, and idle HTTP/2 connections closed.
 //! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
 //! - [`path`]: request path normalisation before routing (dot segments, escapes, slashes).
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
@@ -25,6 +26,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod connections;
 pub mod header_deadline;
 pub mod headers;
 pub mod limits;
@@ -58,7 +60,7 @@ use waymark_shared::Mirror;
 use crate::admin::{AdminState, Metrics};
 use crate::balancer::Balancer;
 use crate::config::{Config, ConfigError, RouteConfig};
-use crate::header_deadline::Guarded;
+use crate::connections::{ConnectionPolicy, Guarded};
 use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
 use crate::listen::Reserved;
 use crate::mirror_client::{MirrorClient, RegistryStatus};
@@ -398,7 +400,15 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let bound = |what: &str| reserved.iter().find(|r| r.what == what).map(|r| r.addr);
     let (listen, tls_listen) = (bound("http"), bound("tls"));
     let h2c = config.h2c;
-    let header_read_timeout = config.limits.header_read_timeout;
+    let limits = config.limits.clone();
+    let max_connections = connection_cap(limits.max_connections, open_files_limit());
+    if max_connections < limits.max_connections {
+        tracing::warn!(
+            configured = limits.max_connections,
+            max_connections,
+            "limits.max_connections lowered to what the descriptor limit (RLIMIT_NOFILE) holds"
+        );
+    }
     let shared = Arc::new(Shared::new(config, config_path));
     if let Some(store) = &certs {
         shared.metrics.certificates.set(store.names().len() as i64);
@@ -410,12 +420,29 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
         server.configuration.clone(),
     );
     app.handle_init_modules();
-    if h2c {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-    }
-    let guarded = Guarded::new(app, header_read_timeout);
+    let mut options = HttpServerOptions::default();
+    options.h2c = h2c;
+    // The stream-aware backstop for HTTP/2 connections that stay busy without a stream
+    // (PINGs); the GOAWAY after `idle_timeout` of silence comes first (connections.rs).
+    options.h2_idle_timeout = Some(limits.idle_timeout * 3);
+    app.server_options = Some(options);
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_window_size(limits.h2_stream_buffer_bytes)
+        .max_send_buffer_size(limits.h2_stream_buffer_bytes as usize);
+    app.h2_options = Some(h2);
+    let policy = ConnectionPolicy {
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_connections,
+        h2c,
+    };
+    let guarded = Guarded::new(
+        app,
+        policy,
+        shared.metrics.connections.clone(),
+        shared.metrics.connections_refused.clone(),
+    );
     let connections = guarded.connections();
     let mut proxy = Service::new("waymark gateway".to_string(), guarded);
     // The same port as the reservation, which SO_REUSEPORT lets pingora share.
@@ -447,10 +474,55 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The soft limit on open files (`RLIMIT_NOFILE`), first raised to the hard limit (as Go
+/// programs and nginx's `worker_rlimit_nofile` do: the soft default of 1024 is for programs
+/// that use `select`), if it can be read.
+fn open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        soft = hard;
+    }
+    (soft != RLIM_INFINITY).then_some(soft)
+}
+
+/// Descriptors kept aside for listeners, the admin API, the registry link, logs.
+const RESERVED_FDS: u64 = 64;
+
+/// The connection cap in force: the configured one, lowered so that every client connection
+/// can hold an upstream connection too within the descriptor limit.
+fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
+    match nofile {
+        Some(n) => {
+            let fits = (n.saturating_sub(RESERVED_FDS) / 2).max(1);
+            configured.min(usize::try_from(fits).unwrap_or(usize::MAX))
+        }
+        None => configured,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::RateLimit;
+
+    #[test]
+    fn the_connection_cap_fits_the_descriptor_limit() {
+        let cases = [
+            ((10_000, Some(1_048_576)), 10_000),
+            ((10_000, Some(1024)), 480),
+            ((10_000, None), 10_000),
+            ((100, Some(20_000)), 100),
+            ((10_000, Some(10)), 1),
+        ];
+        for ((configured, nofile), want) in cases {
+            assert_eq!(
+                connection_cap(configured, nofile),
+                want,
+                "{configured} {nofile:?}"
+            );
+        }
+    }
 
     fn route(path: &str, limit: Option<RateLimit>) -> RouteConfig {
         RouteConfig {

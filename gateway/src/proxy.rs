@@ -2,11 +2,14 @@
 //! forwarding headers, retried when that is safe, logged and counted.
 //!
 //! The phases, in pingora's order:
-//! - `request_filter`: size limits (431, 413; `Content-Length` made canonical, 400 when its
-//!   values disagree), the per-client and per-route rate limits (429 with `Retry-After`), the
-//!   route on the normalised path (see [`crate::path`]; 400 for no Host or an ambiguous path,
-//!   404 when no route matches), a serving instance must exist (503 when none does), request
-//!   ID and trace context.
+//! - `request_filter`: the client connection's timeouts (keep-alive idle, body reads,
+//!   response writes) and in-order pipelining, size limits (431, 413; `Content-Length` made
+//!   canonical, 400 when its values disagree), the per-client and per-route rate limits (429
+//!   with `Retry-After`), the route on the normalised path (see [`crate::path`]; 400 for no
+//!   Host or an ambiguous path, 404 when no route matches), a serving instance must exist
+//!   (503 when none does), request ID and trace context.
+//! - `request_body_filter`: the body size limit (413) and minimum rate (408), the client's
+//!   faults.
 //! - `upstream_peer`: an instance by least-outstanding of two random choices, never one this
 //!   request already tried; no new try after the overall deadline (504).
 //! - `upstream_request_filter`: prefix stripping, hop-by-hop removal, forwarding headers.
@@ -20,7 +23,8 @@
 //!   counts against the instance nor is retried; a stale pooled connection is retried free;
 //!   the instance's counts and is retried within the budget.
 //! - `fail_to_proxy`: a short error body.
-//! - `logging`: the access log line and metrics.
+//! - `logging`: the access log line and metrics; the connection's next request head goes
+//!   under the header deadline.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -39,6 +43,7 @@ use waymark_shared::ServiceView;
 use crate::admin::{LimitLabel, ReasonLabel, RouteLabel, RouteStatus, ServiceLabel};
 use crate::balancer::{InFlight, PickError, Verdict};
 use crate::config::AccessLog;
+use crate::header_deadline::HeaderDeadline;
 use crate::headers::{self, HeaderError};
 use crate::path;
 use crate::routes::Route;
@@ -340,6 +345,17 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         ctx.https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         ctx.trusted = ctx.client.is_some_and(|ip| cfg.is_trusted_proxy(ip));
+        // Client connection timeouts (HTTP/1.1; the HTTP/2 stream takes the send timeout):
+        // the idle wait for the next request, each read of the body, each write of the
+        // answer. Pipelined requests are read one after the other, in order.
+        let limits = &cfg.limits;
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(limits.idle_timeout.as_secs()));
+        }
+        session.set_pipelining_enabled(true);
+        session.set_read_timeout(Some(limits.body_read_timeout));
+        session.set_total_drain_timeout(Some(limits.body_read_timeout));
+        session.set_write_timeout(Some(limits.send_timeout));
         shared.metrics.in_flight.inc();
         ctx.counted_in_flight = true;
         shared.retry_budget.deposit();
@@ -445,11 +461,25 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        let limits = &self.shared.config.limits;
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > self.shared.config.limits.max_body_bytes {
                 // The client's fault: counted as such, never against the instance.
                 return Err(Error::explain(HTTPStatus(413), "request body too large").into_down());
+            }
+        }
+        if limits.min_body_rate > 0 {
+            // The body's deadline: body_read_timeout, plus a second per min_body_rate bytes.
+            let earned =
+                Duration::from_secs_f64(ctx.body_bytes as f64 / limits.min_body_rate as f64);
+            if ctx.start.elapsed() > limits.body_read_timeout + earned {
+                // The client's fault: counted as such, never against the instance.
+                return Err(Error::explain(
+                    HTTPStatus(408),
+                    format!("request body slower than {} bytes/s", limits.min_body_rate),
+                )
+                .into_down());
             }
         }
         Ok(())
@@ -735,8 +765,13 @@ impl ProxyHttp for Gateway {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let downstream = *e.esource() == ErrorSource::Downstream;
         let code = match e.etype() {
             HTTPStatus(code) => *code,
+            // The client's own slowness: its body stalled (408), or it stopped reading (no
+            // answer can reach it).
+            ReadTimedout if downstream => 408,
+            WriteTimedout if downstream => 0,
             ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
             | TLSHandshakeFailure => 502,
             ReadTimedout | WriteTimedout => 504,
@@ -758,6 +793,7 @@ impl ProxyHttp for Gateway {
                     Some(r) => format!("no healthy instance of {}\n", r.service),
                     None => "service unavailable\n".to_string(),
                 },
+                408 => "request timeout\n".to_string(),
                 504 => "gateway timeout\n".to_string(),
                 _ => format!("error {code}\n"),
             };
@@ -777,6 +813,10 @@ impl ProxyHttp for Gateway {
         if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Downstream) {
             let refused = matches!(e.etype(), HTTPStatus(_) | InvalidHTTPHeader);
             self.client_error(if refused { "bad_request" } else { "aborted" });
+        }
+        // The next request head on this connection is under the header deadline again.
+        if let Some(conn) = session.stream().and_then(HeaderDeadline::of) {
+            conn.next_request();
         }
         if ctx.counted_in_flight {
             shared.metrics.in_flight.dec();

@@ -295,6 +295,24 @@ impl Backend {
         Ok(())
     }
 
+    /// The sockets the backend process holds open now: its listener and one per connection
+    /// (the gateway's pooled ones included).
+    pub fn sockets(&self) -> usize {
+        let Some(pid) = self.proc.as_ref().and_then(|p| p.pid()) else {
+            return 0;
+        };
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter(|e| {
+                        std::fs::read_link(e.path())
+                            .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// SIGKILL: the process dies with its connections; connects are refused afterwards.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -379,5 +397,59 @@ impl TestCa {
         std::fs::write(dir.join(".crt.tmp"), cert.pem()).expect("write cert");
         std::fs::rename(dir.join(".key.tmp"), keyf).expect("rename key");
         std::fs::rename(dir.join(".crt.tmp"), crt).expect("rename cert");
+    }
+}
+
+/// Raw HTTP/1.1 over a blocking `TcpStream`, for what an HTTP client library would hide
+/// (pipelining, trickled heads, a client that stops reading).
+pub mod raw {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    /// Reads one HTTP/1.1 response with a Content-Length body (or none) from `s`.
+    pub fn read_response(s: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).unwrap_or(0) == 0 {
+                break;
+            }
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        let _ = s.read_exact(&mut body);
+        head + &String::from_utf8_lossy(&body)
+    }
+
+    /// Whether the peer closed `s` (EOF or reset) within `within`, and after how long; bytes
+    /// that arrive meanwhile are read and dropped.
+    pub fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("set a read timeout");
+        let mut buf = [0u8; 4096];
+        while started.elapsed() < within {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(started.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Some(started.elapsed()),
+            }
+        }
+        None
     }
 }

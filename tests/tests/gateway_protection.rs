@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::json;
+use waymark_e2e::gateway::raw::{closed_within, read_response};
 use waymark_e2e::gateway::{Backend, Gateway};
 use waymark_e2e::{Api, Resolver};
 
@@ -211,51 +212,6 @@ async fn garbage_never_takes_the_gateway_down() {
     assert_eq!(r.status(), 200);
     let live = reqwest::get(gw.admin_url("/healthz/live")).await.unwrap();
     assert_eq!(live.status(), 200);
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length body from `s`.
-fn read_response(s: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).unwrap_or(0) == 0 {
-            break;
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    let _ = s.read_exact(&mut body);
-    head + &String::from_utf8_lossy(&body)
-}
-
-/// Whether the gateway closed `s` (EOF or reset) within `within`, and when.
-fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
-    let started = std::time::Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut buf = [0u8; 512];
-    while started.elapsed() < within {
-        match s.read(&mut buf) {
-            Ok(0) => return Some(started.elapsed()),
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return Some(started.elapsed()),
-        }
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

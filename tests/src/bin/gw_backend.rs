@@ -5,6 +5,7 @@
 //! - `--addr IP:PORT` (default `127.0.0.1:0`), `--id NAME` (in every answer),
 //!   `--status CODE` (the status of every answer except `/health`, default 200).
 //! - `?status=CODE` answers with that status; `?sleep_ms=N` waits first (at most 10 s).
+//! - `?bytes=N` answers with a body of N bytes (`x`), streamed in 64 KiB chunks.
 //! - `/health` answers 200 whatever `--status` says.
 //! - `/ws` is a WebSocket echo: every text or binary message comes back prefixed with the
 //!   backend's ID (`"<id>: <message>"` for text).
@@ -79,7 +80,37 @@ async fn answer(State(conf): State<Conf>, req: Request) -> Response {
         .into_response()
 }
 
+/// A body of `n` bytes, produced as the client takes it.
+fn bytes_body(n: u64) -> Response {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = bytes::Bytes::from(vec![b'x'; CHUNK as usize]);
+    let chunks = futures::stream::unfold(n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            (left > 0).then(|| {
+                let take = left.min(CHUNK);
+                (
+                    Ok::<_, std::io::Error>(chunk.slice(..take as usize)),
+                    left - take,
+                )
+            })
+        }
+    });
+    (
+        [
+            ("content-type", "application/octet-stream".to_string()),
+            ("content-length", n.to_string()),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
 async fn describe(State(conf): State<Conf>, req: Request) -> Response {
+    let query = req.uri().query().unwrap_or("");
+    if let Some(n) = query_param(query, "bytes").and_then(|v| v.parse::<u64>().ok()) {
+        return bytes_body(n);
+    }
     let method = req.method().to_string();
     let uri = req.uri().to_string();
     let version = format!("{:?}", req.version());
