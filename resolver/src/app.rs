@@ -256,13 +256,16 @@ async fn start_dns(
         tokio::runtime::Handle::current(),
     )
     .map_err(bind_error)?;
-    let mut server = dns::server::serve_tcp(handler, tcp, config.dns.tcp_idle_timeout);
+    let limits = dns::tcp::Limits {
+        max_connections: auto_connection_cap(config.dns.tcp_max_connections, 1024),
+        max_connections_per_client: config.dns.tcp_max_connections_per_client,
+        idle_timeout: config.dns.tcp_idle_timeout,
+    };
+    let tcp = tokio::spawn(dns::tcp::serve(tcp, handler, limits, stopped.clone()));
     let task = tokio::spawn(async move {
         let _ = stopped.wait_for(|s| *s).await;
         let _ = tokio::task::spawn_blocking(move || udp.stop()).await;
-        if let Err(e) = server.shutdown_gracefully().await {
-            tracing::warn!(error = %e, "DNS server stopped with an error");
-        }
+        let _ = tcp.await;
     });
     Ok((dns_addr, upstreams, task))
 }

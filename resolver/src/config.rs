@@ -69,6 +69,11 @@ pub struct DnsConfig {
     /// Idle timeout of DNS-over-TCP connections.
     #[serde(with = "dur")]
     pub tcp_idle_timeout: Duration,
+    /// Open DNS-over-TCP connections at most; beyond, new ones are closed at once. 0: a
+    /// quarter of the descriptor limit, at most 1024.
+    pub tcp_max_connections: usize,
+    /// Open DNS-over-TCP connections from one client address at most.
+    pub tcp_max_connections_per_client: usize,
     /// UDP worker threads, each with its own socket; 0: one per CPU the process may use, at
     /// most 8.
     pub udp_workers: usize,
@@ -105,6 +110,8 @@ impl Default for DnsConfig {
                 "::1/128".parse().expect("valid"),
             ],
             tcp_idle_timeout: Duration::from_secs(10),
+            tcp_max_connections: 0,
+            tcp_max_connections_per_client: 32,
             udp_workers: 0,
             udp_recv_buffer: 4 << 20,
             answer_cache_entries: 250_000,
@@ -310,6 +317,12 @@ impl Config {
                 "dns.udp_workers {} is over 256",
                 self.dns.udp_workers
             ));
+        }
+        if self.dns.tcp_max_connections_per_client == 0 || self.dns.tcp_idle_timeout.is_zero() {
+            return bad(
+                "dns.tcp_max_connections_per_client and dns.tcp_idle_timeout must be above zero"
+                    .into(),
+            );
         }
         if self.dns.max_forwards == 0 {
             return bad("dns.max_forwards must be at least 1".into());

@@ -7,6 +7,8 @@
 //! - [`server`]: the hickory `RequestHandler` (every query over TCP, and the UDP queries the
 //!   fast path leaves), and binding the sockets.
 //! - [`udp`]: the UDP worker threads, receiving and sending in batches ([`batch`]).
+//! - [`tcp`]: DNS over TCP, with caps on connections and idle time.
+//! - [`reply`]: one reply as bytes, from hickory's parser and the handler (UDP slow path, TCP).
 //! - [`fast`]: the UDP fast path, answering the zone from [`cache`], in the wire form that
 //!   [`wire`] reads and patches.
 
@@ -17,7 +19,9 @@ pub mod fast;
 pub mod fit;
 pub mod forward;
 pub mod names;
+pub mod reply;
 pub mod server;
+pub mod tcp;
 pub mod udp;
 pub mod wire;
 

@@ -3,14 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hickory_net::xfer::Protocol;
 use hickory_proto::op::Query;
 use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record};
 use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo, Server};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::TcpListener;
 use waymark_shared::Mirror;
@@ -66,27 +65,6 @@ pub fn bind(
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
-}
-
-/// Serves DNS over TCP with hickory. (UDP is [`udp::UdpServer`]'s.)
-pub fn serve_tcp(handler: Arc<Handler>, tcp: TcpListener, tcp_idle: Duration) -> Server<Shared> {
-    let mut server = Server::new(Shared(handler));
-    server.register_listener(tcp, tcp_idle, 64);
-    server
-}
-
-/// The handler, shared between hickory's server and the UDP slow path.
-pub struct Shared(pub Arc<Handler>);
-
-#[async_trait::async_trait]
-impl RequestHandler for Shared {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response: R,
-    ) -> ResponseInfo {
-        self.0.handle_request::<R, T>(request, response).await
-    }
 }
 
 #[async_trait::async_trait]
