@@ -12,7 +12,8 @@ use prometheus_client::registry::Registry;
 pub struct DnsLabels {
     /// `udp` or `tcp`.
     pub proto: &'static str,
-    /// `answer`, `nodata`, `nxdomain`, `forwarded`, `refused`, `servfail`, `formerr`, `notimp`.
+    /// `answer`, `nodata`, `nxdomain`, `forwarded`, `refused`, `servfail`, `formerr`, `notimp`;
+    /// `dropped`: a UDP query the slow path had no room for.
     pub outcome: &'static str,
 }
 

@@ -20,6 +20,12 @@ use super::batch::{Inbox, Outbox};
 use super::fast::{FastPath, Scratch, Verdict};
 use super::reply;
 use super::server::Handler;
+use crate::metrics::DnsLabels;
+use waymark_shared::lifecycle::bounded::Admission;
+
+/// Slow-path queries (forwarded names, unusual packets) being answered at once, at most;
+/// forwarding has its own, lower bound (`dns.max_forwards`).
+pub const SLOW_TASKS: usize = 4096;
 
 /// How often a worker blocked in `recv` looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(200);
@@ -71,6 +77,7 @@ impl UdpServer {
         runtime: tokio::runtime::Handle,
     ) -> io::Result<UdpServer> {
         let stop = Arc::new(AtomicBool::new(false));
+        let slow_tasks = Admission::new(SLOW_TASKS, None);
         let mut threads = Vec::new();
         for (i, socket) in sockets.into_iter().enumerate() {
             let worker = Worker {
@@ -79,6 +86,7 @@ impl UdpServer {
                 handler: handler.clone(),
                 runtime: runtime.clone(),
                 stop: stop.clone(),
+                slow_tasks: slow_tasks.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
@@ -109,6 +117,8 @@ struct Worker {
     handler: Arc<Handler>,
     runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
+    /// Slow-path tasks in flight, shared by every worker.
+    slow_tasks: Arc<Admission<()>>,
 }
 
 impl Worker {
@@ -137,13 +147,29 @@ impl Worker {
                 match self.fast.answer(packet, src.ip(), &mut scratch, out) {
                     Verdict::Reply(n) => outbox.queue(n, src),
                     Verdict::Slow => {
+                        // Bounded: beyond SLOW_TASKS in flight, the packet is dropped (as
+                        // a full socket buffer would), counted.
+                        let Ok(ticket) = self.slow_tasks.try_admit(()) else {
+                            self.handler
+                                .metrics
+                                .dns_queries
+                                .get_or_create(&DnsLabels {
+                                    proto: "udp",
+                                    outcome: "dropped",
+                                })
+                                .inc();
+                            continue;
+                        };
                         let job = slow(
                             packet.to_vec(),
                             src,
                             self.socket.clone(),
                             self.handler.clone(),
                         );
-                        self.runtime.spawn(job);
+                        self.runtime.spawn(async move {
+                            job.await;
+                            drop(ticket);
+                        });
                     }
                 }
             }
