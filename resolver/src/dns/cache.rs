@@ -6,7 +6,12 @@
 //! atomic load, see [`waymark_shared::Freshness`]); for a name whose service did not exist,
 //! while no service has appeared since. Nothing has to invalidate entries when the registry
 //! changes; a stale entry is simply not served and is replaced by the next answer computed.
-//! The cache holds at most `capacity` entries: when full, a random quarter is dropped.
+//! The cache holds at most `capacity` entries: when full, a random quarter is dropped, by a
+//! thread of its own, never by the UDP worker that found it full (walking 250,000 entries
+//! would stall that worker for milliseconds). Meanwhile answers are served, just not cached.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use dashmap::DashMap;
 use waymark_shared::Mirror;
@@ -40,15 +45,23 @@ impl Entry {
 /// Encoded replies, shared by every UDP worker.
 #[derive(Debug)]
 pub struct AnswerCache {
-    map: DashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
+    map: Arc<Map>,
     capacity: usize,
+    /// Entries now (kept as inserts and evictions happen; `DashMap::len` walks the shards).
+    count: Arc<AtomicUsize>,
+    /// An eviction is under way.
+    evicting: Arc<AtomicBool>,
 }
+
+type Map = DashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>;
 
 impl AnswerCache {
     pub fn new(capacity: usize) -> AnswerCache {
         AnswerCache {
-            map: DashMap::with_hasher(Default::default()),
+            map: Arc::new(DashMap::with_hasher(Default::default())),
             capacity,
+            count: Arc::default(),
+            evicting: Arc::default(),
         }
     }
 
@@ -63,16 +76,48 @@ impl AnswerCache {
         entry.source.is_current(mirror).then(|| f(&entry))
     }
 
-    /// Stores an entry, replacing any older one for the key.
+    /// Stores an entry, replacing any older one for the key. When the cache is full it
+    /// starts an eviction elsewhere and stores nothing.
     pub fn insert(&self, key: &[u8], entry: Entry) {
         if self.capacity == 0 {
             return;
         }
-        if self.map.len() >= self.capacity {
-            let mut rng = fastrand::Rng::new();
-            self.map.retain(|_, _| rng.u8(..4) != 0);
+        if self.count.load(Ordering::Relaxed) >= self.capacity {
+            self.evict_in_background();
+            if !self.map.contains_key(key) {
+                return;
+            }
         }
-        self.map.insert(key.into(), entry);
+        if self.map.insert(key.into(), entry).is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops a random quarter of the entries on a thread of its own (one at a time).
+    fn evict_in_background(&self) {
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (map, count, evicting) = (self.map.clone(), self.count.clone(), self.evicting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("dns-cache-evict".into())
+            .spawn(move || {
+                let mut rng = fastrand::Rng::new();
+                let mut removed = 0;
+                map.retain(|_, _| {
+                    let keep = rng.u8(..4) != 0;
+                    removed += usize::from(!keep);
+                    keep
+                });
+                count.fetch_sub(
+                    removed.min(count.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+                evicting.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.evicting.store(false, Ordering::Release);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -182,5 +227,33 @@ mod tests {
         let off = AnswerCache::new(0);
         off.insert(b"k", entry(&mirror));
         assert!(off.is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_evicts_elsewhere_then_caches_again() {
+        let mirror = Mirror::new(0);
+        let cache = AnswerCache::new(1000);
+        for i in 0..1000u32 {
+            cache.insert(&i.to_be_bytes(), entry(&mirror));
+        }
+        assert_eq!(cache.len(), 1000);
+        // Full: this insert starts the eviction and is not stored.
+        cache.insert(b"new", entry(&mirror));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cache.evicting.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(
+            !cache.evicting.load(Ordering::Acquire),
+            "eviction never ended"
+        );
+        let left = cache.len();
+        assert!(
+            (600..=900).contains(&left),
+            "{left} entries after evicting a quarter"
+        );
+        assert_eq!(cache.count.load(Ordering::Relaxed), left);
+        cache.insert(b"new", entry(&mirror));
+        assert!(cache.with_current(b"new", &mirror, |_| ()).is_some());
     }
 }
