@@ -58,6 +58,9 @@ fn handler() -> Arc<Handler> {
         ),
         panic_threshold: Box::new(|_| 0.0),
         max_udp_payload: 1232,
+        local_clients: vec!["127.0.0.0/8".parse().unwrap()],
+        remote_max_udp_payload: 512,
+        rrl: None,
         metrics,
     })
 }

@@ -243,6 +243,15 @@ async fn start_dns(
         ),
         panic_threshold: Box::new(move |s| per_service.panic_threshold(s)),
         max_udp_payload: config.dns.max_udp_payload,
+        local_clients: config.dns.local_clients.clone(),
+        remote_max_udp_payload: config.dns.remote_max_udp_payload,
+        rrl: (config.dns.rrl_rate > 0).then(|| {
+            dns::rrl::Rrl::new(
+                config.dns.rrl_rate,
+                config.dns.rrl_slip,
+                config.dns.local_clients.clone(),
+            )
+        }),
         metrics,
     });
     let fast = Arc::new(FastPath::new(

@@ -66,6 +66,17 @@ pub struct DnsConfig {
     pub forward_allow: Vec<IpNet>,
     /// Queries upstream at once at most; beyond, SERVFAIL at once.
     pub max_forwards: usize,
+    /// Clients answered in full over UDP and never rate-limited.
+    pub local_clients: Vec<IpNet>,
+    /// The largest UDP reply to other clients (TC beyond it: they retry over TCP), so that a
+    /// spoofed query cannot be amplified much.
+    pub remote_max_udp_payload: u16,
+    /// Response-rate limiting for other clients: answers per second per /24 (IPv4) or /56
+    /// (IPv6); 0 turns it off.
+    pub rrl_rate: u32,
+    /// Of the answers over the rate, every `rrl_slip`-th is sent truncated (TC), the others
+    /// dropped; 0 drops them all.
+    pub rrl_slip: u32,
     /// Idle timeout of DNS-over-TCP connections.
     #[serde(with = "dur")]
     pub tcp_idle_timeout: Duration,
@@ -105,6 +116,13 @@ impl Default for DnsConfig {
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             max_forwards: 1024,
+            local_clients: vec![
+                "127.0.0.0/8".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ],
+            remote_max_udp_payload: 512,
+            rrl_rate: 20,
+            rrl_slip: 2,
             forward_allow: vec![
                 "127.0.0.0/8".parse().expect("valid"),
                 "::1/128".parse().expect("valid"),
@@ -323,6 +341,9 @@ impl Config {
                 "dns.tcp_max_connections_per_client and dns.tcp_idle_timeout must be above zero"
                     .into(),
             );
+        }
+        if self.dns.remote_max_udp_payload < 512 {
+            return bad("dns.remote_max_udp_payload must be at least 512".into());
         }
         if self.dns.max_forwards == 0 {
             return bad("dns.max_forwards must be at least 1".into());

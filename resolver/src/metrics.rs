@@ -31,6 +31,12 @@ pub struct ApiLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `dropped` or `slipped` (sent truncated).
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     /// `http` or `dns_tcp`.
     pub listener: &'static str,
@@ -74,6 +80,7 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub connections: Family<ListenerLabels, Gauge>,
     pub connections_refused: Family<RefusedLabels, Counter>,
+    pub dns_rate_limited: Family<ActionLabels, Counter>,
     pub store_writable: Gauge,
 }
 
@@ -102,6 +109,7 @@ impl Metrics {
             store_errors: Counter::default(),
             connections: Family::default(),
             connections_refused: Family::default(),
+            dns_rate_limited: Family::default(),
             store_writable: Gauge::default(),
         };
         registry.register(
@@ -180,7 +188,19 @@ impl Metrics {
              probe succeeds",
             m.store_writable.clone(),
         );
+        registry.register(
+            "dns_rate_limited",
+            "UDP answers held back by response-rate limiting, by action",
+            m.dns_rate_limited.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts an answer held back by response-rate limiting.
+    pub fn rate_limited(&self, action: &'static str) {
+        self.dns_rate_limited
+            .get_or_create(&ActionLabels { action })
+            .inc();
     }
 
     /// Counts a connection refused by `listener` at `refused`'s cap.

@@ -108,7 +108,7 @@ impl FastPath {
             return Verdict::Slow;
         }
         let handler = &self.handler;
-        let limit = wire::udp_limit(query.edns_payload, handler.max_udp_payload);
+        let limit = wire::udp_limit(query.edns_payload, handler.udp_max_for(client));
         scratch
             .key
             .seal(query.qtype, query.edns_payload.is_some(), limit);

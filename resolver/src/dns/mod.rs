@@ -8,6 +8,7 @@
 //!   fast path leaves), and binding the sockets.
 //! - [`udp`]: the UDP worker threads, receiving and sending in batches ([`batch`]).
 //! - [`tcp`]: DNS over TCP, with caps on connections and idle time.
+//! - [`rrl`]: response-rate limiting for clients outside the exempt networks.
 //! - [`reply`]: one reply as bytes, from hickory's parser and the handler (UDP slow path, TCP).
 //! - [`fast`]: the UDP fast path, answering the zone from [`cache`], in the wire form that
 //!   [`wire`] reads and patches.
@@ -20,6 +21,7 @@ pub mod fit;
 pub mod forward;
 pub mod names;
 pub mod reply;
+pub mod rrl;
 pub mod server;
 pub mod tcp;
 pub mod udp;

@@ -36,7 +36,9 @@ pub async fn answer(
         Ok(request) if request.metadata.message_type == MessageType::Response => None,
         Ok(request) => {
             let limit = match protocol {
-                Protocol::Udp => fit::udp_limit(request.edns.as_ref(), handler.max_udp_payload),
+                Protocol::Udp => {
+                    fit::udp_limit(request.edns.as_ref(), handler.udp_max_for(src.ip()))
+                }
                 _ => u16::MAX as usize,
             };
             let capture = Capture::new(limit);

@@ -1,7 +1,7 @@
 //! The DNS server: sockets, and the hickory [`RequestHandler`] that answers the zone from the
 //! mirror and forwards the rest. Decisions live in [`super::answer`] and [`super::fit`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hickory_net::xfer::Protocol;
@@ -11,6 +11,7 @@ use hickory_proto::rr::{DNSClass, Name, Record};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use ipnet::IpNet;
 use tokio::net::TcpListener;
 use waymark_shared::Mirror;
 
@@ -39,6 +40,47 @@ pub struct Handler {
     pub panic_threshold: Box<dyn Fn(&str) -> f64 + Send + Sync>,
     pub max_udp_payload: u16,
     pub metrics: Arc<Metrics>,
+    /// Clients answered in full over UDP and never rate-limited (loopback by default).
+    pub local_clients: Vec<IpNet>,
+    /// The largest UDP reply to other clients: a spoofed query cannot be amplified further.
+    pub remote_max_udp_payload: u16,
+    /// Response-rate limiting of UDP answers to other clients (none: off).
+    pub rrl: Option<super::rrl::Rrl>,
+}
+
+impl Handler {
+    /// Whether `client` is one of the local clients.
+    pub fn is_local(&self, client: IpAddr) -> bool {
+        let client = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(client),
+            v4 => v4,
+        };
+        self.local_clients.iter().any(|n| n.contains(&client))
+    }
+
+    /// The largest UDP reply `client` may get from this server.
+    pub fn udp_max_for(&self, client: IpAddr) -> u16 {
+        if self.is_local(client) {
+            self.max_udp_payload
+        } else {
+            self.max_udp_payload.min(self.remote_max_udp_payload)
+        }
+    }
+
+    /// What to do with a UDP answer to `client` under response-rate limiting.
+    pub fn rrl(&self, client: IpAddr) -> super::rrl::Decision {
+        use super::rrl::Decision;
+        let decision = match &self.rrl {
+            Some(rrl) if !self.is_local(client) => rrl.check(client),
+            _ => Decision::Send,
+        };
+        match decision {
+            Decision::Send => {}
+            Decision::Slip => self.metrics.rate_limited("slipped"),
+            Decision::Drop => self.metrics.rate_limited("dropped"),
+        }
+        decision
+    }
 }
 
 /// Binds UDP (`udp_workers` sockets) and TCP on the same address; with port 0, on the same
@@ -152,7 +194,9 @@ impl Handler {
             );
         }
         let limit = match request.protocol() {
-            Protocol::Udp => fit::udp_limit(request.edns.as_ref(), self.max_udp_payload),
+            Protocol::Udp => {
+                fit::udp_limit(request.edns.as_ref(), self.udp_max_for(request.src().ip()))
+            }
             _ => u16::MAX as usize,
         };
         let reply = self.zone_reply(

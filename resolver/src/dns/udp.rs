@@ -19,6 +19,7 @@ use socket2::{Domain, Socket, Type};
 use super::batch::{Inbox, Outbox};
 use super::fast::{FastPath, Scratch, Verdict};
 use super::reply;
+use super::rrl::{self, Decision};
 use super::server::Handler;
 use crate::metrics::DnsLabels;
 use waymark_shared::lifecycle::bounded::Admission;
@@ -145,7 +146,15 @@ impl Worker {
                 }
                 let out = outbox.next_buffer();
                 match self.fast.answer(packet, src.ip(), &mut scratch, out) {
-                    Verdict::Reply(n) => outbox.queue(n, src),
+                    Verdict::Reply(n) => match self.handler.rrl(src.ip()) {
+                        Decision::Send => outbox.queue(n, src),
+                        Decision::Slip => {
+                            if let Some(m) = rrl::slip(out, n) {
+                                outbox.queue(m, src)
+                            }
+                        }
+                        Decision::Drop => {}
+                    },
                     Verdict::Slow => {
                         // Bounded: beyond SLOW_TASKS in flight, the packet is dropped (as
                         // a full socket buffer would), counted.
@@ -187,7 +196,16 @@ fn is_transient(e: &io::Error) -> bool {
 
 /// The slow path: hickory parses the packet and the handler answers it.
 async fn slow(packet: Vec<u8>, src: SocketAddr, socket: Arc<UdpSocket>, handler: Arc<Handler>) {
-    if let Some(bytes) = reply::answer(packet, src, Protocol::Udp, &handler).await {
+    if let Some(mut bytes) = reply::answer(packet, src, Protocol::Udp, &handler).await {
+        let full = bytes.len();
+        match handler.rrl(src.ip()) {
+            Decision::Send => {}
+            Decision::Slip => match rrl::slip(&mut bytes, full) {
+                Some(m) => bytes.truncate(m),
+                None => return,
+            },
+            Decision::Drop => return,
+        }
         // A UDP send does not block; the socket is shared with its worker thread.
         if let Err(e) = socket.send_to(&bytes, src) {
             tracing::debug!(error = %e, %src, "UDP send failed");
