@@ -97,18 +97,19 @@ api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
 curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":$backend_port,\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
 
 # waymark-gateway: one worker thread, no access log.
-gw_port=$(free_port)
-gw_admin=$(free_port)
 cat >"$work/gateway.toml" <<EOF
 threads = 1
 access_log = "off"
 EOF
 RUST_LOG=warn "$target/release/waymark-gateway" ingress --config "$work/gateway.toml" \
-    --listen "127.0.0.1:$gw_port" --admin-addr "127.0.0.1:$gw_admin" --registry "http://$api" \
-    >/dev/null 2>"$work/gateway.log" &
+    --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
+    >"$work/gateway.out" 2>"$work/gateway.log" &
 pids+=($!)
 gw_pid=$!
-wait_port "$gw_port"
+# Port 0: the bound port, read back from the gateway's listening line.
+for _ in $(seq 1 200); do grep -q listening "$work/gateway.out" && break; sleep 0.05; done
+gw_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/gateway.out")
+[[ -n $gw_port ]] || { echo "the gateway did not start:"; cat "$work/gateway.log"; exit 1; }
 for _ in $(seq 1 100); do
     [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$gw_port/") == 200 ]] && break
     sleep 0.05
