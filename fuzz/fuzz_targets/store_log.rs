@@ -10,8 +10,6 @@
 #![no_main]
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use waymark_resolver::store::load::{load, LogPlan};
@@ -20,12 +18,6 @@ use waymark_resolver::store::MAX_INDEX;
 
 const SNAPSHOT: &str = "registry.snapshot.json";
 const LOG: &str = "registry.log";
-
-fn dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temp dir"))
-        .path()
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {
@@ -61,10 +53,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let dir = dir();
-    for entry in std::fs::read_dir(dir).expect("the temp dir lists") {
-        std::fs::remove_file(entry.expect("an entry").path()).expect("a file removes");
-    }
+    // A fresh dir each time (removed when dropped): recovery renames files within it.
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    let dir = tmp.path();
     if let Some(s) = snapshot {
         std::fs::write(dir.join(SNAPSHOT), s).expect("the snapshot writes");
     }
