@@ -1,8 +1,9 @@
-//! The config files: the resolver's `Config::parse` (TOML, then `validate`) and the gateway's
-//! `Config::parse` then `validate`, on any text: nothing panics, and what a valid config
-//! derives (worker counts, route names) is computed without panicking either.
+//! The resolver's config file: `Config::parse` (TOML, then `validate`) on any text: nothing
+//! panics, and what a valid config derives (worker counts, panic thresholds) is computed
+//! without panicking either. (The gateway's config is left out: building pingora with the
+//! sanitizer would more than double the CI's fuzzing time.)
 //!
-//! Input: one byte choosing the resolver's (even) or the gateway's (odd) config, then the text.
+//! Input: one byte (kept for the seed corpus's format), then the text.
 
 #![no_main]
 
@@ -15,20 +16,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(text) else {
         return;
     };
-    if which & 1 == 0 {
-        use waymark_resolver::config::Config;
-        if let Ok(config) = Config::parse(text) {
-            let _ = config.dns.udp_worker_count();
-            let _ = config.panic_threshold("payment");
-        }
-    } else {
-        use waymark_gateway::config::Config;
-        if let Ok(config) = Config::parse(text) {
-            if config.validate().is_ok() {
-                for r in &config.routes {
-                    let _ = r.display_name();
-                }
-            }
-        }
+    let _ = which;
+    use waymark_resolver::config::Config;
+    if let Ok(config) = Config::parse(text) {
+        let _ = config.dns.udp_worker_count();
+        let _ = config.panic_threshold("payment");
     }
 });
