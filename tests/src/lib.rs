@@ -596,6 +596,24 @@ where
     last.expect("polled at least once")
 }
 
+/// A blocking TCP connection to `to` from the loopback address `local` (such as
+/// `127.0.0.2`), so that a test can play several clients.
+pub fn connect_from(local: &str, to: SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let s = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(local.parse().expect("an IP"), 0))?;
+            socket.connect(to).await?.into_std()
+        })
+        .unwrap_or_else(|e| panic!("connecting from {local} to {to}: {e}"));
+    s.set_nonblocking(false).expect("blocking");
+    s
+}
+
 /// An IP address from its text; panics when it is not one.
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

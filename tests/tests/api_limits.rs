@@ -8,7 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
-use waymark_e2e::{dns, Options, Resolver};
+use waymark_e2e::gateway::raw;
+use waymark_e2e::{connect_from, dns, Options, Resolver};
 
 const CONFIG: &str = r#"
 [api]
@@ -23,44 +24,6 @@ fn start() -> Resolver {
         config: Some(CONFIG.into()),
         ..Options::default()
     })
-}
-
-/// Connects from `local` (an address of 127/8) to `to`.
-fn connect_from(local: &str, to: SocketAddr) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let s = rt
-        .block_on(async {
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.bind(SocketAddr::new(local.parse().unwrap(), 0))?;
-            socket.connect(to).await?.into_std()
-        })
-        .unwrap();
-    s.set_nonblocking(false).unwrap();
-    s
-}
-
-/// Whether the server closes `s` within `within` (a read returns EOF or an error).
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
 }
 
 fn http_get(to: SocketAddr, path: &str) -> String {
@@ -86,7 +49,7 @@ async fn silent_and_idle_connections_are_closed_and_caps_hold() {
         let mut silent: Vec<TcpStream> = (0..8).map(|_| connect_from("127.0.0.1", http)).collect();
         let mut ninth = connect_from("127.0.0.1", http);
         assert!(
-            closed_within(&mut ninth, Duration::from_millis(300)),
+            closed(&mut ninth, Duration::from_millis(300)),
             "a connection beyond the per-client cap stays open"
         );
         // Another client is still served, and DNS answers meanwhile.
@@ -108,14 +71,14 @@ async fn silent_and_idle_connections_are_closed_and_caps_hold() {
         let started = Instant::now();
         for s in &mut silent {
             assert!(
-                closed_within(s, Duration::from_secs(3)),
+                closed(s, Duration::from_secs(3)),
                 "a silent connection outlived the header deadline"
             );
         }
         assert!(started.elapsed() < Duration::from_secs(3));
         // The kept-alive one, idle after its answer, is closed too.
         assert!(
-            closed_within(&mut other, Duration::from_secs(3)),
+            closed(&mut other, Duration::from_secs(3)),
             "an idle kept-alive connection stays open"
         );
         // With everything closed, the client gets in again.
@@ -287,4 +250,9 @@ async fn checks_are_floored_and_capped_so_a_target_cannot_be_flooded() {
     assert!(during <= 4, "{during} probes in 2.5 s");
     assert!(during >= 1, "the check stopped probing");
     server.abort();
+}
+
+/// Whether the server closes `s` within `within`.
+fn closed(s: &mut TcpStream, within: Duration) -> bool {
+    raw::closed_within(s, within).is_some()
 }

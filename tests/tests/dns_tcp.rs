@@ -4,28 +4,13 @@
 //! accept loop instead of spinning a core (hickory's loop retried at once).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
-use waymark_e2e::{dns, Options, Resolver};
-
-fn connect_from(local: &str, to: SocketAddr) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let s = rt
-        .block_on(async {
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.bind(SocketAddr::new(local.parse().unwrap(), 0))?;
-            socket.connect(to).await?.into_std()
-        })
-        .unwrap();
-    s.set_nonblocking(false).unwrap();
-    s
-}
+use waymark_e2e::gateway::raw;
+use waymark_e2e::{connect_from, dns, Options, Resolver};
 
 fn framed(name: &str, id: u16) -> Vec<u8> {
     let mut m = dns::query(name, RecordType::SOA, None);
@@ -43,26 +28,6 @@ fn read_reply(s: &mut TcpStream) -> Message {
     let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
     s.read_exact(&mut buf).unwrap();
     Message::from_vec(&buf).unwrap()
-}
-
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 512];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +56,7 @@ async fn caps_idle_timeout_and_pipelining() {
         }
         // Idle after its answers: closed.
         assert!(
-            closed_within(&mut s, Duration::from_secs(3)),
+            closed(&mut s, Duration::from_secs(3)),
             "idle connection kept"
         );
 
@@ -99,7 +64,7 @@ async fn caps_idle_timeout_and_pipelining() {
         let mut silent: Vec<TcpStream> = (0..4).map(|_| connect_from("127.0.0.1", addr)).collect();
         let mut fifth = connect_from("127.0.0.1", addr);
         assert!(
-            closed_within(&mut fifth, Duration::from_millis(300)),
+            closed(&mut fifth, Duration::from_millis(300)),
             "a connection beyond the per-client cap stays open"
         );
         // Another client is served meanwhile, and so is UDP.
@@ -119,14 +84,11 @@ async fn caps_idle_timeout_and_pipelining() {
             }
             std::thread::sleep(Duration::from_millis(150));
         }
-        assert!(closed_within(&mut trickle, Duration::from_secs(3)));
+        assert!(closed(&mut trickle, Duration::from_secs(3)));
         assert!(started.elapsed() < Duration::from_secs(4));
         // The silent ones are closed by the idle timeout.
         for s in &mut silent {
-            assert!(
-                closed_within(s, Duration::from_secs(3)),
-                "silent connection kept"
-            );
+            assert!(closed(s, Duration::from_secs(3)), "silent connection kept");
         }
         let metrics = rt.block_on(async {
             reqwest::get(metrics_url)
@@ -209,4 +171,9 @@ async fn out_of_descriptors_the_accept_loop_pauses_instead_of_spinning() {
     )
     .await;
     assert_eq!(soa.unwrap().answers.len(), 1);
+}
+
+/// Whether the server closes `s` within `within`.
+fn closed(s: &mut TcpStream, within: Duration) -> bool {
+    raw::closed_within(s, within).is_some()
 }

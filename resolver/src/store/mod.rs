@@ -154,6 +154,16 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
+impl Shared {
+    /// `Err` with the reason while the store cannot write.
+    fn status(&self) -> Result<(), String> {
+        match &*self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A handle on the store's writer thread.
 #[derive(Clone)]
 pub struct Store {
@@ -324,15 +334,7 @@ impl Store {
 
     /// `Err` with the reason while the store cannot write.
     pub fn status(&self) -> Result<(), String> {
-        match &*self
-            .shared
-            .failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
+        self.shared.status()
     }
 
     pub fn dir(&self) -> &Path {

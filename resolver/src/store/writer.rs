@@ -134,15 +134,7 @@ impl Writer {
     }
 
     fn status(&self) -> Result<(), String> {
-        match &*self
-            .shared
-            .failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
+        self.shared.status()
     }
 
     fn discarded(&self) -> String {
