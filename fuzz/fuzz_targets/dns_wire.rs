@@ -48,7 +48,7 @@ fn as_query(ctl: &[u8; 8], packet: &[u8]) {
     assert!(key.is_under(&[0]), "every name is under the root");
     let limit = wire::udp_limit(q.edns_payload, 1232);
     assert!((512..=1232).contains(&limit));
-    key.seal(q.qtype, q.edns_payload.is_some(), limit);
+    key.seal(q.qtype, q.edns_payload.is_some(), false, limit);
     assert_eq!(key.as_bytes().len(), key.name().len() + 5);
 
     // The reply the fast path would cache, encoded by hickory.

@@ -1,5 +1,6 @@
 //! Load balancing: least outstanding requests between two random choices, weighted by the
-//! registry's weights, over a service's serving (healthy, non-draining) instances; and passive
+//! registry's weights, over the instances that serve a name by the one rule that DNS applies
+//! too ([`waymark_shared::select`]: healthy, non-draining, panic mode); and passive
 //! outlier ejection, which takes an instance out for a while after consecutive failures.
 //!
 //! Two choices: draw two distinct instances with probability proportional to their weight,
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use waymark_shared::select::select;
 use waymark_shared::{Health, Instance, ServiceView};
 
 use crate::config::OutlierConfig;
@@ -139,24 +141,19 @@ impl Balancer {
         mut roll: impl FnMut() -> f64,
     ) -> Result<InFlight, PickError> {
         let now = self.nanos(now);
-        let mut serving = 0usize;
-        let mut cands: Vec<Candidate<'_>> = Vec::with_capacity(service.instances.len());
-        for instance in &service.instances {
-            if !instance.is_serving() || !tags.iter().all(|t| instance.has_tag(t)) {
-                continue;
-            }
-            let weight = match instance.health() {
-                Health::Passing => instance.weight_passing,
-                _ => instance.weight_warning,
-            };
-            if weight == 0 {
-                continue;
-            }
-            serving += 1;
-            if !avoid.iter().any(|a| *a == instance.id) {
-                cands.push(Candidate { instance, weight });
-            }
-        }
+        let selection = select(service, tags);
+        let serving = selection.instances.len();
+        let cands: Vec<Candidate<'_>> = selection
+            .instances
+            .into_iter()
+            .filter(|instance| !avoid.iter().any(|a| *a == instance.id))
+            // In panic mode a selected instance may have no weight for its health.
+            .map(|instance| Candidate {
+                instance,
+                weight: instance.weight().max(1),
+            })
+            .collect();
+        let mut cands = cands;
         if serving == 0 {
             return Err(PickError::NoInstance(service.name.to_string()));
         }
@@ -339,6 +336,7 @@ mod tests {
             name: "web".into(),
             index: 1,
             instances,
+            attrs: Default::default(),
         }
     }
 

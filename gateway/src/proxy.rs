@@ -38,6 +38,7 @@ use pingora::prelude::*;
 use pingora::protocols::ALPN;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
+use waymark_shared::select::{any_selected, select};
 use waymark_shared::ServiceView;
 
 use crate::admin::{LimitLabel, ReasonLabel, RouteLabel, RouteStatus, ServiceLabel};
@@ -130,11 +131,10 @@ impl Gateway {
         let Some(service) = &ctx.service else {
             return false;
         };
-        let another = service.instances.iter().any(|i| {
-            i.is_serving()
-                && ctx.tags.iter().all(|t| i.has_tag(t))
-                && !ctx.tried.iter().any(|t| *t == i.id)
-        });
+        let another = select(service, &ctx.tags)
+            .instances
+            .iter()
+            .any(|i| !ctx.tried.iter().any(|t| *t == i.id));
         another && (free || self.shared.retry_budget.try_spend())
     }
 
@@ -441,11 +441,7 @@ impl ProxyHttp for Gateway {
 
         ctx.tags = route.pick_backend(fastrand::f64()).tags.clone();
         let service = shared.mirror.service(&route.service);
-        let serving = service.as_ref().is_some_and(|s| {
-            s.instances
-                .iter()
-                .any(|i| i.is_serving() && ctx.tags.iter().all(|t| i.has_tag(t)))
-        });
+        let serving = service.as_ref().is_some_and(|s| any_selected(s, &ctx.tags));
         if !serving {
             let body = format!("no healthy instance of {}\n", route.service);
             return self.answer(session, ctx, 503, body, None).await;

@@ -322,6 +322,7 @@ mod tests {
                 checks: vec![],
                 draining: false,
             })],
+            attrs: Default::default(),
         })
     }
 

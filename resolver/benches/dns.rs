@@ -56,7 +56,12 @@ fn handler() -> Arc<Handler> {
             16,
             metrics.clone(),
         ),
-        panic_threshold: Box::new(|_| 0.0),
+        vips: waymark_resolver::dns::vips::VipAnswers {
+            mode: waymark_resolver::dns::vips::VipMode::Off,
+            ttl: 300,
+            clients: vec![],
+            local_forwarder: Default::default(),
+        },
         max_udp_payload: 1232,
         local_clients: vec!["127.0.0.0/8".parse().unwrap()],
         remote_max_udp_payload: 512,
@@ -81,7 +86,7 @@ fn parse(c: &mut Criterion) {
         let mut key = Key::default();
         b.iter(|| {
             let q = wire::parse_query(std::hint::black_box(&packet), &mut key).unwrap();
-            key.seal(q.qtype, q.edns_payload.is_some(), 512);
+            key.seal(q.qtype, q.edns_payload.is_some(), false, 512);
             key.as_bytes().len()
         })
     });

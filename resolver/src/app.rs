@@ -3,6 +3,7 @@
 //! from [`Bound`] — port 0 works everywhere.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use waymark_shared::Mirror;
 
 use crate::api::{self, admin::Readiness, ApiState};
 use crate::config::{auto_connection_cap, resolv_conf_upstreams, Config};
+use crate::dns::vips::{VipAnswers, VipMode};
 use crate::dns::{self, fast::FastPath, forward::Forwarder, udp::UdpServer, Zone};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Settings};
@@ -106,6 +108,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             zone: config.dns.zone.clone(),
             health: config.health.clone(),
             compact_after_records: config.store.compact_after_records,
+            vip_range: config.vips.range,
+            panic_thresholds: config.panic_thresholds(),
         },
         metrics.clone(),
     );
@@ -225,7 +229,13 @@ async fn start_dns(
         .dns
         .ns_address
         .or_else(|| (!dns_addr.ip().is_unspecified()).then(|| dns_addr.ip()));
-    let per_service = config.clone();
+    let local_forwarder = Arc::new(AtomicBool::new(false));
+    if config.vips.answers == VipMode::Auto {
+        spawn_until_stopped(
+            stopped.clone(),
+            dns::vips::follow_local_forwarder(mirror.clone(), local_forwarder.clone()),
+        );
+    }
     let handler = Arc::new(dns::server::Handler {
         zone: Zone::new(
             &config.dns.zone,
@@ -241,7 +251,12 @@ async fn start_dns(
             config.dns.max_forwards,
             metrics.clone(),
         ),
-        panic_threshold: Box::new(move |s| per_service.panic_threshold(s)),
+        vips: VipAnswers {
+            mode: config.vips.answers,
+            ttl: config.vips.ttl,
+            clients: config.vips.clients.clone(),
+            local_forwarder,
+        },
         max_udp_payload: config.dns.max_udp_payload,
         local_clients: config.dns.local_clients.clone(),
         remote_max_udp_payload: config.dns.remote_max_udp_payload,

@@ -9,6 +9,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use waymark_shared::duration::serde_str as dur;
+use waymark_shared::vip::VipRange;
+
+use crate::dns::vips::VipMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,6 +37,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub health: HealthConfig,
     pub services_file: Option<ServicesFileConfig>,
+    /// Service VIPs and who is answered them.
+    pub vips: VipConfig,
     /// Per-service settings, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// Log JSON lines instead of text.
@@ -187,6 +192,34 @@ impl Default for ApiConfig {
             body_read_timeout: Duration::from_secs(10),
             max_connections: 0,
             max_connections_per_client: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VipConfig {
+    /// Where service VIPs are allocated from. Loopback ranges need no root and no iptables.
+    pub range: VipRange,
+    /// Who is answered VIPs: `auto` (clients on this host, while its forwarder is ready),
+    /// `local` (clients on this host), `all`, or `off`.
+    pub answers: VipMode,
+    /// The TTL of VIP answers, in seconds: long, since a VIP never goes stale.
+    pub ttl: u32,
+    /// The clients that count as this host's (`auto` and `local`).
+    pub clients: Vec<IpNet>,
+}
+
+impl Default for VipConfig {
+    fn default() -> Self {
+        VipConfig {
+            range: VipRange::default(),
+            answers: VipMode::Auto,
+            ttl: 300,
+            clients: vec![
+                "127.0.0.0/8".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ],
         }
     }
 }
@@ -387,6 +420,12 @@ impl Config {
         if self.health.default_interval < Duration::from_millis(100) {
             return bad("health.default_interval must be at least 100ms".into());
         }
+        if self.vips.ttl == 0 || self.vips.ttl > 86_400 {
+            return bad(format!(
+                "vips.ttl {} must be between 1 and 86400 seconds",
+                self.vips.ttl
+            ));
+        }
         for (name, svc) in &self.services {
             if !(0.0..=1.0).contains(&svc.panic_threshold) {
                 return bad(format!(
@@ -398,13 +437,13 @@ impl Config {
         Ok(())
     }
 
-    /// The panic threshold of a service (0 when not configured).
-    pub fn panic_threshold(&self, service: &str) -> f64 {
+    /// The panic thresholds of the services that have one, by lowercased name.
+    pub fn panic_thresholds(&self) -> std::collections::HashMap<String, f64> {
         self.services
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(service))
-            .map(|(_, s)| s.panic_threshold)
-            .unwrap_or(0.0)
+            .filter(|(_, s)| s.panic_threshold > 0.0)
+            .map(|(k, s)| (k.to_ascii_lowercase(), s.panic_threshold))
+            .collect()
     }
 }
 

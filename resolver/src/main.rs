@@ -78,6 +78,14 @@ struct ServeArgs {
     /// Require api.token for reads of the registry too, not only for writes.
     #[arg(long)]
     token_for_reads: bool,
+    /// Where service VIPs are allocated from [default: 127.77.0.0/16].
+    #[arg(long, value_name = "CIDR")]
+    vip_range: Option<waymark_shared::vip::VipRange>,
+    /// Who is answered a service's VIP rather than its instances' addresses: auto (clients
+    /// on this host, while a forwarder on this host is ready), local, all, or off
+    /// [default: auto].
+    #[arg(long, value_name = "MODE")]
+    vip_answers: Option<waymark_resolver::dns::vips::VipMode>,
     /// When the data dir is not consistent (a missing snapshot, a damaged log), start from
     /// what is readable instead of refusing to start: the damaged files are renamed with a
     /// `.damaged-<time>` suffix and what was dropped is logged.
@@ -105,6 +113,12 @@ impl ServeArgs {
         }
         if !self.upstreams.is_empty() {
             c.dns.upstreams = self.upstreams.clone();
+        }
+        if let Some(r) = self.vip_range {
+            c.vips.range = r;
+        }
+        if let Some(m) = self.vip_answers {
+            c.vips.answers = m;
         }
         c.log_json |= self.log_json;
         c.api.token_for_reads |= self.token_for_reads;

@@ -1,8 +1,12 @@
 //! Waymark's common crate: what every Waymark process shares.
 //!
 //! - [`model`]: services, instances, health: the registry's vocabulary.
+//! - [`select`]: which instances serve a name (health, draining, tags, weights, panic mode),
+//!   the one rule that DNS, the ingress and the forwarder apply.
 //! - [`mirror`]: the in-memory registry mirror every process keeps, with a global change index,
 //!   change notifications and a change log that lets a follower resume without loss.
+//! - [`forwarders`]: how a host's forwarder announces itself in the registry.
+//! - [`vip`]: virtual IP ranges and where a service's VIP goes in one.
 //! - [`duration`]: Go-style durations (`"10s"`, `"1m30s"`), the form Consul clients send.
 //! - [`telemetry`]: logging setup through `tracing`.
 //! - [`report`]: an error and its causes on one line, each said once.
@@ -10,11 +14,14 @@
 //!   process needs to start, stay up under floods and stop within its deadline.
 
 pub mod duration;
+pub mod forwarders;
 pub mod lifecycle;
 pub mod mirror;
 pub mod model;
 pub mod report;
+pub mod select;
 pub mod telemetry;
+pub mod vip;
 
 pub use mirror::{Changes, Freshness, Mirror, ServiceView};
-pub use model::{CheckView, Health, Instance};
+pub use model::{CheckView, Health, Instance, ServiceAttrs};

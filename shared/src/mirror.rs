@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::Instance;
+use crate::model::{Instance, ServiceAttrs};
 
 /// The map key of a service name: lowercased.
 fn key_of(name: &str) -> CompactString {
@@ -29,18 +29,21 @@ fn key_of(name: &str) -> CompactString {
 /// Changes kept for followers by default.
 pub const DEFAULT_LOG_CAPACITY: usize = 65_536;
 
-/// One service as of one change: its instances, in registration order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One service as of one change: its instances, in registration order, and what the registry
+/// says about the service as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceView {
     /// The service name as first registered.
     pub name: CompactString,
     /// The change index of the last change to this service.
     pub index: u64,
     pub instances: Vec<Arc<Instance>>,
+    #[serde(default)]
+    pub attrs: ServiceAttrs,
 }
 
 /// What changed since an index: the current state of every service touched since then.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Changes {
     /// The index this answer brings a follower up to.
     pub index: u64,
@@ -195,8 +198,27 @@ impl Mirror {
     pub fn upsert(&self, instance: Instance) -> Option<u64> {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let index = self.index.load(Ordering::Acquire) + 1;
-        self.upsert_locked(&mut log, index, instance)
+        self.upsert_locked(&mut log, index, instance, None)
             .then_some(index)
+    }
+
+    /// Sets a service's attributes (VIPs, selection settings). Returns the change index, or
+    /// `None` when the service does not exist or already had exactly these.
+    pub fn set_attrs(&self, service: &str, attrs: ServiceAttrs) -> Option<u64> {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let key = key_of(service);
+        let current = self.services.get(&key).map(|s| s.view.clone())?;
+        if current.attrs == attrs {
+            return None;
+        }
+        let index = self.index.load(Ordering::Acquire) + 1;
+        self.commit(
+            &mut log,
+            index,
+            key,
+            Some((current.name.clone(), current.instances.clone(), attrs)),
+        );
+        Some(index)
     }
 
     /// Removes an instance. Returns the change index, or `None` if there was no such instance.
@@ -211,9 +233,15 @@ impl Mirror {
     /// the mirror's index becomes `index` (it never goes back: a lower one counts as the
     /// current one), even when the instance was already exactly so.
     pub fn upsert_at(&self, index: u64, instance: Instance) {
+        self.upsert_with_at(index, instance, None)
+    }
+
+    /// [`Mirror::upsert_at`], setting the service's attributes in the same change (`None`:
+    /// they stay as they are; a new service starts with the defaults).
+    pub fn upsert_with_at(&self, index: u64, instance: Instance, attrs: Option<ServiceAttrs>) {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let index = index.max(self.index.load(Ordering::Acquire));
-        if !self.upsert_locked(&mut log, index, instance) {
+        if !self.upsert_locked(&mut log, index, instance, attrs) {
             self.advance(index);
         }
     }
@@ -229,22 +257,34 @@ impl Mirror {
     }
 
     /// Whether anything changed.
-    fn upsert_locked(&self, log: &mut ChangeLog, index: u64, instance: Instance) -> bool {
+    fn upsert_locked(
+        &self,
+        log: &mut ChangeLog,
+        index: u64,
+        instance: Instance,
+        attrs: Option<ServiceAttrs>,
+    ) -> bool {
         let key = key_of(&instance.service);
         let current = self.services.get(&key).map(|s| s.view.clone());
         let mut instances = current
             .as_ref()
             .map(|v| v.instances.clone())
             .unwrap_or_default();
+        let attrs = match (attrs, &current) {
+            (Some(attrs), _) => attrs,
+            (None, Some(view)) => view.attrs.clone(),
+            (None, None) => ServiceAttrs::default(),
+        };
+        let same_attrs = current.as_ref().is_some_and(|v| v.attrs == attrs);
         match instances.iter_mut().find(|i| i.id == instance.id) {
-            Some(existing) if **existing == instance => return false,
+            Some(existing) if **existing == instance && same_attrs => return false,
             Some(existing) => *existing = Arc::new(instance),
             None => instances.push(Arc::new(instance)),
         }
         let name = current
             .map(|v| v.name.clone())
             .unwrap_or_else(|| instances[instances.len() - 1].service.clone());
-        self.commit(log, index, key, Some((name, instances)));
+        self.commit(log, index, key, Some((name, instances, attrs)));
         true
     }
 
@@ -263,7 +303,8 @@ impl Mirror {
             .filter(|i| i.id != id)
             .cloned()
             .collect();
-        let next = (!instances.is_empty()).then(|| (current.name.clone(), instances));
+        let next = (!instances.is_empty())
+            .then(|| (current.name.clone(), instances, current.attrs.clone()));
         self.commit(log, index, key, next);
         true
     }
@@ -316,12 +357,13 @@ impl Mirror {
         log: &mut ChangeLog,
         index: u64,
         key: CompactString,
-        next: Option<(CompactString, Vec<Arc<Instance>>)>,
+        next: Option<(CompactString, Vec<Arc<Instance>>, ServiceAttrs)>,
     ) {
-        let view = next.map(|(name, instances)| ServiceView {
+        let view = next.map(|(name, instances, attrs)| ServiceView {
             name,
             index,
             instances,
+            attrs,
         });
         self.replace(key.clone(), view);
         if log.entries.len() == log.capacity {
@@ -501,6 +543,31 @@ mod tests {
         assert!(follower.service("a").is_none());
         assert_eq!(follower.service("b").unwrap().instances.len(), 2);
         assert_eq!(follower.index(), source.index());
+    }
+
+    #[test]
+    fn attributes_change_with_an_instance_or_alone_and_reach_followers() {
+        let m = Mirror::new(0);
+        let mut attrs = ServiceAttrs::default();
+        attrs.vips.insert("".into(), "127.77.0.9".parse().unwrap());
+        m.upsert_with_at(1, inst("web", "a", 1), Some(attrs.clone()));
+        assert_eq!(
+            m.service("web").unwrap().attrs.service_vip(),
+            attrs.service_vip()
+        );
+        // An upsert without attributes keeps them; the same ones again are no change.
+        m.upsert_at(2, inst("web", "b", 1));
+        assert_eq!(m.service("web").unwrap().attrs, attrs);
+        m.upsert_with_at(3, inst("web", "b", 1), Some(attrs.clone()));
+        assert_eq!(m.service("web").unwrap().index, 2);
+        assert_eq!(m.set_attrs("web", attrs.clone()), None);
+        attrs.panic_threshold = 0.5;
+        assert_eq!(m.set_attrs("WEB", attrs.clone()), Some(4));
+        assert_eq!(m.set_attrs("nope", attrs.clone()), None);
+        let follower = Mirror::new(0);
+        let wire = serde_json::to_string(&m.changes_since(0)).unwrap();
+        follower.apply(&serde_json::from_str(&wire).unwrap());
+        assert_eq!(follower.service("web").unwrap().attrs, attrs);
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! DNS answers, the gateway and the change stream are computed from.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,44 @@ fn default_weight() -> u32 {
     1
 }
 
+/// What the registry of record says about a service as a whole, beside its instances: its
+/// virtual IPs and how its instances are selected. Carried in every [`ServiceView`] so that
+/// DNS, the ingress and the forwarders on every host read the same values.
+///
+/// [`ServiceView`]: crate::ServiceView
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAttrs {
+    /// Virtual IPs: the service's own under the key `""`, and one per tag subset under the
+    /// tag, lowercased. Empty when none are allocated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vips: BTreeMap<CompactString, Ipv4Addr>,
+    /// When fewer than this share of the service's non-draining instances serve, every
+    /// non-draining instance is selected (0: never). See [`crate::select`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub panic_threshold: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+impl ServiceAttrs {
+    /// The service's own VIP.
+    pub fn service_vip(&self) -> Option<Ipv4Addr> {
+        self.vips.get("").copied()
+    }
+
+    /// The VIP of the subset with `tag` (matched case-insensitively).
+    pub fn tag_vip(&self, tag: &str) -> Option<Ipv4Addr> {
+        if tag.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.vips.get(tag.to_ascii_lowercase().as_str()).copied()
+        } else {
+            self.vips.get(tag).copied()
+        }
+    }
+}
+
 impl Instance {
     /// The instance's health: the worst of its checks, passing when it has none.
     pub fn health(&self) -> Health {
@@ -109,6 +147,15 @@ impl Instance {
 
     pub fn has_tag(&self, tag: &str) -> bool {
         self.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))
+    }
+
+    /// The load-balancing weight for its current health: the passing weight while passing,
+    /// the warning weight otherwise (a critical instance is only selected in panic mode).
+    pub fn weight(&self) -> u32 {
+        match self.health() {
+            Health::Passing => self.weight_passing,
+            _ => self.weight_warning,
+        }
     }
 }
 

@@ -86,8 +86,8 @@ fn example_config_parses_and_matches_the_unit_and_the_resolved_drop_in() {
     assert_eq!(sf.path, Path::new("/etc/waymark/services.toml"));
     assert_eq!(sf.reload_interval, Duration::from_secs(2));
     assert_eq!(c.health.failures_before_critical, 2);
-    assert_eq!(c.panic_threshold("payment"), 0.5);
-    assert_eq!(c.panic_threshold("other"), 0.0);
+    assert_eq!(c.panic_thresholds().get("payment"), Some(&0.5));
+    assert_eq!(c.panic_thresholds().get("other"), None);
 
     // The unit runs this config, and its state directory is the data dir.
     let unit = read(&deploy("waymark-resolver.service"));

@@ -639,3 +639,56 @@ async fn config_routes_reload_under_load_without_a_failed_request() {
     );
     assert_eq!(get(&c, &gw, "cfg.test", "/a/y").await.0, 200);
 }
+
+/// In panic mode DNS and the gateway apply the same rule (one function in `shared`): when too
+/// few instances are healthy, both send to every non-draining one, where the gateway used to
+/// answer 503 while DNS answered the instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_and_the_gateway_agree_in_panic_mode() {
+    let resolver = Resolver::with(waymark_e2e::Options {
+        config: Some("[services.fragile]\npanic_threshold = 0.9\n".into()),
+        ..Default::default()
+    });
+    let api = Api::new(&resolver);
+    let a = Backend::start(BACKEND, "fragile-1");
+    let b = Backend::start(BACKEND, "fragile-2");
+    for backend in [&a, &b] {
+        // A TTL check that never heartbeats: critical from the start.
+        let mut body = backend.registration(
+            "fragile",
+            &[],
+            json!({"waymark-public-host": "fragile.test"}),
+            0,
+        );
+        body["Check"] = json!({"TTL": "60s"});
+        api.register(body).await;
+    }
+    let srv = waymark_e2e::dns::udp(
+        resolver.dns,
+        "_fragile._tcp.mesh.internal.",
+        hickory_proto::rr::RecordType::SRV,
+    )
+    .await;
+    assert_eq!(srv.answers.len(), 2, "DNS answers both in panic mode");
+
+    let gw = Gateway::start(&resolver, GatewayOptions::default());
+    let c = client();
+    let seen = until(
+        "the gateway sends to the critical instances in panic mode",
+        WAIT,
+        || async {
+            let mut ids = std::collections::BTreeSet::new();
+            for _ in 0..20 {
+                let (s, v, _) = get(&c, &gw, "fragile.test", "/").await;
+                if s != 200 {
+                    return (s, ids);
+                }
+                ids.insert(v["id"].as_str().unwrap_or("").to_string());
+            }
+            (200, ids)
+        },
+        |(s, ids)| *s == 200 && ids.len() == 2,
+    )
+    .await;
+    assert_eq!(seen.1.len(), 2);
+}

@@ -21,11 +21,11 @@
 //! REFUSED.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use waymark_shared::select::select;
 use waymark_shared::{Freshness, Instance, Mirror, ServiceView};
 
 use super::names::{self, Target};
@@ -207,14 +207,15 @@ impl Source {
 }
 
 /// Answers a query for a name inside the zone. `qname` must be lowercased and inside the
-/// zone. `panic_threshold` gives a service's panic threshold (0 = off).
+/// zone. With `vip_ttl`, service names that have a VIP are answered with it, with that TTL
+/// (VIP mode, see [`vip_answer`]); without, with their instances.
 pub fn answer(
     zone: &Zone,
     mirror: &Mirror,
-    panic_threshold: &dyn Fn(&str) -> f64,
     qname: &Name,
     qtype: RecordType,
     rng: &mut fastrand::Rng,
+    vip_ttl: Option<u32>,
 ) -> Answer {
     let serial = mirror.index();
     // Every label counts: hickory's `num_labels` leaves out a leading `*`, which is an
@@ -259,7 +260,7 @@ pub fn answer(
     };
     let source = Source::Service(fresh);
     let service = |tag: Option<&str>, qtype: RecordType, rng: &mut fastrand::Rng| {
-        service_answer(zone, &view, panic_threshold, qname, tag, qtype, serial, rng)
+        service_answer(zone, &view, qname, tag, qtype, serial, rng, vip_ttl)
     };
     let answer = match depth {
         1 => service(None, qtype, rng),
@@ -334,22 +335,35 @@ fn instance_answer(
 fn service_answer(
     zone: &Zone,
     view: &ServiceView,
-    panic_threshold: &dyn Fn(&str) -> f64,
     qname: &Name,
     tag: Option<&str>,
     qtype: RecordType,
     serial: u64,
     rng: &mut fastrand::Rng,
+    vip_ttl: Option<u32>,
 ) -> Option<Answer> {
-    let candidates: Vec<&Arc<Instance>> = view
-        .instances
-        .iter()
-        .filter(|i| tag.is_none_or(|t| i.has_tag(t)))
-        .collect();
-    if candidates.is_empty() {
+    let tags: &[&str] = match &tag {
+        Some(t) => std::slice::from_ref(t),
+        None => &[],
+    };
+    let selection = select(view, tags);
+    if selection.matched == 0 {
         return None;
     }
-    let mut chosen = select(&candidates, panic_threshold(&view.name));
+    if let Some(ttl) = vip_ttl {
+        let vip = match tag {
+            Some(t) => view.attrs.tag_vip(t),
+            None => view.attrs.service_vip(),
+        };
+        if let Some(vip) = vip {
+            let target = service_name(zone, &view.name, tag);
+            let ports = selection.instances.iter().map(|i| i.port);
+            return Some(vip_answer(
+                zone, qname, &target, vip, ports, qtype, ttl, serial,
+            ));
+        }
+    }
+    let mut chosen = selection.instances;
     rng.shuffle(&mut chosen);
 
     let mut answers = Vec::new();
@@ -437,21 +451,58 @@ fn cname_record(name: &Name, target: &Name, ttl: u32) -> Record {
     Record::from_rdata(name.clone(), ttl, RData::CNAME(CNAME(target.clone())))
 }
 
-/// The instances to answer: the serving ones, or — when fewer than the panic threshold's
-/// share of non-draining instances serve — every non-draining instance.
-fn select<'a>(candidates: &[&'a Arc<Instance>], panic_threshold: f64) -> Vec<&'a Arc<Instance>> {
-    let serving: Vec<_> = candidates
-        .iter()
-        .copied()
-        .filter(|i| i.is_serving())
-        .collect();
-    if panic_threshold > 0.0 {
-        let live: Vec<_> = candidates.iter().copied().filter(|i| !i.draining).collect();
-        if !live.is_empty() && (serving.len() as f64) < panic_threshold * live.len() as f64 {
-            return live;
+/// A service name (or a tag subset's) in VIP mode: the VIP, which never changes while the
+/// service exists, with the long `ttl`; SRV records point at the name itself (`target`), one
+/// per port that the selected instances serve, with the VIP as glue. AAAA and other types are
+/// NODATA: VIPs are IPv4.
+#[allow(clippy::too_many_arguments)]
+fn vip_answer(
+    zone: &Zone,
+    qname: &Name,
+    target: &Name,
+    vip: std::net::Ipv4Addr,
+    ports: impl Iterator<Item = u16>,
+    qtype: RecordType,
+    ttl: u32,
+    serial: u64,
+) -> Answer {
+    let address = |name: &Name| Record::from_rdata(name.clone(), ttl, RData::A(A(vip)));
+    match qtype {
+        RecordType::A | RecordType::ANY => Answer::records(vec![address(qname)], vec![vec![]]),
+        RecordType::SRV => {
+            let ports: std::collections::BTreeSet<u16> = ports.collect();
+            if ports.is_empty() {
+                return Answer::negative(zone, serial, ResponseCode::NoError);
+            }
+            let answers = ports
+                .iter()
+                .map(|port| {
+                    Record::from_rdata(
+                        qname.clone(),
+                        ttl,
+                        RData::SRV(SRV::new(1, 1, *port, target.clone())),
+                    )
+                })
+                .collect();
+            let glue = ports.iter().map(|_| vec![address(target)]).collect();
+            Answer::records(answers, glue)
         }
+        _ => Answer::negative(zone, serial, ResponseCode::NoError),
     }
-    serving
+}
+
+/// `<service>.<zone>`, or `<tag>.<service>.<zone>`, lowercased.
+fn service_name(zone: &Zone, service: &str, tag: Option<&str>) -> Name {
+    let service = service.to_ascii_lowercase();
+    let tag = tag.map(str::to_ascii_lowercase);
+    let labels: Vec<&[u8]> = tag
+        .iter()
+        .map(|t| t.as_bytes())
+        .chain(std::iter::once(service.as_bytes()))
+        .collect();
+    Name::from_labels(labels)
+        .and_then(|n| n.append_name(&zone.origin))
+        .unwrap_or_else(|_| zone.origin.clone())
 }
 
 fn instance_name(zone: &Zone, service: &str, id: &str) -> Name {
@@ -539,15 +590,80 @@ mod tests {
     }
 
     fn ask_with(m: &Mirror, name: &str, qtype: RecordType, panic: f64) -> Answer {
+        for view in m.services() {
+            let attrs = waymark_shared::ServiceAttrs {
+                panic_threshold: panic,
+                ..view.attrs.clone()
+            };
+            m.set_attrs(&view.name, attrs);
+        }
+        ask_in(m, name, qtype, None)
+    }
+
+    fn ask_in(m: &Mirror, name: &str, qtype: RecordType, vip_ttl: Option<u32>) -> Answer {
         let q = Name::from_ascii(name).unwrap().to_lowercase();
         answer(
             &zone(),
             m,
-            &|_| panic,
             &q,
             qtype,
             &mut fastrand::Rng::with_seed(7),
+            vip_ttl,
         )
+    }
+
+    #[test]
+    fn vip_mode_answers_the_vip_with_its_ttl_and_srv_through_it() {
+        let m = mirror();
+        let mut attrs = m.service("payment").unwrap().attrs.clone();
+        attrs.vips.insert("".into(), "127.77.0.5".parse().unwrap());
+        attrs
+            .vips
+            .insert("v1".into(), "127.77.0.6".parse().unwrap());
+        m.set_attrs("payment", attrs);
+        let vip = |name, qtype| ask_in(&m, name, qtype, Some(300));
+        let a = vip("payment.mesh.internal.", RecordType::A);
+        assert_eq!(ips(&a), vec!["127.77.0.5"]);
+        assert_eq!(a.answers[0].ttl, 300);
+        assert_eq!(
+            ips(&vip("V1.payment.mesh.internal.", RecordType::A)),
+            vec!["127.77.0.6"]
+        );
+        // AAAA: NODATA (VIPs are IPv4); a tag without a VIP: its instances.
+        let aaaa = vip("payment.mesh.internal.", RecordType::AAAA);
+        assert!(aaaa.answers.is_empty() && aaaa.rcode == ResponseCode::NoError);
+        assert_eq!(
+            ips(&vip("v2.payment.mesh.internal.", RecordType::A)),
+            vec!["10.0.0.2"]
+        );
+        // SRV: one record per port of the serving instances, targets the name, VIP as glue.
+        for name in ["payment.mesh.internal.", "_payment._tcp.mesh.internal."] {
+            let srv = vip(name, RecordType::SRV);
+            assert_eq!(srv.answers.len(), 1, "{name}");
+            let RData::SRV(r) = &srv.answers[0].data else {
+                panic!()
+            };
+            assert_eq!(r.target.to_ascii(), "payment.mesh.internal.");
+            assert_eq!(r.port, 9000);
+            assert_eq!(
+                ips(&Answer::records(srv.additionals[0].clone(), vec![])),
+                vec!["127.77.0.5"]
+            );
+        }
+        // A service without a VIP, and direct mode: instance addresses.
+        assert_eq!(
+            ips(&vip("down.mesh.internal.", RecordType::A)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            ips(&ask(&m, "payment.mesh.internal.", RecordType::A)),
+            vec!["10.0.0.1", "10.0.0.2"]
+        );
+        // Unknown names stay unknown.
+        assert_eq!(
+            vip("nope.payment.mesh.internal.", RecordType::A).rcode,
+            ResponseCode::NXDomain
+        );
     }
 
     fn ips(a: &Answer) -> Vec<String> {
@@ -703,9 +819,9 @@ mod tests {
         }
         let q = Name::from_ascii("big.mesh.internal.").unwrap();
         let mut rng = fastrand::Rng::with_seed(1);
-        let first = answer(&zone(), &m, &|_| 0.0, &q, RecordType::A, &mut rng);
+        let first = answer(&zone(), &m, &q, RecordType::A, &mut rng, None);
         let differs = (0..5)
-            .map(|_| answer(&zone(), &m, &|_| 0.0, &q, RecordType::A, &mut rng).answers)
+            .map(|_| answer(&zone(), &m, &q, RecordType::A, &mut rng, None).answers)
             .any(|a| a != first.answers);
         assert!(differs);
     }

@@ -109,9 +109,13 @@ impl FastPath {
         }
         let handler = &self.handler;
         let limit = wire::udp_limit(query.edns_payload, handler.udp_max_for(client));
-        scratch
-            .key
-            .seal(query.qtype, query.edns_payload.is_some(), limit);
+        let vip_ttl = handler.vips.ttl_for(client);
+        scratch.key.seal(
+            query.qtype,
+            query.edns_payload.is_some(),
+            vip_ttl.is_some(),
+            limit,
+        );
         let patch = Patch {
             query: &query,
             packet,
@@ -130,7 +134,7 @@ impl FastPath {
             return Verdict::Reply(len);
         }
         self.misses.inc();
-        let Some((entry, cacheable)) = self.compute(&query, &scratch.key, limit) else {
+        let Some((entry, cacheable)) = self.compute(&query, &scratch.key, limit, vip_ttl) else {
             return Verdict::Slow;
         };
         if entry.reply.len() > out.len() {
@@ -156,7 +160,13 @@ impl FastPath {
 
     /// Computes and encodes the reply for a cache miss, and says whether it may be cached
     /// (see [`super::server::ZoneReply::cacheable`]).
-    fn compute(&self, query: &wire::Query, key: &Key, limit: u16) -> Option<(Entry, bool)> {
+    fn compute(
+        &self,
+        query: &wire::Query,
+        key: &Key,
+        limit: u16,
+        vip_ttl: Option<u32>,
+    ) -> Option<(Entry, bool)> {
         let qname = Name::read(&mut BinDecoder::new(key.name())).ok()?;
         let qtype = RecordType::from(query.qtype);
         let hquery = Query::query(qname.clone(), qtype);
@@ -178,6 +188,7 @@ impl FastPath {
                 edns,
             },
             false,
+            vip_ttl,
         );
         let mut message = Message::new(request.id, MessageType::Response, OpCode::Query);
         message.metadata = reply.metadata;

@@ -8,6 +8,8 @@
 //!   fast path leaves), and binding the sockets.
 //! - [`udp`]: the UDP worker threads, receiving and sending in batches ([`batch`]).
 //! - [`tcp`]: DNS over TCP, with caps on connections and idle time.
+//! - [`vips`]: who is answered VIPs (`--vip-answers`), and whether this host's forwarder is
+//!   ready.
 //! - [`rrl`]: response-rate limiting for clients outside the exempt networks.
 //! - [`reply`]: one reply as bytes, from hickory's parser and the handler (UDP slow path, TCP).
 //! - [`fast`]: the UDP fast path, answering the zone from [`cache`], in the wire form that
@@ -25,6 +27,7 @@ pub mod rrl;
 pub mod server;
 pub mod tcp;
 pub mod udp;
+pub mod vips;
 pub mod wire;
 
 pub use answer::Zone;

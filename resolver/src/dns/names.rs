@@ -52,6 +52,14 @@ pub fn check_service(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Whether a tag can be the first label of `<tag>.<service>.<zone>`: 1 to 63 letters, digits
+/// and hyphens.
+pub fn check_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= MAX_LABEL
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// The DNS label of an instance: its ID, lowercased, with every character outside
 /// `[a-z0-9-]` replaced by `-`, cut to 63 bytes. Two IDs of one service that map to the same
 /// label are refused by the registry.

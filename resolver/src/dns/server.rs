@@ -37,7 +37,8 @@ pub struct Handler {
     pub zone: Zone,
     pub mirror: Arc<Mirror>,
     pub forwarder: Forwarder,
-    pub panic_threshold: Box<dyn Fn(&str) -> f64 + Send + Sync>,
+    /// Who gets VIP answers.
+    pub vips: super::vips::VipAnswers,
     pub max_udp_payload: u16,
     pub metrics: Arc<Metrics>,
     /// Clients answered in full over UDP and never rate-limited (loopback by default).
@@ -209,6 +210,7 @@ impl Handler {
                 edns: our_edns.as_ref(),
             },
             self.forwarder.allowed(request.src().ip()),
+            self.vips.ttl_for(request.src().ip()),
         );
         let msg = MessageResponseBuilder::new(&request.queries, our_edns.as_ref()).build(
             reply.metadata,
@@ -230,14 +232,15 @@ impl Handler {
         qname: &Name,
         room: Room<'_>,
         recursion_available: bool,
+        vip_ttl: Option<u32>,
     ) -> ZoneReply {
         let answer = answer::answer(
             &self.zone,
             &self.mirror,
-            &*self.panic_threshold,
             qname,
             query.query_type(),
             &mut fastrand::Rng::new(),
+            vip_ttl,
         );
         let outcome = answer.outcome();
         let source = answer.source.clone();

@@ -65,11 +65,12 @@ impl Key {
         &self.buf[..self.len]
     }
 
-    /// Completes the key with what, besides the name, a reply depends on.
-    pub fn seal(&mut self, qtype: u16, edns: bool, limit: u16) {
+    /// Completes the key with what, besides the name, a reply depends on: the type, EDNS,
+    /// whether the client is answered VIPs, and the size limit.
+    pub fn seal(&mut self, qtype: u16, edns: bool, vip: bool, limit: u16) {
         let n = self.name_len;
         self.buf[n..n + 2].copy_from_slice(&qtype.to_be_bytes());
-        self.buf[n + 2] = edns as u8;
+        self.buf[n + 2] = edns as u8 | (vip as u8) << 1;
         self.buf[n + 3..n + 5].copy_from_slice(&limit.to_be_bytes());
         self.len = n + KEY_TAIL;
     }
@@ -410,13 +411,18 @@ mod tests {
             key.seal(
                 q.qtype,
                 q.edns_payload.is_some(),
+                false,
                 udp_limit(q.edns_payload, 1232),
             );
             key.as_bytes().to_vec()
         };
+        let mut vip = Key::default();
+        let q = parse_query(&query("a.mesh.internal.", RecordType::A, None), &mut vip).unwrap();
+        vip.seal(q.qtype, false, true, 512);
         let base = key_of("a.mesh.internal.", RecordType::A, None);
         assert_eq!(base, key_of("A.MESH.internal.", RecordType::A, None));
         assert_ne!(base, key_of("a.mesh.internal.", RecordType::AAAA, None));
+        assert_ne!(base, vip.as_bytes(), "VIP answers are cached apart");
         assert_ne!(base, key_of("a.mesh.internal.", RecordType::A, Some(1232)));
         assert_ne!(
             key_of("a.mesh.internal.", RecordType::A, Some(1232)),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use compact_str::CompactString;
-use waymark_shared::{Health, Instance};
+use waymark_shared::{Health, Instance, ServiceAttrs};
 
 use super::{Inner, Registry};
 use crate::store::{Sink, StoredReg};
@@ -50,6 +50,8 @@ pub(super) enum Publish {
         instance: Instance,
         /// The service the instance left, when it moved.
         moved_from: Option<CompactString>,
+        /// The service's attributes as of this change.
+        attrs: ServiceAttrs,
     },
     Remove {
         service: CompactString,
@@ -86,11 +88,13 @@ impl Registry {
                 Publish::Upsert {
                     instance,
                     moved_from,
+                    attrs,
                 } => {
                     if let Some(old) = moved_from {
                         self.mirror.remove_at(change.index, &old, &instance.id);
                     }
-                    self.mirror.upsert_at(change.index, instance);
+                    self.mirror
+                        .upsert_with_at(change.index, instance, Some(attrs));
                 }
                 Publish::Remove { service, id } => {
                     self.mirror.remove_at(change.index, &service, &id)

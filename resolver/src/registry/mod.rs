@@ -10,6 +10,7 @@
 mod commit;
 pub mod def;
 pub mod health;
+pub mod vips;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
-use waymark_shared::{CheckView, Health, Instance, Mirror};
+use waymark_shared::vip::VipRange;
+use waymark_shared::{CheckView, Health, Instance, Mirror, ServiceAttrs};
 
 use crate::config::HealthConfig;
 use crate::dns::names::{self, NameError};
@@ -69,6 +71,10 @@ pub struct Settings {
     /// Log records after which the store is compacted, at the least (and at least twice the
     /// number of registrations).
     pub compact_after_records: u64,
+    /// Where service VIPs come from.
+    pub vip_range: VipRange,
+    /// Panic thresholds of the services that have one, by lowercased name.
+    pub panic_thresholds: HashMap<String, f64>,
 }
 
 pub struct Registry {
@@ -99,6 +105,7 @@ struct Inner {
     published: u64,
     /// Changes queued and not yet durable, oldest first.
     pending: VecDeque<Change>,
+    vips: vips::VipTable,
 }
 
 struct Reg {
@@ -148,6 +155,7 @@ impl Registry {
             inner: Mutex::new(Inner {
                 queued: loaded.index,
                 published: loaded.index,
+                vips: vips::VipTable::new(settings.vip_range),
                 ..Inner::default()
             }),
             mirror,
@@ -170,11 +178,21 @@ impl Registry {
             .attach(Arc::new(commit::Publisher(Arc::downgrade(&reg))));
         {
             let mut inner = reg.lock();
+            // Registrations stored without their VIPs (older stores, a changed range) are
+            // written again once they have them.
+            let mut rewrite = Vec::new();
             for stored in loaded.registrations {
+                let vips = stored.vips.clone();
                 match reg.install(&mut inner, Arc::new(stored)) {
                     Ok(id) => {
-                        let instance = reg.instance(&inner.regs[&id]);
-                        reg.mirror.upsert_at(loaded.index, instance);
+                        let installed = &inner.regs[&id];
+                        if installed.stored.vips != vips {
+                            rewrite.push(id.clone());
+                        }
+                        let instance = reg.instance(installed);
+                        let attrs = reg.attrs(&inner, &instance.service);
+                        reg.mirror
+                            .upsert_with_at(loaded.index, instance, Some(attrs));
                     }
                     Err(e) => tracing::error!(error = %e, "dropping a stored registration"),
                 }
@@ -189,6 +207,18 @@ impl Registry {
                         reg.store.restart(index)
                     }),
                 );
+            }
+            for id in rewrite {
+                let stored = inner.regs[&id].stored.clone();
+                drop(reg.queue(
+                    &mut inner,
+                    Undo::States {
+                        id,
+                        before: stored.clone(),
+                    },
+                    Publish::Index,
+                    |index| reg.store.put(index, &stored),
+                ));
             }
         }
         reg
@@ -247,6 +277,7 @@ impl Registry {
                 source,
                 maintenance: old.and_then(|o| o.stored.maintenance.clone()),
                 checks,
+                vips: old.map(|o| o.stored.vips.clone()).unwrap_or_default(),
             });
             let old = self.uninstall(&mut inner, &id);
             let before = old.as_ref().map(|o| o.stored.clone());
@@ -258,21 +289,33 @@ impl Registry {
                 .filter(|o| !o.eq_ignore_ascii_case(&stored.def.name));
             // Dropping the old registration stops its checks; the new one starts them again.
             drop(old);
-            let unchanged = before.as_deref() == Some(&*stored);
-            let id = self.install(&mut inner, stored.clone())?;
-            if let Some(reg) = inner.regs.get_mut(&id) {
-                reg.last_change = last_change;
-            }
-            if unchanged {
+            let id = match self.install(&mut inner, stored) {
+                Ok(id) => id,
+                Err(e) => {
+                    // Put back what was there: a refused registration changes nothing.
+                    if let Some(before) = before {
+                        if let Err(e) = self.install(&mut inner, before) {
+                            tracing::error!(error = %e, "cannot restore a registration");
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            let reg = inner.regs.get_mut(&id).expect("installed");
+            reg.last_change = last_change;
+            let stored = reg.stored.clone();
+            if before.as_deref() == Some(&*stored) {
                 Err(self.waits_on(&inner, &id))
             } else {
                 let instance = self.instance(&inner.regs[&id]);
+                let attrs = self.attrs(&inner, &instance.service);
                 Ok(self.queue(
                     &mut inner,
                     Undo::Replace { id, before },
                     Publish::Upsert {
                         instance,
                         moved_from,
+                        attrs,
                     },
                     |index| self.store.put(index, &stored),
                 ))
@@ -615,12 +658,15 @@ impl Registry {
         for c in &checks {
             inner.check_owner.insert(c.def.id.clone(), id.to_string());
         }
-        // The stored form lists exactly the checks that run, with their states.
-        let stored = if states(&checks) == stored.checks {
+        let vips = inner.vips.install(&def.name, &def.tags, &stored.vips);
+        // The stored form lists exactly the checks that run, with their states, and the VIPs
+        // it has.
+        let stored = if states(&checks) == stored.checks && vips == stored.vips {
             stored
         } else {
             Arc::new(StoredReg {
                 checks: states(&checks),
+                vips,
                 ..StoredReg::clone(&stored)
             })
         };
@@ -639,7 +685,21 @@ impl Registry {
         for c in &reg.checks {
             inner.check_owner.remove(&c.def.id);
         }
+        inner.vips.uninstall(&reg.stored.def.name);
         Some(reg)
+    }
+
+    /// What the mirror says about `service` as a whole: its VIPs and selection settings.
+    fn attrs(&self, inner: &Inner, service: &str) -> ServiceAttrs {
+        ServiceAttrs {
+            vips: inner.vips.of(service),
+            panic_threshold: self
+                .settings
+                .panic_thresholds
+                .get(service.to_ascii_lowercase().as_str())
+                .copied()
+                .unwrap_or(0.0),
+        }
     }
 
     /// Queues a registration's changed state (maintenance when `Some`, check statuses) as a
@@ -659,6 +719,7 @@ impl Registry {
             source: before.source,
             maintenance: maintenance.unwrap_or_else(|| before.maintenance.clone()),
             checks: states(&reg.checks),
+            vips: before.vips.clone(),
         };
         if next == *before {
             return Err(self.waits_on(inner, id));
@@ -667,12 +728,14 @@ impl Registry {
         let stored = reg.stored.clone();
         let instance = self.instance(reg);
         let id = before.def.id.clone();
+        let attrs = self.attrs(inner, &instance.service);
         Ok(self.queue(
             inner,
             Undo::States { id, before },
             Publish::Upsert {
                 instance,
                 moved_from: None,
+                attrs,
             },
             |index| self.store.put(index, &stored),
         ))

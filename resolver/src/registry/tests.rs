@@ -25,6 +25,8 @@ fn settings() -> Settings {
         zone: "mesh.internal".into(),
         health: HealthConfig::default(),
         compact_after_records: 10_000,
+        vip_range: Default::default(),
+        panic_thresholds: Default::default(),
     }
 }
 
@@ -42,6 +44,7 @@ async fn registrations_complete_while_a_large_compaction_runs() {
             source: Source::Api,
             maintenance: None,
             checks: vec![],
+            vips: Default::default(),
         })
         .collect();
     let registry = Registry::new(Arc::new(Mirror::new(0)), store, loaded, settings(), metrics);

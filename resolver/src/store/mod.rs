@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::registry::def::ServiceDef;
+use crate::registry::vips::VipMap;
 use record::{encode, Record};
 use waymark_shared::Health;
 
@@ -98,6 +99,9 @@ pub struct StoredReg {
     pub maintenance: Option<String>,
     #[serde(default)]
     pub checks: Vec<StoredCheck>,
+    /// Its service's VIP and those of its tags (see [`crate::registry::vips`]).
+    #[serde(default, skip_serializing_if = "VipMap::is_empty")]
+    pub vips: VipMap,
 }
 
 /// The snapshot file: read back owned, written from shared records.

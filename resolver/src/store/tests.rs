@@ -21,6 +21,7 @@ fn reg(id: &str, port: u16) -> StoredReg {
         source: Source::Api,
         maintenance: None,
         checks: vec![],
+        vips: Default::default(),
     }
 }
 
