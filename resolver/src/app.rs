@@ -13,6 +13,7 @@ use waymark_shared::lifecycle::drain;
 use waymark_shared::Mirror;
 
 use crate::api::{self, admin::Readiness, ApiState};
+use crate::ca::MeshCa;
 use crate::config::{auto_connection_cap, resolv_conf_upstreams, Config};
 use crate::dns::vips::{VipAnswers, VipMode};
 use crate::dns::{self, fast::FastPath, forward::Forwarder, udp::UdpServer, Zone};
@@ -37,6 +38,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     ServicesFile(#[from] services_file::ServicesFileError),
+    #[error("mesh CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
 }
 
 /// A running resolver.
@@ -98,6 +101,10 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         dir = %config.store.data_dir.display(),
         "store loaded"
     );
+    let ca = Arc::new(MeshCa::open(
+        &MeshCa::dir_of(&config.store.data_dir),
+        &config.trust_domain(),
+    )?);
     let mirror = Arc::new(Mirror::new(loaded.index));
     let registry = Registry::new(
         mirror.clone(),
@@ -125,6 +132,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         ready: ready.clone(),
         drain: http_drain.clone(),
         encoded: Default::default(),
+        ca,
     });
     let (http_addr, http) = start_http(state, http_drain).await?;
     tasks.push(http);

@@ -39,6 +39,8 @@ pub struct Config {
     pub services_file: Option<ServicesFileConfig>,
     /// Service VIPs and who is answered them.
     pub vips: VipConfig,
+    /// The mesh certificate authority.
+    pub ca: CaConfig,
     /// Per-service settings, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// Log JSON lines instead of text.
@@ -221,6 +223,36 @@ impl Default for VipConfig {
                 "::1/128".parse().expect("valid"),
             ],
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaConfig {
+    /// The SPIFFE trust domain of host identities; default: the DNS zone. Fixed when the CA
+    /// is created.
+    pub trust_domain: Option<String>,
+    /// How long a host certificate is valid (forwarders renew at half-life).
+    #[serde(with = "dur")]
+    pub cert_ttl: Duration,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            trust_domain: None,
+            cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    /// The CA's trust domain: as configured, or the zone.
+    pub fn trust_domain(&self) -> String {
+        self.ca
+            .trust_domain
+            .clone()
+            .unwrap_or_else(|| self.dns.zone.trim_end_matches('.').to_ascii_lowercase())
     }
 }
 
@@ -419,6 +451,11 @@ impl Config {
         }
         if self.health.default_interval < Duration::from_millis(100) {
             return bad("health.default_interval must be at least 100ms".into());
+        }
+        if self.ca.cert_ttl < Duration::from_secs(2)
+            || self.ca.cert_ttl > Duration::from_secs(366 * 86_400)
+        {
+            return bad("ca.cert_ttl must be between 2s and 366 days".into());
         }
         if self.vips.ttl == 0 || self.vips.ttl > 86_400 {
             return bad(format!(

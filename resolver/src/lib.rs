@@ -11,9 +11,11 @@
 //! - [`store`]: persistence of the registry in the data dir.
 //! - [`dns`]: the DNS server: answers for the zone, forwarding for the rest.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`ca`]: the mesh certificate authority that signs forwarders' certificates.
 
 pub mod api;
 pub mod app;
+pub mod ca;
 pub mod client;
 pub mod config;
 pub mod demo;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use waymark_resolver::ca::{Created, MeshCa};
 use waymark_resolver::config::Config;
 use waymark_resolver::{app, client, demo};
 
@@ -46,6 +47,33 @@ enum Command {
     List {
         #[command(flatten)]
         conn: client::Conn,
+    },
+    /// The mesh certificate authority that signs forwarders' certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the mesh CA in the data dir (`serve` also creates it on its first start), or
+    /// with --rotate add a new root beside the current one: peers trust both, and the new
+    /// one signs from the resolver's next start.
+    Init {
+        /// The resolver's data dir [default: ./waymark-data].
+        #[arg(long, default_value = "waymark-data")]
+        data_dir: PathBuf,
+        /// The SPIFFE trust domain of host identities [default: mesh.internal].
+        #[arg(long, default_value = "mesh.internal")]
+        trust_domain: String,
+        /// Add a new root to an existing CA.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Print the join token that forwarders present to have their certificates signed.
+    JoinToken {
+        /// The resolver's data dir [default: ./waymark-data].
+        #[arg(long, default_value = "waymark-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -188,6 +216,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register(args) => client::register(args).await,
         Command::Deregister { id, conn } => client::deregister(&conn, &id).await,
         Command::List { conn } => client::list(&conn).await,
+        Command::Ca(CaCommand::Init {
+            data_dir,
+            trust_domain,
+            rotate,
+        }) => {
+            let dir = MeshCa::dir_of(&data_dir);
+            match MeshCa::init(&dir, &trust_domain, rotate)? {
+                Created::New => println!(
+                    "created the mesh CA in {} (trust domain {trust_domain}); the join token \
+                     is in {}",
+                    dir.display(),
+                    dir.join("join-token").display()
+                ),
+                Created::Rotated => println!(
+                    "added a new root to the mesh CA in {}: peers trust both roots; the new \
+                     one signs from the resolver's next start",
+                    dir.display()
+                ),
+                Created::Existing => println!(
+                    "a mesh CA already exists in {}: nothing changed (--rotate adds a root)",
+                    dir.display()
+                ),
+            }
+            Ok(())
+        }
+        Command::Ca(CaCommand::JoinToken { data_dir }) => {
+            println!("{}", MeshCa::read_join_token(&MeshCa::dir_of(&data_dir))?);
+            Ok(())
+        }
     }
 }
 

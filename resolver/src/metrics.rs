@@ -82,6 +82,13 @@ pub struct Metrics {
     pub connections_refused: Family<RefusedLabels, Counter>,
     pub dns_rate_limited: Family<ActionLabels, Counter>,
     pub store_writable: Gauge,
+    pub ca_signed: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `issued`, or why not: `token`, `invalid`.
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -111,6 +118,7 @@ impl Metrics {
             connections_refused: Family::default(),
             dns_rate_limited: Family::default(),
             store_writable: Gauge::default(),
+            ca_signed: Family::default(),
         };
         registry.register(
             "dns_queries",
@@ -192,6 +200,11 @@ impl Metrics {
             "dns_rate_limited",
             "UDP answers held back by response-rate limiting, by action",
             m.dns_rate_limited.clone(),
+        );
+        registry.register(
+            "ca_sign_requests",
+            "Certificate signing requests to the mesh CA, by result (issued, token, invalid)",
+            m.ca_signed.clone(),
         );
         Metrics { registry, ..m }
     }

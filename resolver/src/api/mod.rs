@@ -8,11 +8,13 @@
 //! - [`admin`]: metrics, liveness and readiness.
 //! - [`serve`]: the connections: caps, timeouts, drain.
 //! - [`encoded`]: whole-registry answers encoded once per index, off the async workers.
+//! - [`mesh`]: the mesh CA's endpoints: signing forwarders' certificates, the trust bundle.
 
 pub mod admin;
 pub mod agent;
 pub mod consul;
 pub mod encoded;
+pub mod mesh;
 pub mod serve;
 pub mod stream;
 
@@ -44,6 +46,8 @@ pub struct ApiState {
     pub drain: waymark_shared::lifecycle::drain::Watch,
     /// Whole-registry answers, encoded once per index.
     pub encoded: encoded::Encoded,
+    /// The mesh CA.
+    pub ca: Arc<crate::ca::MeshCa>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +198,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(consul)
+        // Its own credential (the join token), so outside the API token's guard.
+        .route("/v1/mesh/sign", axum::routing::post(mesh::sign))
+        .route("/v1/mesh/bundle", get(mesh::bundle))
         .route("/metrics", get(admin::metrics))
         .route("/healthz/live", get(admin::live))
         .route("/healthz/ready", get(admin::ready))
