@@ -15,6 +15,8 @@
 //! - [`path`]: request path normalisation before routing (dot segments, escapes, slashes).
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
+//! - [`identity`]: a host's mesh identity (key, CA-signed certificate, renewal) and the
+//!   mutual-TLS configs made from it.
 //! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
 //! - [`listen`]: the public listeners, claimed (and refused when in use) before pingora starts.
 //!
@@ -29,6 +31,7 @@ pub mod config;
 pub mod connections;
 pub mod header_deadline;
 pub mod headers;
+pub mod identity;
 pub mod limits;
 pub mod listen;
 pub mod mirror_client;
