@@ -17,6 +17,7 @@
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
 //! - [`identity`]: a host's mesh identity (key, CA-signed certificate, renewal) and the
 //!   mutual-TLS configs made from it.
+//! - [`tunnel`]: forwarder to forwarder: HTTP/2 CONNECT streams over pooled mutual TLS.
 //! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
 //! - [`listen`]: the public listeners, claimed (and refused when in use) before pingora starts.
 //!
@@ -39,6 +40,7 @@ pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod tls;
+pub mod tunnel;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
