@@ -10,6 +10,8 @@
 #   RATE=10000 bash tests/bench/gateway.sh              # fixed-rate phase at 10,000 req/s
 #   SPIN_US=100 bash tests/bench/gateway.sh             # httpload spins 100 µs before sends
 #   ROUNDS=5 bash tests/bench/gateway.sh                # saturation rounds (median reported)
+#   BASELINE_GATEWAY=/tmp/old/waymark-gateway bash tests/bench/gateway.sh
+#                                                       # another gateway build beside this one
 #
 # Targets: the backend directly, waymark-gateway, "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
@@ -23,6 +25,9 @@
 #   32 connections, DURATION after a 1 s warm-up. Latency is measured from each request's
 #   intended send time (coordinated-omission corrected), so it is the latency a client
 #   arriving at that rate sees; "added p99" is the difference from the backend alone.
+# With BASELINE_GATEWAY, a second gateway binary (an older build, say) runs with the same
+# config as target "baseline", so that two builds are compared in one run (it is given fixed
+# free ports, which any build accepts).
 # The load generator is pinned to core 1 (taskset); the proxies and the backend are not.
 # The peers add what the gateway adds to each request: X-Forwarded-For, X-Forwarded-Proto,
 # Forwarded, X-Request-Id (generated unless the client sent one) and traceparent.
@@ -256,6 +261,22 @@ fixed() {
 
 targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid floor:$floor_port:$floor_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
 names=(direct gateway floor nginx haproxy)
+if [[ -n ${BASELINE_GATEWAY:-} ]]; then
+    base_port=$(free_port)
+    base_admin=$(free_port)
+    RUST_LOG=warn "$BASELINE_GATEWAY" ingress --config "$work/gateway.toml" \
+        --listen "127.0.0.1:$base_port" --admin-addr "127.0.0.1:$base_admin" --registry "http://$api" \
+        >/dev/null 2>"$work/baseline.log" &
+    pids+=($!)
+    base_pid=$!
+    wait_port "$base_port"
+    for _ in $(seq 1 100); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$base_port/") == 200 ]] && break
+        sleep 0.05
+    done
+    targets+=(baseline:$base_port:$base_pid)
+    names+=(baseline)
+fi
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 # Rounds are kept one line each, the sort key first: the median line, and the keys in order.
 median_round() { printf '%s' "$1" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)'; }
@@ -352,4 +373,5 @@ report() {
 }
 
 mkdir -p tests/bench/results
-report | tee tests/bench/results/gateway.md
+# A comparison of two builds does not replace the reference results.
+report | tee "tests/bench/results/gateway${BASELINE_GATEWAY:+-baseline}.md"

@@ -9,6 +9,7 @@
 
 pub mod dns;
 pub mod gateway;
+pub mod hosts;
 pub mod netns;
 pub mod process;
 

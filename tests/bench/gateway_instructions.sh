@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Instructions per request of one or more gateway builds, counted by callgrind: unlike time,
+# the count barely moves with the load on a shared machine, so two builds can be compared
+# exactly (a regression check for a change on the request path). Each build runs alone under
+# valgrind with the bench's gateway config (one thread, no access log) in front of one
+# gw_backend; after a warm-up the counters are zeroed, wrk sends keep-alive requests for
+# DURATION, and the instructions counted are divided by the requests answered.
+#
+#   bash tests/bench/gateway_instructions.sh                       # this build
+#   GATEWAYS="target/release/waymark-gateway /tmp/old/waymark-gateway" \
+#       bash tests/bench/gateway_instructions.sh                  # several builds
+#
+# A benchmark, not a test. Needs valgrind and wrk (Debian packages).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+target="${CARGO_TARGET_DIR:-target}"
+DURATION=${DURATION:-15s}
+GATEWAYS=${GATEWAYS:-$target/release/waymark-gateway}
+for tool in valgrind callgrind_control wrk curl; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool (Debian: apt-get install valgrind wrk curl)" >&2; exit 1; }
+done
+cargo build --release -q -p waymark-resolver -p waymark-gateway -p waymark-e2e --bins
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+until_200() { # url, tries (0.1 s apart)
+    for _ in $(seq 1 "$2"); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "$1") == 200 ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+"$target/release/gw_backend" --addr 127.0.0.1:0 --id bench >"$work/backend.out" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q listening "$work/backend.out" && break; sleep 0.05; done
+backend=$(sed -n 's/^gw_backend listening //p' "$work/backend.out")
+"$target/release/waymark-resolver" serve --dns-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+    --data-dir "$work/data" --upstream 127.0.0.1:9 >"$work/resolver.out" 2>"$work/resolver.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q listening "$work/resolver.out" && break; sleep 0.05; done
+api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
+curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":${backend##*:},\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
+printf 'threads = 1\naccess_log = "off"\n' >"$work/gateway.toml"
+
+echo "| build | requests | instructions | instructions/request |"
+echo "|---|---:|---:|---:|"
+n=0
+for gw in $GATEWAYS; do
+    n=$((n + 1))
+    port=$(free_port)
+    admin=$(free_port)
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.$n" \
+        "$gw" ingress --config "$work/gateway.toml" --listen "127.0.0.1:$port" \
+        --admin-addr "127.0.0.1:$admin" --registry "http://$api" >/dev/null 2>"$work/gw.$n.log" &
+    pid=$!
+    pids+=("$pid")
+    until_200 "http://127.0.0.1:$port/" 600 || { echo "$gw did not start under valgrind" >&2; tail "$work/gw.$n.log" >&2; exit 1; }
+    wrk -t1 -c8 -d3s -H 'Host: bench.test' "http://127.0.0.1:$port/" >/dev/null
+    callgrind_control --zero "$pid" >/dev/null
+    requests=$(wrk -t1 -c8 -d"$DURATION" -H 'Host: bench.test' "http://127.0.0.1:$port/" |
+        awk '/requests in/ { print $1 }')
+    callgrind_control --dump "$pid" >/dev/null
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    # The dump made after zeroing is the highest-numbered part file.
+    part=$(ls "$work"/cg."$n".* 2>/dev/null | sort -t. -k3 -n | tail -1)
+    ir=$(awk '/^totals:/ { print $2 }' "$part")
+    printf '| %s | %s | %s | %s |\n' "$gw" "$requests" "$ir" \
+        "$(awk -v i="$ir" -v r="$requests" 'BEGIN { printf "%.0f", i / r }')"
+done
