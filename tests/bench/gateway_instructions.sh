@@ -9,6 +9,8 @@
 #   bash tests/bench/gateway_instructions.sh                       # this build
 #   GATEWAYS="target/release/waymark-gateway /tmp/old/waymark-gateway" \
 #       bash tests/bench/gateway_instructions.sh                  # several builds
+#   CALLGRIND_DIR=/tmp/cg bash tests/bench/gateway_instructions.sh  # keep the profiles
+#                                                    (then: callgrind_annotate --inclusive=yes FILE)
 #
 # A benchmark, not a test. Needs valgrind and wrk (Debian packages).
 set -euo pipefail
@@ -64,15 +66,19 @@ for gw in $GATEWAYS; do
     pids+=("$pid")
     until_200 "http://127.0.0.1:$port/" 600 || { echo "$gw did not start under valgrind" >&2; tail "$work/gw.$n.log" >&2; exit 1; }
     wrk -t1 -c8 -d3s -H 'Host: bench.test' "http://127.0.0.1:$port/" >/dev/null
-    callgrind_control --zero "$pid" >/dev/null
+    callgrind_control --zero "$pid" >/dev/null 2>&1
     requests=$(wrk -t1 -c8 -d"$DURATION" -H 'Host: bench.test' "http://127.0.0.1:$port/" |
         awk '/requests in/ { print $1 }')
-    callgrind_control --dump "$pid" >/dev/null
+    callgrind_control --dump "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
     # The dump made after zeroing is the highest-numbered part file.
     part=$(ls "$work"/cg."$n".* 2>/dev/null | sort -t. -k3 -n | tail -1)
     ir=$(awk '/^totals:/ { print $2 }' "$part")
+    if [[ -n ${CALLGRIND_DIR:-} ]]; then
+        mkdir -p "$CALLGRIND_DIR"
+        cp "$part" "$CALLGRIND_DIR/$n.$(basename "$gw").callgrind"
+    fi
     printf '| %s | %s | %s | %s |\n' "$gw" "$requests" "$ir" \
         "$(awk -v i="$ir" -v r="$requests" 'BEGIN { printf "%.0f", i / r }')"
 done
