@@ -33,6 +33,9 @@ enum Command {
     Forwarder(ForwarderArgs),
     /// Parses and validates a config file; prints it with every default filled in.
     CheckConfig {
+        /// The file is a forwarder's config (`forwarder --config`), not the ingress's.
+        #[arg(long)]
+        forwarder: bool,
         /// The TOML config file.
         file: PathBuf,
     },
@@ -103,7 +106,11 @@ fn main() -> ExitCode {
             waymark_shared::telemetry::init(args.log_json);
             forwarder(args)
         }
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig {
+            forwarder: true,
+            file,
+        } => check_forwarder_config(&file),
+        Command::CheckConfig { file, .. } => check_config(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,6 +132,15 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         waymark_gateway::tls::CertStore::load(dir)
             .with_context(|| format!("loading certificates from {}", dir.display()))?;
     }
+    print!("{}", toml::to_string_pretty(&config)?);
+    Ok(())
+}
+
+/// Everything `forwarder` checks before it binds.
+fn check_forwarder_config(file: &std::path::Path) -> anyhow::Result<()> {
+    use waymark_gateway::forwarder::config::ForwarderConfig;
+    let config = ForwarderConfig::load(file)?.with_host_name_default();
+    config.validate()?;
     print!("{}", toml::to_string_pretty(&config)?);
     Ok(())
 }
@@ -164,7 +180,7 @@ fn ingress(args: IngressArgs) -> anyhow::Result<()> {
 }
 
 fn forwarder(args: ForwarderArgs) -> anyhow::Result<()> {
-    use waymark_gateway::forwarder::config::{machine_host_name, ForwarderConfig};
+    use waymark_gateway::forwarder::config::ForwarderConfig;
     let mut config = match &args.config {
         Some(path) => ForwarderConfig::load(path)?,
         None => ForwarderConfig::default(),
@@ -181,8 +197,5 @@ fn forwarder(args: ForwarderArgs) -> anyhow::Result<()> {
     if let Some(a) = args.advertise_address {
         config.advertise_address = a;
     }
-    if config.host_name.is_empty() {
-        config.host_name = machine_host_name();
-    }
-    waymark_gateway::forwarder::run(config)
+    waymark_gateway::forwarder::run(config.with_host_name_default())
 }

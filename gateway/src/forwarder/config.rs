@@ -263,11 +263,24 @@ impl ForwarderConfig {
     }
 }
 
-/// The machine's host name, lowercased, as a default for `host_name` (empty when unknown).
+/// The machine's host name up to its first dot, lowercased, as a default for `host_name`
+/// (empty when unknown).
 pub fn machine_host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_ascii_lowercase())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or("").to_ascii_lowercase())
         .unwrap_or_default()
+}
+
+impl ForwarderConfig {
+    /// Fills `host_name` with the machine's when it is empty.
+    pub fn with_host_name_default(mut self) -> ForwarderConfig {
+        if self.host_name.is_empty() {
+            self.host_name = machine_host_name();
+        }
+        self
+    }
 }
 
 #[cfg(test)]
@@ -293,6 +306,15 @@ mod tests {
         assert_eq!(c.tcp.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.connect_timeout, Duration::from_secs(1));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn an_empty_host_name_defaults_to_the_machines() {
+        let named = valid().with_host_name_default();
+        assert_eq!(named.host_name, "host-a");
+        let unnamed = ForwarderConfig::default().with_host_name_default();
+        assert_eq!(unnamed.host_name, machine_host_name());
+        assert!(!unnamed.host_name.contains('.'));
     }
 
     #[test]
