@@ -111,6 +111,11 @@ impl Forwarder {
         self.proc.pid()
     }
 
+    /// Sends a signal without waiting.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        self.proc.signal(signal)
+    }
+
     /// SIGTERM, then waits up to `within` for the exit.
     pub fn terminate(&mut self, within: Duration) -> Option<(ExitStatus, Duration)> {
         self.proc.terminate(within)

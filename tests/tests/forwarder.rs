@@ -483,6 +483,31 @@ async fn listeners_come_and_go_with_services_and_a_busy_address_is_not_fatal() {
         .await;
     }
     let late_addr = SocketAddr::new(vip_of(&r, "late.mesh.internal.", 4).await, late.addr.port());
+
+    // A service that turns HTTP (its registration says so) keeps its listener, which now
+    // proxies per request: the instance sees the trace header only the HTTP mode adds.
+    let web = Backend::start_on(GW_BACKEND, "web-1", at(4, 3, 0), &[]);
+    api.register(web.registration("web", &[], json!({}), 0))
+        .await;
+    let web_url = format!(
+        "http://{}/",
+        SocketAddr::new(vip_of(&r, "web.mesh.internal.", 4).await, web.addr.port())
+    );
+    let traced = || async {
+        let v: Value = reqwest::get(&web_url).await.ok()?.json().await.ok()?;
+        Some(v["headers"].get("traceparent").is_some())
+    };
+    let _ = until("web through TCP", Duration::from_secs(5), traced, |t| {
+        *t == Some(false)
+    })
+    .await;
+    api.register(web.registration("web", &[], json!({"waymark-protocol": "http"}), 0))
+        .await;
+    let _ = until("web through HTTP", Duration::from_secs(5), traced, |t| {
+        *t == Some(true)
+    })
+    .await;
+    api.put_empty("/v1/agent/service/deregister/web-1").await;
     assert_eq!(f.metric("waymark_forwarder_listeners").await, 3.0);
 
     // Deregistered: its listeners close.
@@ -555,4 +580,151 @@ fn bad_config_and_flags_are_refused_with_a_clear_error() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn an_unreachable_registry_leaves_the_last_state_served_and_says_so() {
+    let mut r = resolver(5);
+    let api = Api::new(&r);
+    let echo = Backend::start_on(LINE_ECHO, "echo-1", at(5, 1, 0), &[]);
+    api.register(echo.registration("echo", &[], json!({}), 0))
+        .await;
+    let f = Forwarder::start(&r, "host-5", "[announce]\nttl = \"2s\"\n");
+    let vip = vip_of(&r, "echo.mesh.internal.", 5).await;
+    let addr = SocketAddr::new(vip, echo.addr.port());
+    assert_eq!(echo_once(addr).await.as_deref(), Ok("echo-1"));
+
+    r.kill();
+    let (status, body) = until(
+        "readiness says the registry is unreachable and the heartbeat failed",
+        Duration::from_secs(10),
+        || f.ready(),
+        |(_, b)| b["registry"] == "unreachable" && b["registered"] == false,
+    )
+    .await;
+    assert_eq!(status, 200, "it keeps serving its last state: {body}");
+    assert!(body["registration_error"].is_string(), "{body}");
+    let text = f.metrics().await;
+    let value = |s: &str| waymark_e2e::forwarder::metric_value(&text, s);
+    assert_eq!(value("waymark_forwarder_registry_connected"), 0.0, "{text}");
+    assert_eq!(value("waymark_forwarder_registered"), 0.0, "{text}");
+    assert!(
+        value("waymark_forwarder_announce_failures_total") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(value("waymark_forwarder_listeners"), 1.0, "{text}");
+    assert_eq!(
+        echo_once(addr).await.as_deref(),
+        Ok("echo-1"),
+        "the last state is served"
+    );
+
+    // The registry comes back where it was: followed and heartbeated again, VIPs again.
+    r.restart_in_place();
+    until(
+        "the registry followed and the forwarder registered again",
+        Duration::from_secs(15),
+        || f.ready(),
+        |(s, b)| *s == 200 && b["registry"] == "connected" && b["registered"] == true,
+    )
+    .await;
+    assert_eq!(
+        vip_of(&r, "echo.mesh.internal.", 5).await,
+        vip,
+        "the same VIP"
+    );
+    assert_eq!(echo_once(addr).await.as_deref(), Ok("echo-1"));
+}
+
+#[tokio::test]
+async fn sigterm_deregisters_closes_listeners_and_lets_open_connections_finish() {
+    let r = resolver(6);
+    let api = Api::new(&r);
+    let echo = Backend::start_on(LINE_ECHO, "echo-1", at(6, 1, 0), &[]);
+    api.register(echo.registration("echo", &[], json!({}), 0))
+        .await;
+    let f = Forwarder::start(
+        &r,
+        "host-6",
+        "max_connections = 1\n[shutdown]\ndrain_timeout = \"20s\"\n",
+    );
+    let vip = vip_of(&r, "echo.mesh.internal.", 6).await;
+    let addr = SocketAddr::new(vip, echo.addr.port());
+
+    // An open connection, mid-conversation.
+    let (rd, mut wr) = TcpStream::connect(addr)
+        .await
+        .expect("connect")
+        .into_split();
+    let mut lines = BufReader::new(rd).lines();
+    wr.write_all(b"one\n").await.unwrap();
+    assert_eq!(
+        lines.next_line().await.unwrap().as_deref(),
+        Some("echo-1 one")
+    );
+
+    // max_connections = 1: a second connection is closed at once, and counted.
+    let mut second = TcpStream::connect(addr)
+        .await
+        .expect("accepted, then closed");
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(
+        f.metric("waymark_forwarder_connections_refused_total")
+            .await,
+        1.0
+    );
+
+    // SIGTERM: deregistered first (instance addresses again), the listener closed...
+    f.signal(nix::sys::signal::Signal::SIGTERM);
+    let instances = vec![echo.addr.ip()];
+    until(
+        "instance addresses once it deregistered",
+        Duration::from_secs(5),
+        || a_records(r.dns, "echo.mesh.internal."),
+        |a| a[..] == instances[..],
+    )
+    .await;
+    let _ = until(
+        "the listener refuses",
+        Duration::from_secs(5),
+        || async {
+            TcpStream::connect(addr)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.kind())
+        },
+        |r| *r == Err(std::io::ErrorKind::ConnectionRefused),
+    )
+    .await;
+    // ...and the open connection goes on until its client ends it.
+    wr.write_all(b"two\n").await.unwrap();
+    assert_eq!(
+        lines.next_line().await.unwrap().as_deref(),
+        Some("echo-1 two")
+    );
+    let ended = Instant::now();
+    wr.shutdown().await.unwrap();
+    assert_eq!(
+        lines.next_line().await.unwrap().as_deref(),
+        Some("echo-1 bye")
+    );
+    let mut f = f;
+    let (status, _) = tokio::task::spawn_blocking(move || {
+        let out = f.terminate(Duration::from_secs(25));
+        (out, f.log())
+    })
+    .await
+    .map(|(out, log)| out.unwrap_or_else(|| panic!("did not exit; log:\n{log}")))
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        ended.elapsed() < Duration::from_secs(5),
+        "exited once its last connection ended, not at the drain deadline: {:?}",
+        ended.elapsed()
+    );
 }

@@ -110,7 +110,9 @@ pub fn desired(
 
 /// One running listener.
 struct Running {
-    target: Target,
+    /// What it serves; a change (a protocol declared, a tag subset's VIP reused) is handed
+    /// to the running listener, never a rebind, so the address is never closed meanwhile.
+    target: watch::Sender<Arc<Target>>,
     stop: watch::Sender<bool>,
 }
 
@@ -119,6 +121,8 @@ struct Running {
 pub struct Reconciled {
     pub added: usize,
     pub removed: usize,
+    /// Listeners kept whose target changed.
+    pub changed: usize,
     /// Addresses that could not be bound this time.
     pub failed: BTreeSet<SocketAddr>,
 }
@@ -161,14 +165,21 @@ impl Listeners {
         };
         let mut done = Reconciled::default();
         let mut running = self.lock();
-        running.retain(|addr, r| {
-            let keep = want.get(addr) == Some(&r.target);
-            if !keep {
+        running.retain(|addr, r| match want.get(addr) {
+            Some(target) => {
+                if **r.target.borrow() != *target {
+                    tracing::info!(%addr, service = %target.service, protocol = target.protocol.as_str(), "listener target changed");
+                    let _ = r.target.send(Arc::new(target.clone()));
+                    done.changed += 1;
+                }
+                true
+            }
+            None => {
                 let _ = r.stop.send(true);
                 done.removed += 1;
-                tracing::info!(%addr, service = %r.target.service, "listener closed");
+                tracing::info!(%addr, service = %r.target.borrow().service, "listener closed");
+                false
             }
-            keep
         });
         for (addr, target) in want {
             if running.contains_key(addr) {
@@ -177,10 +188,11 @@ impl Listeners {
             match bind(*addr) {
                 Ok(listener) => {
                     let (stop, stop_rx) = watch::channel(false);
+                    let (current, current_rx) = watch::channel(Arc::new(target.clone()));
                     tokio::spawn(accept_loop(
                         fwd.clone(),
                         listener,
-                        target.clone(),
+                        current_rx,
                         stop_rx,
                         drain.clone(),
                     ));
@@ -188,7 +200,7 @@ impl Listeners {
                     running.insert(
                         *addr,
                         Running {
-                            target: target.clone(),
+                            target: current,
                             stop,
                         },
                     );
@@ -230,12 +242,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(
     fwd: Arc<Forwarder>,
     listener: TcpListener,
-    target: Target,
+    current: watch::Receiver<Arc<Target>>,
     mut stop: watch::Receiver<bool>,
     drain: drain::Watch,
 ) {
-    let target = Arc::new(target);
-    let label = super::Metrics::service(&target.service);
     let mut acceptor = Acceptor::new();
     loop {
         let accepted = tokio::select! {
@@ -255,9 +265,13 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        fwd.metrics.connections.get_or_create(&label).inc();
+        let target = current.borrow().clone();
+        fwd.metrics
+            .connections
+            .get_or_create(&super::Metrics::service(&target.service))
+            .inc();
         let _ = stream.set_nodelay(true);
-        let (fwd, target, watch) = (fwd.clone(), target.clone(), drain.clone());
+        let (fwd, watch) = (fwd.clone(), drain.clone());
         tokio::spawn(async move {
             fwd.metrics.connections_open.inc();
             match target.protocol {

@@ -94,10 +94,11 @@ impl Forwarder {
         let services = self.mirror.services();
         let want = listeners::desired(&services, |s| self.config.is_http_service(s));
         let done = self.listeners.reconcile(self, &want);
-        if done.added + done.removed > 0 || !done.failed.is_empty() {
+        if done.added + done.removed + done.changed > 0 || !done.failed.is_empty() {
             tracing::info!(
                 added = done.added,
                 removed = done.removed,
+                changed = done.changed,
                 failed = done.failed.len(),
                 listening = want.len() - done.failed.len(),
                 "listeners reconciled"
