@@ -681,7 +681,7 @@ async fn sigterm_deregisters_closes_listeners_and_lets_open_connections_finish()
 
     // SIGTERM: deregistered first (instance addresses again), the listener closed...
     f.signal(nix::sys::signal::Signal::SIGTERM);
-    let instances = vec![echo.addr.ip()];
+    let instances = [echo.addr.ip()];
     until(
         "instance addresses once it deregistered",
         Duration::from_secs(5),
