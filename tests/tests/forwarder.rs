@@ -432,8 +432,14 @@ async fn http_calls_are_balanced_traced_and_never_fail_while_instances_die_and_d
         text.contains("waymark_forwarder_requests_total{service=\"payment\",status=\"200\"}"),
         "{text}"
     );
+    // The kill was met by retries (not by luck): requests to the dead instance were retried.
+    let retries = waymark_e2e::forwarder::metric_value(
+        &text,
+        "waymark_forwarder_retries_total{service=\"payment\"}",
+    );
+    assert!(retries >= 1.0, "{text}");
     eprintln!(
-        "{total} requests, 0 failed; by instance: {:?}",
+        "{total} requests, 0 failed, {retries} retries; by instance: {:?}",
         load.by_id.lock().unwrap()
     );
 }

@@ -29,7 +29,7 @@ use waymark_shared::lifecycle::drain;
 use super::listeners::Target;
 use super::metrics::ServiceStatus;
 use super::{Forwarder, Metrics};
-use crate::balancer::Verdict;
+use crate::balancer::{InFlight, Verdict};
 use crate::headers;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -239,7 +239,12 @@ async fn handle(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers, true);
-                break Response::from_parts(rparts, rbody.boxed());
+                // The instance counts this request as outstanding until the body is done.
+                let tracked = Tracked {
+                    body: rbody,
+                    _inflight: pick,
+                };
+                break Response::from_parts(rparts, tracked.boxed());
             }
             Ok(Ok(resp)) => {
                 note_failure(fwd, target, &view, &id, false, now);
@@ -288,6 +293,33 @@ async fn handle(
         "http"
     );
     response
+}
+
+/// An instance's response body, which keeps the request counted against the instance (for
+/// the balancer's least-outstanding choice) until it is read to the end or dropped.
+struct Tracked {
+    body: Incoming,
+    _inflight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn note_failure(
