@@ -44,6 +44,12 @@ impl Forwarder {
 
     /// Starts it and returns once it prints its listening line (before it is ready).
     pub fn start_unready(registry: &Resolver, host_name: &str, config: &str) -> Forwarder {
+        Self::start_following(&format!("http://{}", registry.http), host_name, config)
+    }
+
+    /// Starts it following the registry at `url` (which may be one that never answers) and
+    /// returns once it prints its listening line.
+    pub fn start_following(url: &str, host_name: &str, config: &str) -> Forwarder {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = config.to_string();
         if !config.contains("[shutdown]") {
@@ -55,7 +61,7 @@ impl Forwarder {
         cmd.args(["forwarder", "--config"])
             .arg(&path)
             .args(["--admin-addr", "127.0.0.1:0", "--host-name", host_name])
-            .args(["--registry", &format!("http://{}", registry.http)])
+            .args(["--registry", url])
             .env("RUST_LOG", "info,waymark_gateway=debug");
         let (proc, announced) = Proc::spawn(
             cmd,

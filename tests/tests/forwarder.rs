@@ -734,3 +734,40 @@ async fn sigterm_deregisters_closes_listeners_and_lets_open_connections_finish()
         ended.elapsed()
     );
 }
+
+#[tokio::test]
+async fn without_a_registry_it_is_live_but_not_ready_and_names_what_it_waits_for() {
+    // A loopback port nobody listens on: the registry never answers.
+    let (port, _udp, _tcp) = waymark_e2e::gateway::closed_port();
+    let f = Forwarder::start_following(&format!("http://127.0.0.1:{port}"), "host-7", "");
+    let live = reqwest::get(f.admin_url("/healthz/live"))
+        .await
+        .expect("admin");
+    assert_eq!(live.status(), 200);
+    let (status, body) = until(
+        "readiness reports a failed poll",
+        Duration::from_secs(10),
+        || f.ready(),
+        |(_, b)| b["registry_error"].is_string(),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let waiting: Vec<&str> = body["waiting_for"]
+        .as_array()
+        .expect("waiting_for")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        waiting,
+        ["VIP listeners", "own registration", "registry state"],
+        "{body}"
+    );
+    assert_eq!(body["registry"], "unreachable", "{body}");
+    assert_eq!(f.metric("waymark_forwarder_registry_connected").await, 0.0);
+    assert_eq!(
+        f.metric("waymark_forwarder_registry_state_age_milliseconds")
+            .await,
+        -1.0
+    );
+}
