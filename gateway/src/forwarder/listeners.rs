@@ -114,6 +114,8 @@ struct Running {
     /// to the running listener, never a rebind, so the address is never closed meanwhile.
     target: watch::Sender<Arc<Target>>,
     stop: watch::Sender<bool>,
+    /// Tells this listener apart from a later one on the same address.
+    generation: u64,
 }
 
 /// What a reconciliation did.
@@ -130,6 +132,7 @@ pub struct Reconciled {
 /// The running listeners.
 pub struct Listeners {
     running: Mutex<HashMap<SocketAddr, Running>>,
+    generation: std::sync::atomic::AtomicU64,
     /// Handed to every listener (and by it to every connection); taken at shutdown.
     drain: Mutex<Option<drain::Watch>>,
 }
@@ -138,6 +141,7 @@ impl Listeners {
     pub fn new(drain: drain::Watch) -> Listeners {
         Listeners {
             running: Mutex::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             drain: Mutex::new(Some(drain)),
         }
     }
@@ -189,12 +193,16 @@ impl Listeners {
                 Ok(listener) => {
                     let (stop, stop_rx) = watch::channel(false);
                     let (current, current_rx) = watch::channel(Arc::new(target.clone()));
+                    let generation = self
+                        .generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::spawn(accept_loop(
                         fwd.clone(),
                         listener,
                         current_rx,
                         stop_rx,
                         drain.clone(),
+                        generation,
                     ));
                     tracing::info!(%addr, service = %target.service, tag = ?target.tag, protocol = target.protocol.as_str(), "listening");
                     running.insert(
@@ -202,6 +210,7 @@ impl Listeners {
                         Running {
                             target: current,
                             stop,
+                            generation,
                         },
                     );
                     done.added += 1;
@@ -218,6 +227,20 @@ impl Listeners {
         }
         fwd.metrics.listeners.set(running.len() as i64);
         done
+    }
+
+    /// Forgets the listener on `addr` of this generation (its accept loop failed), so that
+    /// the next reconciliation binds it again.
+    fn forget(&self, addr: SocketAddr, generation: u64) -> bool {
+        let mut running = self.lock();
+        if running
+            .get(&addr)
+            .is_some_and(|r| r.generation == generation)
+        {
+            running.remove(&addr);
+            return true;
+        }
+        false
     }
 
     /// Closes every listener and lets go of the drain watch: no new listener starts.
@@ -245,6 +268,7 @@ async fn accept_loop(
     current: watch::Receiver<Arc<Target>>,
     mut stop: watch::Receiver<bool>,
     drain: drain::Watch,
+    generation: u64,
 ) {
     let mut acceptor = Acceptor::new();
     loop {
@@ -256,7 +280,14 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(addr = ?listener.local_addr().ok(), error = %e, "listener failed");
+                let addr = listener.local_addr();
+                tracing::error!(?addr, error = %e, "listener failed; binding it again");
+                drop(listener);
+                if let Ok(addr) = addr {
+                    if fwd.listeners.forget(addr, generation) {
+                        fwd.changed.notify_one();
+                    }
+                }
                 break;
             }
         };
@@ -330,6 +361,35 @@ mod tests {
                 panic_threshold: 0.0,
             },
         })
+    }
+
+    #[test]
+    fn a_failed_listener_is_forgotten_only_if_it_is_still_the_one_running() {
+        let (_trigger, watch) = drain::channel();
+        let l = Listeners::new(watch);
+        let addr: SocketAddr = "127.77.0.1:80".parse().unwrap();
+        let target = Target {
+            service: "web".into(),
+            tag: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        l.lock().insert(
+            addr,
+            Running {
+                target: watch::channel(Arc::new(target)).0,
+                stop: watch::channel(false).0,
+                generation: 7,
+            },
+        );
+        assert!(
+            !l.forget(addr, 6),
+            "an older listener's failure changes nothing"
+        );
+        assert_eq!(l.addresses(), [addr]);
+        assert!(l.forget(addr, 7));
+        assert!(l.addresses().is_empty());
+        assert!(!l.forget(addr, 7));
     }
 
     #[test]

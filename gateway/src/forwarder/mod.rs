@@ -69,6 +69,8 @@ pub struct Forwarder {
     pub readiness: Arc<Readiness>,
     pub announce: AnnounceStatus,
     pub listeners: Listeners,
+    /// Wakes the reconciler: a registry change, or a listener that failed.
+    pub changed: Arc<Notify>,
 }
 
 impl Forwarder {
@@ -84,6 +86,7 @@ impl Forwarder {
             readiness: Readiness::new(),
             announce: AnnounceStatus::default(),
             listeners: Listeners::new(drain),
+            changed: Arc::new(Notify::new()),
             config,
         }
     }
@@ -222,7 +225,7 @@ async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow:
     });
 
     // The registry follower wakes the reconciler on every change.
-    let changed = Arc::new(Notify::new());
+    let changed = fwd.changed.clone();
     let follower = MirrorClient::new(
         &fwd.config.registry,
         fwd.mirror.clone(),
