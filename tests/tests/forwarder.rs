@@ -778,3 +778,81 @@ async fn without_a_registry_it_is_live_but_not_ready_and_names_what_it_waits_for
         -1.0
     );
 }
+
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_and_each_try_has_a_deadline() {
+    let r = resolver(8);
+    let api = Api::new(&r);
+    // pay-a answers 503 to everything but its health check; pay-b answers 200.
+    let a = Backend::start_on(GW_BACKEND, "pay-a", at(8, 1, 0), &["--status", "503"]);
+    let b = Backend::start_on(GW_BACKEND, "pay-b", at(8, 2, a.addr.port()), &[]);
+    for x in [&a, &b] {
+        api.register(x.registration("payment", &[], json!({"waymark-protocol": "http"}), 0))
+            .await;
+    }
+    // No ejection and a large budget: every 503 of pay-a meets the retry rule.
+    let f = Forwarder::start(
+        &r,
+        "host-8",
+        "[outlier]\nconsecutive_failures = 0\n[retry]\nbudget_reserve = 1000\n\
+         [http]\nper_try_timeout = \"300ms\"\n",
+    );
+    let vip = vip_of(&r, "payment.mesh.internal.", 8).await;
+    let base = format!("http://{}", SocketAddr::new(vip, a.addr.port()));
+    let client = reqwest::Client::new();
+
+    // GET (and DELETE) without a body: a 503 is retried on the other instance.
+    for i in 0..40 {
+        let req = if i % 2 == 0 {
+            client.get(format!("{base}/"))
+        } else {
+            client.delete(format!("{base}/"))
+        };
+        let resp = req.send().await.expect("call");
+        assert_eq!(resp.status(), 200, "request {i}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["id"], "pay-b");
+    }
+    let retries = "waymark_forwarder_retries_total{service=\"payment\"}";
+    assert!(f.metric(retries).await >= 1.0);
+
+    // POST with a body: never sent twice, so pay-a's 503 reaches the client.
+    let mut unavailable = 0;
+    for _ in 0..40 {
+        let resp = client
+            .post(format!("{base}/"))
+            .body("an order")
+            .send()
+            .await
+            .expect("call");
+        match resp.status().as_u16() {
+            200 => {}
+            503 => unavailable += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        unavailable > 0,
+        "some POSTs went to pay-a and were not retried"
+    );
+
+    // Each try has its deadline: both instances too slow, a 502 after two short tries.
+    let before = f.metric(retries).await;
+    let t0 = Instant::now();
+    let resp = client
+        .get(format!("{base}/?sleep_ms=3000"))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 502);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        f.metric(retries).await,
+        before + 1.0,
+        "one retry, on the other instance"
+    );
+}

@@ -209,6 +209,13 @@ async fn handle(
                 break error_response(status, &message);
             }
         };
+        // A retry, once there is another instance to try: within the budget.
+        if tries > 0 {
+            if !fwd.retry_budget.try_spend() {
+                break error_response(StatusCode::BAD_GATEWAY, &last_error);
+            }
+            fwd.metrics.retries.get_or_create(&label).inc();
+        }
         tries += 1;
         let id = pick.instance.id.to_string();
         let uri = match Uri::builder()
@@ -266,11 +273,9 @@ async fn handle(
         tracing::debug!(service = %target.service, instance = %id, error = %failure, "try failed");
         last_error = failure;
         drop(pick);
-        let more = can_retry && tries < fwd.config.retry.attempts;
-        if !more || !fwd.retry_budget.try_spend() {
+        if !(can_retry && tries < fwd.config.retry.attempts) {
             break error_response(StatusCode::BAD_GATEWAY, &last_error);
         }
-        fwd.metrics.retries.get_or_create(&label).inc();
         avoid.push(id);
     };
     fwd.metrics
