@@ -304,6 +304,8 @@ async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow:
     fwd.readiness.waiting_for(WAIT_SHUTDOWN);
     // Deregister first: resolvers stop answering VIPs before the listeners close.
     let _ = stop_tx.send(true);
+    // A registration or heartbeat in flight is abandoned, not waited for.
+    announce_task.abort();
     let _ = announce_task.await;
     let _ = reconciler.await;
     let _ = follower_task.await;
