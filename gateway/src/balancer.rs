@@ -138,10 +138,25 @@ impl Balancer {
         tags: &[String],
         avoid: &[String],
         now: Instant,
+        roll: impl FnMut() -> f64,
+    ) -> Result<InFlight, PickError> {
+        self.pick_where(service, tags, |_| true, avoid, now, roll)
+    }
+
+    /// [`Balancer::pick`] among the selected instances that `keep` keeps too (the forwarder
+    /// keeps those registered with the port called).
+    pub fn pick_where<T: AsRef<str>>(
+        &self,
+        service: &ServiceView,
+        tags: &[T],
+        keep: impl Fn(&Instance) -> bool,
+        avoid: &[String],
+        now: Instant,
         mut roll: impl FnMut() -> f64,
     ) -> Result<InFlight, PickError> {
         let now = self.nanos(now);
-        let selection = select(service, tags);
+        let mut selection = select(service, tags);
+        selection.instances.retain(|i| keep(i));
         let serving = selection.instances.len();
         let cands: Vec<Candidate<'_>> = selection
             .instances
@@ -226,6 +241,17 @@ impl Balancer {
     /// Records a failure (a 5xx answer or a connect failure) of instance `id` of `service`;
     /// ejects it when its streak reaches the threshold and the service can spare it.
     pub fn failure(&self, service: &ServiceView, id: &str, now: Instant) -> Verdict {
+        self.failures(service, id, now, 1)
+    }
+
+    /// A failure that is certain at once, such as a refused connect: it counts as a whole
+    /// streak, so the instance is ejected now (when the service can spare it).
+    pub fn hard_failure(&self, service: &ServiceView, id: &str, now: Instant) -> Verdict {
+        self.failures(service, id, now, self.outlier.consecutive_failures)
+    }
+
+    /// Adds `n` failures to the instance's streak; see [`Balancer::failure`].
+    fn failures(&self, service: &ServiceView, id: &str, now: Instant, n: u32) -> Verdict {
         let threshold = self.outlier.consecutive_failures;
         if threshold == 0 {
             return Verdict::Fine;
@@ -234,8 +260,8 @@ impl Balancer {
         let endpoint = self.endpoint(id);
         let streak = endpoint
             .consecutive_failures
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
+            .fetch_add(n, Ordering::Relaxed)
+            .saturating_add(n);
         if streak < threshold || endpoint.ejected_at(now) {
             return Verdict::Fine;
         }
@@ -485,6 +511,35 @@ mod tests {
         b.failure(&v, "c", t3);
         b.success("c");
         assert_eq!(b.failure(&v, "c", t3), Verdict::Fine);
+    }
+
+    #[test]
+    fn picks_keep_to_the_filter_and_hard_failures_eject_at_once() {
+        let b = Balancer::new(outlier());
+        let v = view(vec![inst("a", 80, 1), inst("b", 81, 1), inst("c", 81, 1)]);
+        let t0 = Instant::now();
+        let mut r = rng(9);
+        for _ in 0..30 {
+            let p = b
+                .pick_where(&v, &[] as &[&str], |i| i.port == 81, &[], t0, &mut r)
+                .unwrap();
+            assert_ne!(p.instance.id, "a");
+        }
+        assert_eq!(
+            b.pick_where(&v, &[] as &[&str], |i| i.port == 82, &[], t0, &mut r)
+                .unwrap_err(),
+            PickError::NoInstance("web".into())
+        );
+        assert_eq!(
+            b.hard_failure(&v, "b", t0),
+            Verdict::Ejected(Duration::from_secs(10))
+        );
+        for _ in 0..30 {
+            let p = b
+                .pick_where(&v, &[] as &[&str], |i| i.port == 81, &[], t0, &mut r)
+                .unwrap();
+            assert_eq!(p.instance.id, "c");
+        }
     }
 
     #[test]

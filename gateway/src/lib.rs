@@ -20,6 +20,8 @@
 //! - [`tunnel`]: forwarder to forwarder: HTTP/2 CONNECT streams over pooled mutual TLS.
 //! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
 //! - [`listen`]: the public listeners, claimed (and refused when in use) before pingora starts.
+//! - [`forwarder`]: the other mode, `waymark-gateway forwarder`: the per-host forwarder on
+//!   service VIPs (plain tokio and hyper; pingora is the ingress's alone).
 //!
 //! [`run`] owns the process: pingora runs the proxy and the background work, handles
 //! signals (SIGTERM: graceful stop, which ends as soon as no connection is left, and at the
@@ -30,6 +32,7 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod connections;
+pub mod forwarder;
 pub mod header_deadline;
 pub mod headers;
 pub mod identity;

@@ -1,4 +1,5 @@
-//! `waymark-gateway ingress`: flags override the config file; pingora owns the process.
+//! `waymark-gateway ingress` (pingora owns the process) and `waymark-gateway forwarder`
+//! (the per-host forwarder); in both, flags override the config file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +15,11 @@ use waymark_gateway::config::{AccessLog, Config};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "waymark-gateway", version, about = "Waymark's ingress gateway")]
+#[command(
+    name = "waymark-gateway",
+    version,
+    about = "Waymark's ingress gateway and per-host forwarder"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,8 +29,13 @@ struct Cli {
 enum Command {
     /// Public HTTP(S) in, to healthy instances of registered services.
     Ingress(IngressArgs),
+    /// The per-host forwarder: every service's VIP:port, to healthy instances.
+    Forwarder(ForwarderArgs),
     /// Parses and validates a config file; prints it with every default filled in.
     CheckConfig {
+        /// The file is a forwarder's config (`forwarder --config`), not the ingress's.
+        #[arg(long)]
+        forwarder: bool,
         /// The TOML config file.
         file: PathBuf,
     },
@@ -63,13 +73,44 @@ struct IngressArgs {
     log_json: bool,
 }
 
+#[derive(clap::Args)]
+struct ForwarderArgs {
+    /// TOML config file; flags override it. Without one, every setting has its default.
+    #[arg(long, env = "WAYMARK_FORWARDER_CONFIG")]
+    config: Option<PathBuf>,
+    /// The local registry's HTTP address [default: http://127.0.0.1:8500].
+    #[arg(long)]
+    registry: Option<String>,
+    /// Admin listener: /metrics, /healthz/live, /healthz/ready [default: 127.0.0.1:9902].
+    /// Port 0: any free port, printed on the `waymark-gateway forwarder listening` line.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+    /// This host's name in the mesh (a DNS label) [default: the machine's host name].
+    #[arg(long)]
+    host_name: Option<String>,
+    /// The address it registers with [default: 127.0.0.1].
+    #[arg(long)]
+    advertise_address: Option<std::net::IpAddr>,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Ingress(args) => {
             waymark_shared::telemetry::init(args.log_json);
             ingress(args)
         }
-        Command::CheckConfig { file } => check_config(&file),
+        Command::Forwarder(args) => {
+            waymark_shared::telemetry::init(args.log_json);
+            forwarder(args)
+        }
+        Command::CheckConfig {
+            forwarder: true,
+            file,
+        } => check_forwarder_config(&file),
+        Command::CheckConfig { file, .. } => check_config(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +132,15 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         waymark_gateway::tls::CertStore::load(dir)
             .with_context(|| format!("loading certificates from {}", dir.display()))?;
     }
+    print!("{}", toml::to_string_pretty(&config)?);
+    Ok(())
+}
+
+/// Everything `forwarder` checks before it binds.
+fn check_forwarder_config(file: &std::path::Path) -> anyhow::Result<()> {
+    use waymark_gateway::forwarder::config::ForwarderConfig;
+    let config = ForwarderConfig::load(file)?.with_host_name_default();
+    config.validate()?;
     print!("{}", toml::to_string_pretty(&config)?);
     Ok(())
 }
@@ -127,4 +177,25 @@ fn ingress(args: IngressArgs) -> anyhow::Result<()> {
         };
     }
     waymark_gateway::run(config, args.config)
+}
+
+fn forwarder(args: ForwarderArgs) -> anyhow::Result<()> {
+    use waymark_gateway::forwarder::config::ForwarderConfig;
+    let mut config = match &args.config {
+        Some(path) => ForwarderConfig::load(path)?,
+        None => ForwarderConfig::default(),
+    };
+    if let Some(r) = args.registry {
+        config.registry = r;
+    }
+    if let Some(a) = args.admin_addr {
+        config.admin_addr = a;
+    }
+    if let Some(h) = args.host_name {
+        config.host_name = h;
+    }
+    if let Some(a) = args.advertise_address {
+        config.advertise_address = a;
+    }
+    waymark_gateway::forwarder::run(config.with_host_name_default())
 }

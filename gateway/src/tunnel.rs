@@ -108,6 +108,8 @@ struct Pooled {
 pub struct TunnelPool {
     identity: Arc<Identity>,
     pool: Mutex<HashMap<String, Pooled>>,
+    /// One connect at a time per peer host: concurrent first calls share its connection.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connect_timeout: Duration,
     handshakes: AtomicU64,
 }
@@ -117,6 +119,7 @@ impl TunnelPool {
         TunnelPool {
             identity,
             pool: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
             connect_timeout,
             handshakes: AtomicU64::new(0),
         }
@@ -182,19 +185,39 @@ impl TunnelPool {
 
     /// The pooled connection to `peer`, or a new one.
     async fn sender(&self, peer: &Peer) -> Result<SendRequest<Empty>, TunnelError> {
-        let material = self.identity.current();
-        {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(p) = pool.get(&peer.host) {
-                let usable = !p.sender.is_closed()
-                    && p.addr == peer.addr
-                    && Arc::ptr_eq(&p.made_with, &material);
-                if usable {
-                    return Ok(p.sender.clone());
-                }
-                pool.remove(&peer.host);
-            }
+        if let Some(sender) = self.pooled(peer) {
+            return Ok(sender);
         }
+        let gate = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer.host.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        // Whoever held the gate before may have made the connection.
+        if let Some(sender) = self.pooled(peer) {
+            return Ok(sender);
+        }
+        self.connect(peer).await
+    }
+
+    /// The pooled connection to `peer`, when it is usable: open, to the same address, and
+    /// made with the identity in use now.
+    fn pooled(&self, peer: &Peer) -> Option<SendRequest<Empty>> {
+        let material = self.identity.current();
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let p = pool.get(&peer.host)?;
+        if !p.sender.is_closed() && p.addr == peer.addr && Arc::ptr_eq(&p.made_with, &material) {
+            return Some(p.sender.clone());
+        }
+        pool.remove(&peer.host);
+        None
+    }
+
+    async fn connect(&self, peer: &Peer) -> Result<SendRequest<Empty>, TunnelError> {
+        let material = self.identity.current();
         let failed = |message: String| TunnelError::Peer {
             host: peer.host.clone(),
             addr: peer.addr,

@@ -248,6 +248,8 @@ fn ready(admin: SocketAddr) -> bool {
 }
 
 /// A `gw_backend` process: pass the binary (`env!("CARGO_BIN_EXE_gw_backend")` in a test).
+/// Any test server bin that takes `--addr` and `--id` and prints `<bin> listening ADDR`
+/// works too (`line_echo`).
 pub struct Backend {
     proc: Option<Proc>,
     bin: PathBuf,
@@ -264,15 +266,21 @@ impl Backend {
 
     /// With extra arguments, such as `["--status", "503"]`.
     pub fn with_args(bin: &str, id: &str, extra: &[&str]) -> Backend {
+        Self::start_on(bin, id, loopback(0), extra)
+    }
+
+    /// On this address (such as `127.0.9.2:<the port of another instance>`: instances of
+    /// one service on one port, on addresses of their own).
+    pub fn start_on(bin: &str, id: &str, addr: SocketAddr, extra: &[&str]) -> Backend {
         let mut b = Backend {
             proc: None,
             bin: PathBuf::from(bin),
             id: id.to_string(),
-            addr: loopback(0),
+            addr,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: tempfile::NamedTempFile::new().expect("backend log file"),
         };
-        b.spawn(loopback(0)).expect("backend starts");
+        b.spawn(addr).expect("backend starts");
         b
     }
 
@@ -280,11 +288,15 @@ impl Backend {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["--addr", &addr.to_string(), "--id", &self.id])
             .args(&self.extra);
+        let name = self
+            .bin
+            .file_stem()
+            .map_or("gw_backend".into(), |s| s.to_string_lossy().to_string());
         let (proc, announced) = Proc::spawn(
             cmd,
-            "gw_backend",
+            &name,
             self.log.path(),
-            "gw_backend listening ",
+            &format!("{name} listening "),
             Duration::from_secs(10),
         )?;
         self.addr = announced

@@ -8,6 +8,7 @@
 //! - [`netns`]: network namespaces for tests that need fixed ports or a resolv.conf.
 
 pub mod dns;
+pub mod forwarder;
 pub mod gateway;
 pub mod hosts;
 pub mod netns;

@@ -269,3 +269,60 @@ fn a_broken_config_stops_serve_with_a_message_naming_the_problem() {
         assert!(stderr.contains(named), "{what}: check-config: {stderr}");
     }
 }
+
+#[test]
+fn forwarder_example_parses_and_matches_its_unit() {
+    use waymark_gateway::forwarder::config::ForwarderConfig;
+    let path = deploy("forwarder.toml");
+    let c = ForwarderConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    c.validate().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.host_name, "host-a");
+    assert_eq!(c.http_services, ["payment"]);
+    assert!(c.admin_addr.ip().is_loopback(), "admin stays private");
+    // Every value it says is a default is the default.
+    let d = ForwarderConfig::default();
+    let examples_as_default = ForwarderConfig {
+        host_name: d.host_name.clone(),
+        http_services: d.http_services.clone(),
+        ..c.clone()
+    };
+    assert_eq!(examples_as_default, d);
+
+    let unit = read(&deploy("waymark-forwarder.service"));
+    assert_eq!(
+        ini_value(&unit, "ExecStart").as_deref(),
+        Some("/usr/local/bin/waymark-gateway forwarder --config /etc/waymark/forwarder.toml")
+    );
+    assert_eq!(
+        ini_value(&unit, "ExecStartPre").as_deref(),
+        Some("/usr/local/bin/waymark-gateway check-config --forwarder /etc/waymark/forwarder.toml")
+    );
+    assert_eq!(ini_value(&unit, "KillSignal").as_deref(), Some("SIGTERM"));
+
+    // check-config --forwarder accepts it (printing the defaults) and refuses a broken one.
+    let check = |file: &Path| {
+        Command::new(waymark_e2e::gateway::gateway_bin())
+            .args(["check-config", "--forwarder"])
+            .arg(file)
+            .output()
+            .expect("check-config runs")
+    };
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("connect_timeout = \"1s\""), "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("forwarder.toml");
+    std::fs::write(
+        &broken,
+        read(&path).replace("ttl = \"10s\"", "ttl = \"10ms\""),
+    )
+    .unwrap();
+    let out = check(&broken);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("announce.ttl must be at least 1s"));
+}
