@@ -10,9 +10,8 @@
 //! already open are not touched. A certificate in the state dir that still has more than half
 //! its life left is used as it is after a restart, without asking the CA.
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -344,15 +343,5 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> IdentityError + '_ {
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    waymark_shared::files::write_atomic(path, bytes, mode).map_err(io(path))
 }

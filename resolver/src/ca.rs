@@ -14,9 +14,8 @@
 //! and server authentication, and the trust bundle. Whatever names the request asks for are
 //! ignored: the CA decides the identity.
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -338,25 +337,8 @@ fn read(path: &Path) -> Result<String, CaError> {
     fs::read_to_string(path).map_err(io(path))
 }
 
-/// Writes a file whole: a temporary file, fsynced, renamed over the old one.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(parent) = path.parent() {
-        if let Ok(d) = fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    waymark_shared::files::write_atomic(path, bytes, mode).map_err(io(path))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - [`mirror`]: the in-memory registry mirror every process keeps, with a global change index,
 //!   change notifications and a change log that lets a follower resume without loss.
 //! - [`forwarders`]: how a host's forwarder announces itself in the registry.
+//! - [`files`]: writing a small file whole (temporary file, fsync, rename).
 //! - [`vip`]: virtual IP ranges and where a service's VIP goes in one.
 //! - [`duration`]: Go-style durations (`"10s"`, `"1m30s"`), the form Consul clients send.
 //! - [`telemetry`]: logging setup through `tracing`.
@@ -14,6 +15,7 @@
 //!   process needs to start, stay up under floods and stop within its deadline.
 
 pub mod duration;
+pub mod files;
 pub mod forwarders;
 pub mod lifecycle;
 pub mod mirror;
