@@ -1,7 +1,7 @@
 //! The resolver's config file: `Config::parse` (TOML, then `validate`) on any text: nothing
-//! panics, and what a valid config derives (worker counts, panic thresholds) is computed
-//! without panicking either. (The gateway's config is left out: building pingora with the
-//! sanitizer would more than double the CI's fuzzing time.)
+//! panics, and what a valid config derives (worker counts, panic thresholds, the trust
+//! domain) is computed without panicking either. (The gateway's config is left out:
+//! building pingora with the sanitizer would more than double the CI's fuzzing time.)
 //!
 //! Input: one byte (kept for the seed corpus's format), then the text.
 
@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
     use waymark_resolver::config::Config;
     if let Ok(config) = Config::parse(text) {
         let _ = config.dns.udp_worker_count();
-        let _ = config.panic_threshold("payment");
+        let _ = config.panic_thresholds();
+        let _ = config.trust_domain();
     }
 });
