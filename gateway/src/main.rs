@@ -91,6 +91,20 @@ struct ForwarderArgs {
     /// The address it registers with [default: 127.0.0.1].
     #[arg(long)]
     advertise_address: Option<std::net::IpAddr>,
+    /// The mesh's mutual-TLS listener that other hosts' forwarders call
+    /// [default: 0.0.0.0:15008]. Port 0: any free port, printed as `inbound=`.
+    #[arg(long)]
+    inbound_addr: Option<SocketAddr>,
+    /// The registry's join token (`waymark-resolver ca join-token`): puts the forwarder in
+    /// the mesh.
+    #[arg(long, env = "WAYMARK_JOIN_TOKEN", conflicts_with = "join_token_file")]
+    join_token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// Where the host's key and certificate are kept [default: /var/lib/waymark/forwarder].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -196,6 +210,20 @@ fn forwarder(args: ForwarderArgs) -> anyhow::Result<()> {
     }
     if let Some(a) = args.advertise_address {
         config.advertise_address = a;
+    }
+    if let Some(a) = args.inbound_addr {
+        config.mesh.inbound_addr = a;
+    }
+    if let Some(t) = args.join_token {
+        config.mesh.join_token = t;
+        config.mesh.join_token_file = None;
+    }
+    if let Some(f) = args.join_token_file {
+        config.mesh.join_token_file = Some(f);
+        config.mesh.join_token.clear();
+    }
+    if let Some(d) = args.state_dir {
+        config.mesh.state_dir = d;
     }
     waymark_gateway::forwarder::run(config.with_host_name_default())
 }

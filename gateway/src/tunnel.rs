@@ -8,7 +8,8 @@
 //! - [`serve_inbound`]: the inbound listener. It accepts only peers with a mesh certificate,
 //!   and opens a stream only to a target that [`Admit`] allows: the forwarder allows its own
 //!   host's instances, so the listener is never an open proxy. A target that does not accept
-//!   the connection is a 502, which tells the calling forwarder to try another instance.
+//!   the connection (502) or that this host does not know (404) tells the calling forwarder
+//!   to try another instance; a refusal by policy (403) does not.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -75,6 +76,10 @@ pub enum TunnelError {
     },
     #[error("{target} did not accept the connection from its host's forwarder")]
     TargetUnreachable { target: SocketAddr },
+    /// The peer's forwarder does not know `target` as one of its host's instances (yet, or
+    /// any more): its view of the registry and the caller's differ for a moment.
+    #[error("the forwarder of {host} has no instance at {target}")]
+    NotHere { host: String, target: SocketAddr },
 }
 
 impl TunnelError {
@@ -82,7 +87,9 @@ impl TunnelError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            TunnelError::Peer { .. } | TunnelError::TargetUnreachable { .. }
+            TunnelError::Peer { .. }
+                | TunnelError::TargetUnreachable { .. }
+                | TunnelError::NotHere { .. }
         )
     }
 }
@@ -112,6 +119,8 @@ pub struct TunnelPool {
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connect_timeout: Duration,
     handshakes: AtomicU64,
+    /// Told the peer host of every handshake made (for per-peer metrics).
+    on_handshake: Option<Box<dyn Fn(&str) + Send + Sync>>,
 }
 
 impl TunnelPool {
@@ -122,7 +131,19 @@ impl TunnelPool {
             connecting: Mutex::new(HashMap::new()),
             connect_timeout,
             handshakes: AtomicU64::new(0),
+            on_handshake: None,
         }
+    }
+
+    /// Calls `f` with the peer's host name after each handshake.
+    pub fn on_handshake(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> TunnelPool {
+        self.on_handshake = Some(Box::new(f));
+        self
+    }
+
+    /// The identity the pool's connections are made with.
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
     }
 
     /// TLS handshakes made so far (each a new pooled connection).
@@ -154,6 +175,12 @@ impl TunnelPool {
             StatusCode::OK => {}
             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
                 return Err(TunnelError::TargetUnreachable { target })
+            }
+            StatusCode::NOT_FOUND => {
+                return Err(TunnelError::NotHere {
+                    host: peer.host.clone(),
+                    target,
+                })
             }
             status => {
                 return Err(TunnelError::Refused {
@@ -239,6 +266,9 @@ impl TunnelPool {
             .await
             .map_err(|_| failed(format!("no connection within {:?}", self.connect_timeout)))??;
         self.handshakes.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = &self.on_handshake {
+            f(&peer.host);
+        }
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(tls))
             .await
@@ -261,17 +291,35 @@ impl TunnelPool {
     }
 }
 
+/// Why the inbound side opens no stream to a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not an instance of this host (answered 404: the caller may try another instance).
+    NotHere(String),
+    /// This host's policy does not let the caller reach it (403: no other instance of this
+    /// host will do better).
+    Forbidden(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NotHere(m) | Refusal::Forbidden(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Which targets the inbound side opens streams to: `Ok` or why not, given the target and
 /// the calling host.
 pub trait Admit: Send + Sync + 'static {
-    fn admit(&self, target: SocketAddr, peer_host: &str) -> Result<(), String>;
+    fn admit(&self, target: SocketAddr, peer_host: &str) -> Result<(), Refusal>;
 }
 
 impl<F> Admit for F
 where
-    F: Fn(SocketAddr, &str) -> Result<(), String> + Send + Sync + 'static,
+    F: Fn(SocketAddr, &str) -> Result<(), Refusal> + Send + Sync + 'static,
 {
-    fn admit(&self, target: SocketAddr, peer_host: &str) -> Result<(), String> {
+    fn admit(&self, target: SocketAddr, peer_host: &str) -> Result<(), Refusal> {
         self(target, peer_host)
     }
 }
@@ -360,10 +408,13 @@ async fn stream(
         stats.refused.fetch_add(1, Ordering::Relaxed);
         return answer(StatusCode::BAD_REQUEST);
     };
-    if let Err(reason) = admit.admit(target, &peer) {
+    if let Err(refusal) = admit.admit(target, &peer) {
         stats.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer, %target, reason, "inbound stream refused");
-        return answer(StatusCode::FORBIDDEN);
+        tracing::warn!(peer, %target, reason = %refusal, "inbound stream refused");
+        return answer(match refusal {
+            Refusal::NotHere(_) => StatusCode::NOT_FOUND,
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+        });
     }
     let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => tcp,

@@ -14,7 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use waymark_e2e::Resolver;
 use waymark_gateway::identity::{Identity, IdentitySettings};
-use waymark_gateway::tunnel::{serve_inbound, InboundStats, Peer, TunnelError, TunnelPool};
+use waymark_gateway::tunnel::{
+    serve_inbound, InboundStats, Peer, Refusal, TunnelError, TunnelPool,
+};
 
 /// A TCP echo server: echoes until the client half-closes, then closes.
 async fn echo_server() -> SocketAddr {
@@ -81,12 +83,12 @@ async fn streams_share_one_mutual_tls_connection_and_only_admitted_targets_open(
         b.clone(),
         Arc::new(move |target: SocketAddr, from: &str| {
             if from != "host-a" {
-                return Err(format!("{from} may not call"));
+                return Err(Refusal::Forbidden(format!("{from} may not call")));
             }
             admitted
                 .contains(&target)
                 .then_some(())
-                .ok_or_else(|| "not an instance on this host".to_string())
+                .ok_or_else(|| Refusal::NotHere("not an instance on this host".into()))
         }),
         Duration::from_secs(1),
         stats.clone(),
@@ -122,11 +124,11 @@ async fn streams_share_one_mutual_tls_connection_and_only_admitted_targets_open(
         .unwrap();
     assert_eq!(rest, b"last words");
 
-    // Not an instance of this host: refused, never connected. Admitted but not listening:
-    // unreachable, which the caller may retry elsewhere.
+    // Not an instance of this host: never connected, and the caller may try another
+    // instance. Admitted but not listening: unreachable, which may be retried elsewhere too.
     let err = pool.open(&peer, r.http).await.err().unwrap();
-    assert!(matches!(err, TunnelError::Refused { .. }), "{err}");
-    assert!(!err.is_retryable());
+    assert!(matches!(err, TunnelError::NotHere { .. }), "{err}");
+    assert!(err.is_retryable());
     let err = pool.open(&peer, closed).await.err().unwrap();
     assert!(
         matches!(err, TunnelError::TargetUnreachable { .. }),
@@ -140,6 +142,7 @@ async fn streams_share_one_mutual_tls_connection_and_only_admitted_targets_open(
     let c_pool = TunnelPool::new(c, Duration::from_secs(2));
     let err = c_pool.open(&peer, instance).await.err().unwrap();
     assert!(matches!(err, TunnelError::Refused { .. }), "{err}");
+    assert!(!err.is_retryable(), "a policy refusal is the same on any instance");
 
     // Renewal: a stream opened before goes on; the next opens on a new connection.
     let mut before = pool.open(&peer, instance).await.unwrap();

@@ -60,7 +60,8 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    pub fn new(config: &ForwarderConfig) -> Announcer {
+    /// `inbound_port`: the mesh listener's port (0 when the forwarder is outside the mesh).
+    pub fn new(config: &ForwarderConfig, inbound_port: u16) -> Announcer {
         let id = format!("{}-{}", forwarders::SERVICE, config.host_name);
         let check_id = format!("{id}:ttl");
         let addresses: Vec<String> = config
@@ -73,8 +74,7 @@ impl Announcer {
             "Name": forwarders::SERVICE,
             "ID": id,
             "Address": config.advertise_address.to_string(),
-            // The inbound (mTLS) listener does not exist yet.
-            "Port": 0,
+            "Port": inbound_port,
             "Meta": {
                 forwarders::META_HOST: config.host_name,
                 forwarders::META_ADDRESSES: addresses.join(","),
@@ -217,8 +217,9 @@ mod tests {
             host_addresses: vec!["10.0.1.2".parse().unwrap()],
             ..ForwarderConfig::default()
         };
-        let a = Announcer::new(&config);
+        let a = Announcer::new(&config, 15008);
         assert_eq!(a.id, "waymark-forwarder-host-a");
+        assert_eq!(a.body["Port"], 15008, "the inbound listener's port");
         assert_eq!(a.body["Check"]["TTL"], "10s");
         // What the registry stores, read as every resolver reads it.
         let b = &a.body;
@@ -226,7 +227,7 @@ mod tests {
             id: a.id.as_str().into(),
             service: b["Name"].as_str().unwrap().into(),
             address: b["Address"].as_str().unwrap().into(),
-            port: 0,
+            port: b["Port"].as_u64().unwrap() as u16,
             tags: vec![],
             meta: serde_json::from_value(b["Meta"].clone()).unwrap(),
             weight_passing: 1,
@@ -236,6 +237,7 @@ mod tests {
         };
         let info = ForwarderInfo::from_instance(&inst).unwrap();
         assert_eq!(info.host, "host-a");
+        assert_eq!(info.inbound, "10.0.0.2:15008".parse().unwrap());
         assert_eq!(
             info.addresses,
             [
@@ -256,7 +258,7 @@ mod tests {
             registry: "http://127.0.0.1:9".into(),
             ..ForwarderConfig::default()
         };
-        let a = Announcer::new(&config);
+        let a = Announcer::new(&config, 0);
         assert!(matches!(
             a.register().await,
             Err(AnnounceError::Unreachable(_))

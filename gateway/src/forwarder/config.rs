@@ -7,8 +7,15 @@
 //! admin_addr = "127.0.0.1:9902"
 //! host_name = "host-a"
 //! http_services = ["payment"]
+//!
+//! [mesh]                      # calls to other hosts' instances over mTLS
+//! join_token_file = "/var/lib/waymark/join-token"
+//! inbound_addr = "0.0.0.0:15008"
+//! [mesh.allow]                # who may call this host's instances, per service
+//! payment = ["host-a", "host-b"]
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -63,7 +70,69 @@ pub struct ForwarderConfig {
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
     pub announce: AnnounceConfig,
+    pub mesh: MeshConfig,
     pub shutdown: ShutdownConfig,
+}
+
+/// The mesh: this host's identity, and calls between hosts' forwarders over mutual TLS. On
+/// when a join token is given; off, every instance is called directly, wherever it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// The registry's join token (`waymark-resolver ca join-token`).
+    pub join_token: String,
+    /// A file holding the join token (read at start), instead of `join_token`.
+    pub join_token_file: Option<PathBuf>,
+    /// The mutual-TLS listener other hosts' forwarders call; it is registered at
+    /// `advertise_address` and this port. Port 0: any free port.
+    pub inbound_addr: SocketAddr,
+    /// This host's key, certificate and trust bundle.
+    pub state_dir: PathBuf,
+    /// A failed certificate request or renewal is tried again after this long.
+    #[serde(with = "dur")]
+    pub retry: Duration,
+    /// Per service: the hosts whose forwarders may call its instances on this host. A
+    /// service not named here may be called by any host of the mesh.
+    pub allow: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            join_token: String::new(),
+            join_token_file: None,
+            inbound_addr: SocketAddr::from(([0, 0, 0, 0], 15008)),
+            state_dir: PathBuf::from("/var/lib/waymark/forwarder"),
+            retry: Duration::from_secs(5),
+            allow: BTreeMap::new(),
+        }
+    }
+}
+
+impl MeshConfig {
+    /// Whether the mesh is on: a join token or a file for it.
+    pub fn enabled(&self) -> bool {
+        !self.join_token.is_empty() || self.join_token_file.is_some()
+    }
+
+    /// The join token: as given, or read from its file (trimmed).
+    pub fn token(&self) -> Result<String, ForwarderConfigError> {
+        let Some(path) = &self.join_token_file else {
+            return Ok(self.join_token.clone());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ForwarderConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(ForwarderConfigError::Invalid(format!(
+                "mesh.join_token_file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(token)
+    }
 }
 
 /// Limits of proxied TCP connections.
@@ -158,6 +227,7 @@ impl Default for ForwarderConfig {
             // A refused connect ejects at once (see `tcp`); this counts 5xx answers.
             outlier: OutlierConfig::default(),
             announce: AnnounceConfig::default(),
+            mesh: MeshConfig::default(),
             shutdown: ShutdownConfig::default(),
         }
     }
@@ -259,6 +329,29 @@ impl ForwarderConfig {
         if self.announce.ttl < Duration::from_secs(1) {
             return bad("announce.ttl must be at least 1s".into());
         }
+        let mesh = &self.mesh;
+        if !mesh.join_token.is_empty() && mesh.join_token_file.is_some() {
+            return bad("mesh: give join_token or join_token_file, not both".into());
+        }
+        let inbound = mesh.inbound_addr.ip();
+        if mesh.enabled() && !inbound.is_unspecified() && inbound != self.advertise_address {
+            return bad(format!(
+                "mesh.inbound_addr {} must listen on advertise_address {} (or on 0.0.0.0), \
+                 where other hosts are told to call it",
+                mesh.inbound_addr, self.advertise_address
+            ));
+        }
+        if mesh.retry.is_zero() {
+            return bad("mesh.retry must be positive".into());
+        }
+        for (service, hosts) in &mesh.allow {
+            if !is_label(service) {
+                return bad(format!("mesh.allow: {service:?} is not a service name"));
+            }
+            if let Some(h) = hosts.iter().find(|h| !is_label(h)) {
+                return bad(format!("mesh.allow.{service}: {h:?} is not a host name"));
+            }
+        }
         Ok(())
     }
 }
@@ -318,6 +411,32 @@ mod tests {
     }
 
     #[test]
+    fn the_mesh_is_on_with_a_join_token_from_the_config_or_a_file() {
+        let mut c = valid();
+        assert!(!c.mesh.enabled());
+        c.mesh.join_token = "secret".into();
+        assert!(c.mesh.enabled());
+        assert_eq!(c.mesh.token().unwrap(), "secret");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut c = valid();
+        c.mesh.join_token_file = Some(file.clone());
+        assert!(c.mesh.enabled());
+        assert_eq!(c.mesh.token().unwrap(), "from-file");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(c.mesh.token().unwrap_err().to_string().contains("empty"));
+        c.mesh.join_token_file = Some(dir.path().join("absent"));
+        assert!(c.mesh.token().unwrap_err().to_string().contains("absent"));
+        let parsed = ForwarderConfig::parse(
+            "host_name = \"h\"\n[mesh]\njoin_token = \"t\"\n[mesh.allow]\npayment = [\"h2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(parsed.mesh.allow["payment"], ["h2"]);
+        parsed.validate().unwrap();
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let e = ForwarderConfig::parse("host_nmae = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("host_nmae"), "{e}");
@@ -352,6 +471,27 @@ mod tests {
             (
                 |c| c.announce.ttl = Duration::from_millis(10),
                 "announce.ttl",
+            ),
+            (
+                |c| {
+                    c.mesh.join_token = "t".into();
+                    c.mesh.join_token_file = Some("/t".into());
+                },
+                "not both",
+            ),
+            (
+                |c| {
+                    c.mesh.join_token = "t".into();
+                    c.mesh.inbound_addr = "10.9.9.9:15008".parse().unwrap();
+                },
+                "must listen on advertise_address",
+            ),
+            (|c| c.mesh.retry = Duration::ZERO, "mesh.retry"),
+            (
+                |c| {
+                    c.mesh.allow.insert("pay".into(), vec!["a.b".into()]);
+                },
+                "mesh.allow.pay",
             ),
         ];
         for (edit, says) in cases {

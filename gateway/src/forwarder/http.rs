@@ -1,7 +1,8 @@
 //! HTTP mode: one instance per request.
 //!
 //! The client speaks HTTP/1.1 or HTTP/2 with prior knowledge (h2c), told apart by the
-//! connection preface; instances are called over HTTP/1.1 through one pooled client. Each
+//! connection preface; instances are called over HTTP/1.1 through one pooled client, whose
+//! connections to instances on other hosts are streams through their forwarders. Each
 //! request is balanced over the instances the shared selection serves on the listener's
 //! port (the balancer's two choices). A try that cannot connect, fails on the way, times out
 //! (`http.per_try_timeout`) or answers 502/503/504 is retried on another instance when the
@@ -12,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +22,6 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as LegacyClient;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -28,23 +29,22 @@ use waymark_shared::lifecycle::drain;
 
 use super::listeners::Target;
 use super::metrics::ServiceStatus;
+use super::upstream::{Connector, UpstreamError, Upstreams};
 use super::{Forwarder, Metrics};
 use crate::balancer::{InFlight, Verdict};
 use crate::headers;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The pooled client to instances.
-pub type Client = LegacyClient<HttpConnector, Body>;
+/// The pooled client to instances (directly, or as streams through other hosts'
+/// forwarders: see [`upstream`](super::upstream)).
+pub type Client = LegacyClient<Connector, Body>;
 
-pub fn client(connect_timeout: Duration) -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
+pub fn client(upstreams: Arc<Upstreams>) -> Client {
     LegacyClient::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_timer(TokioTimer::new())
-        .build(connector)
+        .build(Connector(upstreams))
 }
 
 /// Serves one client connection until it closes, is idle too long, or the drain asks it
@@ -258,12 +258,21 @@ async fn handle(
                 format!("instance {id} answered {}", resp.status())
             }
             Ok(Err(e)) => {
-                let refused = e.is_connect();
-                note_failure(fwd, target, &view, &id, refused, now);
-                if refused {
+                let cause = UpstreamError::find(&e);
+                if let Some(refusal) = cause.filter(|u| u.is_refusal()) {
+                    // The instance's host does not let this host call it: no fault of the
+                    // instance, and the same answer from any of that host's instances.
+                    break error_response(StatusCode::FORBIDDEN, &refusal.to_string());
+                }
+                let hard = cause.map_or(e.is_connect(), UpstreamError::ejects);
+                note_failure(fwd, target, &view, &id, hard, now);
+                if e.is_connect() {
                     fwd.metrics.connect_failures.get_or_create(&label).inc();
                 }
-                format!("instance {id}: {e}")
+                match cause {
+                    Some(u) => format!("instance {id}: {u}"),
+                    None => format!("instance {id}: {e}"),
+                }
             }
             Err(_) => {
                 note_failure(fwd, target, &view, &id, false, now);

@@ -26,6 +26,25 @@ pub struct ServiceDirection {
     pub direction: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// The other host's name.
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerResult {
+    pub host: String,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerDirection {
+    pub host: String,
+    /// `sent` (to the peer) or `received`.
+    pub direction: &'static str,
+}
+
 /// Every metric the forwarder exports.
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +64,14 @@ pub struct Metrics {
     pub registry_age_ms: Gauge,
     pub registered: Gauge,
     pub announce_failures: Counter,
+    pub peer_handshakes: Family<PeerLabel, Counter>,
+    pub peer_streams: Family<PeerResult, Counter>,
+    pub peer_bytes: Family<PeerDirection, Counter>,
+    pub unmeshed_connects: Counter,
+    pub inbound_streams: Family<PeerResult, Counter>,
+    pub inbound_handshakes_refused: Counter,
+    pub inbound_unreachable: Counter,
+    pub certificate_expiry_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -148,6 +175,54 @@ impl Metrics {
             "Registrations and heartbeats of the forwarder itself that failed",
             announce_failures.clone(),
         );
+        let peer_handshakes = Family::<PeerLabel, Counter>::default();
+        r.register(
+            "peer_handshakes",
+            "Mutual-TLS connections made to other hosts' forwarders, by host",
+            peer_handshakes.clone(),
+        );
+        let peer_streams = Family::<PeerResult, Counter>::default();
+        r.register(
+            "peer_streams",
+            "Streams asked of other hosts' forwarders, by host and result (ok, peer_unreachable, target_unreachable, not_here, refused)",
+            peer_streams.clone(),
+        );
+        let peer_bytes = Family::<PeerDirection, Counter>::default();
+        r.register(
+            "peer_bytes",
+            "Bytes through streams to other hosts' forwarders, by host and direction",
+            peer_bytes.clone(),
+        );
+        let unmeshed_connects = Counter::default();
+        r.register(
+            "unmeshed_connects",
+            "Connects made directly to instances on hosts without a forwarder (or from a forwarder outside the mesh)",
+            unmeshed_connects.clone(),
+        );
+        let inbound_streams = Family::<PeerResult, Counter>::default();
+        r.register(
+            "inbound_streams",
+            "Streams other hosts' forwarders asked of this one, by calling host and result (admitted, not_here, forbidden)",
+            inbound_streams.clone(),
+        );
+        let inbound_handshakes_refused = Counter::default();
+        r.register(
+            "inbound_handshakes_refused",
+            "Connections to the inbound listener without a valid mesh certificate",
+            inbound_handshakes_refused.clone(),
+        );
+        let inbound_unreachable = Counter::default();
+        r.register(
+            "inbound_unreachable",
+            "Admitted inbound streams whose instance did not accept the connection",
+            inbound_unreachable.clone(),
+        );
+        let certificate_expiry_seconds = Gauge::default();
+        r.register(
+            "certificate_expiry_seconds",
+            "Seconds until the host's mesh certificate expires (-1 without one)",
+            certificate_expiry_seconds.clone(),
+        );
         Metrics {
             registry: r,
             listeners,
@@ -166,6 +241,14 @@ impl Metrics {
             registry_age_ms,
             registered,
             announce_failures,
+            peer_handshakes,
+            peer_streams,
+            peer_bytes,
+            unmeshed_connects,
+            inbound_streams,
+            inbound_handshakes_refused,
+            inbound_unreachable,
+            certificate_expiry_seconds,
         }
     }
 

@@ -11,21 +11,29 @@
 //! - [`metrics`]: `/metrics`; the admin listener here serves it with `/healthz/live` and
 //!   `/healthz/ready` (which names what it still waits for).
 //!
+//! With a join token the forwarder is in the mesh ([`config::MeshConfig`]): it gets this
+//! host's certificate from the registry's CA ([`crate::identity`]), keeps it renewed, calls
+//! instances on other hosts through their forwarders over the mTLS tunnel
+//! ([`crate::tunnel`]), and serves the tunnel's inbound side for its own host's instances.
+//! [`route`] decides which way each instance is reached and whom the inbound side admits;
+//! [`upstream`] makes the connection either way.
+//!
 //! SIGTERM (or SIGINT): deregister first, so resolvers answer instance addresses again;
 //! then close the listeners; then give open connections `shutdown.drain_timeout`.
-//! Instances are called directly: the mTLS hop to other hosts' forwarders is not there yet.
 
 pub mod announce;
 pub mod config;
 pub mod http;
 pub mod listeners;
 pub mod metrics;
+pub mod route;
 pub mod tcp;
+pub mod upstream;
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use axum::extract::State;
@@ -40,12 +48,17 @@ use waymark_shared::lifecycle::readiness::Readiness;
 use waymark_shared::Mirror;
 
 use crate::balancer::Balancer;
+use crate::identity::{Identity, IdentitySettings};
 use crate::limits::RetryBudget;
 use crate::mirror_client::{MirrorClient, RegistryStatus};
+use crate::tunnel::{self, InboundStats, TunnelPool};
 use announce::{AnnounceStatus, Announcer};
 use config::ForwarderConfig;
 use listeners::Listeners;
+use metrics::PeerResult;
 pub use metrics::Metrics;
+use route::Routes;
+use upstream::Upstreams;
 
 /// How long one change-stream long poll waits for changes.
 const POLL_WAIT: Duration = Duration::from_secs(30);
@@ -54,6 +67,7 @@ const POLL_WAIT: Duration = Duration::from_secs(30);
 const WAIT_REGISTRY: &str = "registry state";
 const WAIT_LISTENERS: &str = "VIP listeners";
 const WAIT_REGISTRATION: &str = "own registration";
+const WAIT_IDENTITY: &str = "mesh certificate";
 const WAIT_SHUTDOWN: &str = "nothing: shutting down";
 
 /// State shared by the listeners, the connections and the admin API.
@@ -65,7 +79,11 @@ pub struct Forwarder {
     pub retry_budget: RetryBudget,
     pub metrics: Metrics,
     pub admission: Arc<Admission<()>>,
+    /// The way to instances: directly, or through other hosts' forwarders.
+    pub upstreams: Arc<Upstreams>,
     pub http_client: http::Client,
+    /// The inbound side's counts (in the mesh).
+    pub inbound: Arc<InboundStats>,
     pub readiness: Arc<Readiness>,
     pub announce: AnnounceStatus,
     pub listeners: Listeners,
@@ -75,14 +93,22 @@ pub struct Forwarder {
 
 impl Forwarder {
     fn new(config: ForwarderConfig, drain: drain::Watch) -> Forwarder {
+        let metrics = Metrics::new();
+        let upstreams = Arc::new(Upstreams::new(
+            config.mesh.enabled(),
+            config.connect_timeout,
+            &metrics,
+        ));
         Forwarder {
             mirror: Arc::new(Mirror::new(0)),
             status: Arc::new(RegistryStatus::default()),
             balancer: Balancer::new(config.outlier.clone()),
             retry_budget: RetryBudget::new(&config.retry),
-            metrics: Metrics::new(),
+            metrics,
             admission: Admission::new(config.max_connections, None),
-            http_client: http::client(config.connect_timeout),
+            http_client: http::client(upstreams.clone()),
+            upstreams,
+            inbound: Arc::new(InboundStats::default()),
             readiness: Readiness::new(),
             announce: AnnounceStatus::default(),
             listeners: Listeners::new(drain),
@@ -95,6 +121,12 @@ impl Forwarder {
     /// that are gone. Returns whether every listener is up.
     fn reconcile(self: &Arc<Self>) -> bool {
         let services = self.mirror.services();
+        self.upstreams.set_routes(Routes::build(
+            &self.config.host_name,
+            &self.config.announced_addresses(),
+            &services,
+            &self.config.mesh.allow,
+        ));
         let want = listeners::desired(&services, |s| self.config.is_http_service(s));
         let done = self.listeners.reconcile(self, &want);
         if done.added + done.removed + done.changed > 0 || !done.failed.is_empty() {
@@ -128,6 +160,93 @@ impl Forwarder {
         self.metrics
             .registered
             .set(i64::from(self.announce.registered()));
+        let left = self.upstreams.identity().map_or(-1, |id| {
+            id.current()
+                .not_after
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+        self.metrics.certificate_expiry_seconds.set(left);
+        let catch_up = |c: &prometheus_client::metrics::counter::Counter, now: u64| {
+            c.inc_by(now.saturating_sub(c.get()));
+        };
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        catch_up(
+            &self.metrics.inbound_handshakes_refused,
+            self.inbound.handshakes_refused.load(relaxed),
+        );
+        catch_up(
+            &self.metrics.inbound_unreachable,
+            self.inbound.unreachable.load(relaxed),
+        );
+    }
+
+    /// In the mesh: gets the host's certificate (trying again until the CA answers), keeps
+    /// it renewed, starts calling other hosts through the tunnel, says so (`joined`), and
+    /// serves the inbound listener until the task is dropped.
+    async fn join_mesh(
+        self: &Arc<Self>,
+        inbound: tokio::net::TcpListener,
+        joined: impl FnOnce(),
+    ) -> anyhow::Result<()> {
+        let mesh = &self.config.mesh;
+        let settings = IdentitySettings {
+            registry: self.config.registry.clone(),
+            host: self.config.host_name.clone(),
+            join_token: mesh.token()?,
+            state_dir: mesh.state_dir.clone(),
+        };
+        let identity = loop {
+            match Identity::obtain(settings.clone()).await {
+                Ok(id) => break id,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_s = mesh.retry.as_secs_f64(), "no mesh certificate yet");
+                    tokio::time::sleep(mesh.retry).await;
+                }
+            }
+        };
+        tracing::info!(host = identity.host(), "mesh certificate in use");
+        tokio::spawn(identity.clone().keep_renewed(mesh.retry));
+        let handshakes = self.metrics.peer_handshakes.clone();
+        let pool = TunnelPool::new(identity.clone(), self.config.connect_timeout).on_handshake(
+            move |host| {
+                handshakes
+                    .get_or_create(&metrics::PeerLabel {
+                        host: host.to_string(),
+                    })
+                    .inc();
+            },
+        );
+        self.upstreams.set_tunnels(Arc::new(pool));
+        let admit = {
+            let fwd = self.clone();
+            move |target: SocketAddr, peer: &str| {
+                let verdict = fwd.upstreams.routes().admit(target, peer);
+                let result = match &verdict {
+                    Ok(()) => "admitted",
+                    Err(tunnel::Refusal::NotHere(_)) => "not_here",
+                    Err(tunnel::Refusal::Forbidden(_)) => "forbidden",
+                };
+                fwd.metrics
+                    .inbound_streams
+                    .get_or_create(&PeerResult {
+                        host: peer.to_string(),
+                        result,
+                    })
+                    .inc();
+                verdict
+            }
+        };
+        joined();
+        tunnel::serve_inbound(
+            inbound,
+            identity,
+            Arc::new(admit),
+            self.config.connect_timeout,
+            self.inbound.clone(),
+        )
+        .await;
+        Ok(())
     }
 }
 
@@ -186,17 +305,33 @@ pub fn run(config: ForwarderConfig) -> anyhow::Result<()> {
     let admin = std::net::TcpListener::bind(config.admin_addr)
         .with_context(|| format!("admin listener {}", config.admin_addr))?;
     admin.set_nonblocking(true)?;
+    // In the mesh: the join token is read and the inbound listener bound before anything
+    // starts, so that a wrong path or a taken port is an error at once.
+    let inbound = if config.mesh.enabled() {
+        config.mesh.token()?;
+        let l = std::net::TcpListener::bind(config.mesh.inbound_addr)
+            .with_context(|| format!("mesh inbound listener {}", config.mesh.inbound_addr))?;
+        l.set_nonblocking(true)?;
+        Some(l)
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("waymark-forwarder")
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(config, admin))
+    runtime.block_on(serve(config, admin, inbound))
 }
 
-async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow::Result<()> {
+async fn serve(
+    config: ForwarderConfig,
+    admin: std::net::TcpListener,
+    inbound: Option<std::net::TcpListener>,
+) -> anyhow::Result<()> {
     let admin_addr: SocketAddr = admin.local_addr()?;
     let admin = tokio::net::TcpListener::from_std(admin)?;
+    let inbound_addr = inbound.as_ref().map(|l| l.local_addr()).transpose()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -207,6 +342,26 @@ async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow:
     fwd.readiness.waiting_for(WAIT_LISTENERS);
     fwd.readiness.waiting_for(WAIT_REGISTRATION);
     let (stop_tx, stop) = watch::channel(false);
+
+    // The mesh: the certificate first (local instances are served meanwhile).
+    let (identity_tx, mut has_identity) = watch::channel(inbound.is_none());
+    let mesh_task = match inbound {
+        Some(l) => {
+            fwd.readiness.waiting_for(WAIT_IDENTITY);
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let fwd = fwd.clone();
+            Some(tokio::spawn(async move {
+                let joined = || {
+                    fwd.readiness.done(WAIT_IDENTITY);
+                    let _ = identity_tx.send(true);
+                };
+                if let Err(e) = fwd.join_mesh(l, joined).await {
+                    tracing::error!(error = %e, "cannot join the mesh");
+                }
+            }))
+        }
+        None => None,
+    };
 
     // The admin API, until the very end.
     let (admin_stop_tx, admin_stop) = watch::channel(false);
@@ -275,11 +430,18 @@ async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow:
         }
     });
 
-    let announcer = Arc::new(Announcer::new(&fwd.config));
+    let announcer = Arc::new(Announcer::new(
+        &fwd.config,
+        inbound_addr.map_or(0, |a| a.port()),
+    ));
     let announce_task = tokio::spawn({
         let (fwd, announcer, stop) = (fwd.clone(), announcer.clone(), stop.clone());
         async move {
-            if listening.wait_for(|l| *l).await.is_err() {
+            // Registered once it serves the current state and, in the mesh, can answer
+            // other hosts' forwarders.
+            if listening.wait_for(|l| *l).await.is_err()
+                || has_identity.wait_for(|i| *i).await.is_err()
+            {
                 return;
             }
             let on_failure = || {
@@ -293,9 +455,14 @@ async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow:
         }
     });
 
-    println!("waymark-gateway forwarder listening admin={admin_addr}");
+    match inbound_addr {
+        Some(inbound) => println!(
+            "waymark-gateway forwarder listening admin={admin_addr} inbound={inbound}"
+        ),
+        None => println!("waymark-gateway forwarder listening admin={admin_addr}"),
+    }
     let _ = std::io::stdout().flush();
-    tracing::info!(admin = %admin_addr, host = %fwd.config.host_name, "forwarder started");
+    tracing::info!(admin = %admin_addr, inbound = ?inbound_addr, host = %fwd.config.host_name, "forwarder started");
 
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: deregistering, then draining"),
@@ -307,6 +474,10 @@ async fn serve(config: ForwarderConfig, admin: std::net::TcpListener) -> anyhow:
     // A registration or heartbeat in flight is abandoned, not waited for.
     announce_task.abort();
     let _ = announce_task.await;
+    if let Some(t) = mesh_task {
+        t.abort();
+        let _ = t.await;
+    }
     let _ = reconciler.await;
     let _ = follower_task.await;
     match tokio::time::timeout(Duration::from_secs(3), announcer.deregister()).await {

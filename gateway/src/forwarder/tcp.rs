@@ -19,6 +19,7 @@ use waymark_shared::lifecycle::drain;
 
 use super::listeners::Target;
 use super::metrics::ServiceDirection;
+use super::upstream::{Conn, UpstreamError};
 use super::{Forwarder, Metrics};
 use crate::balancer::{InFlight, PickError, Verdict};
 
@@ -28,6 +29,8 @@ pub enum TcpError {
     Pick(#[from] PickError),
     #[error("service {0} is not in the registry")]
     Unknown(String),
+    #[error("{0}")]
+    Refused(UpstreamError),
 }
 
 /// Serves one client connection.
@@ -83,9 +86,10 @@ pub async fn serve(
     );
 }
 
-/// Connects to an instance, trying others after a refused or timed-out connect (up to
-/// `retry.attempts` tries, each on an instance not tried yet).
-async fn connect(fwd: &Forwarder, target: &Target) -> Result<(TcpStream, InFlight, u32), TcpError> {
+/// Connects to an instance (directly or through its host's forwarder), trying others after
+/// a refused or timed-out connect (up to `retry.attempts` tries, each on an instance not
+/// tried yet). A refusal by the instance's host's policy ends the tries.
+async fn connect(fwd: &Forwarder, target: &Target) -> Result<(Conn, InFlight, u32), TcpError> {
     let label = Metrics::service(&target.service);
     let mut avoid: Vec<String> = Vec::new();
     for attempt in 0..fwd.config.retry.attempts {
@@ -108,25 +112,21 @@ async fn connect(fwd: &Forwarder, target: &Target) -> Result<(TcpStream, InFligh
             fwd.metrics.retries.get_or_create(&label).inc();
         }
         let id = pick.instance.id.to_string();
-        let result =
-            tokio::time::timeout(fwd.config.connect_timeout, TcpStream::connect(pick.addr)).await;
-        match result {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
+        let e = match fwd.upstreams.connect(pick.addr).await {
+            Ok(conn) => {
                 fwd.balancer.success(&id);
-                return Ok((stream, pick, attempt + 1));
+                return Ok((conn, pick, attempt + 1));
             }
-            Ok(Err(e)) => {
-                tracing::info!(service = %target.service, instance = %id, addr = %pick.addr, error = %e, "connect failed; trying another instance");
-            }
-            Err(_) => {
-                tracing::info!(service = %target.service, instance = %id, addr = %pick.addr, "connect timed out; trying another instance");
-            }
-        }
+            Err(e) if e.is_refusal() => return Err(TcpError::Refused(e)),
+            Err(e) => e,
+        };
+        tracing::info!(service = %target.service, instance = %id, addr = %pick.addr, error = %e, "connect failed; trying another instance");
         fwd.metrics.connect_failures.get_or_create(&label).inc();
-        if let Verdict::Ejected(d) = fwd.balancer.hard_failure(&view, &id, Instant::now()) {
-            fwd.metrics.ejections.get_or_create(&label).inc();
-            tracing::info!(service = %target.service, instance = %id, secs = d.as_secs_f64(), "instance ejected");
+        if e.ejects() {
+            if let Verdict::Ejected(d) = fwd.balancer.hard_failure(&view, &id, Instant::now()) {
+                fwd.metrics.ejections.get_or_create(&label).inc();
+                tracing::info!(service = %target.service, instance = %id, secs = d.as_secs_f64(), "instance ejected");
+            }
         }
         avoid.push(id);
     }
@@ -186,12 +186,15 @@ where
 
 /// Relays bytes both ways; returns bytes sent (client → instance), received, and how it
 /// ended (`closed`, `error`, `idle`, `max_duration`, `drain`).
-pub async fn relay(
+pub async fn relay<U>(
     mut client: TcpStream,
-    mut upstream: TcpStream,
+    upstream: U,
     idle: Duration,
     max_duration: Duration,
-) -> (u64, u64, &'static str) {
+) -> (u64, u64, &'static str)
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -199,7 +202,7 @@ pub async fn relay(
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = {
         let (cr, cw) = client.split();
-        let (ur, uw) = upstream.split();
+        let (ur, uw) = tokio::io::split(upstream);
         let both = async {
             tokio::try_join!(
                 pipe(cr, uw, &activity, &sent),
