@@ -142,7 +142,10 @@ async fn streams_share_one_mutual_tls_connection_and_only_admitted_targets_open(
     let c_pool = TunnelPool::new(c, Duration::from_secs(2));
     let err = c_pool.open(&peer, instance).await.err().unwrap();
     assert!(matches!(err, TunnelError::Refused { .. }), "{err}");
-    assert!(!err.is_retryable(), "a policy refusal is the same on any instance");
+    assert!(
+        !err.is_retryable(),
+        "a policy refusal is the same on any instance"
+    );
 
     // Renewal: a stream opened before goes on; the next opens on a new connection.
     let mut before = pool.open(&peer, instance).await.unwrap();

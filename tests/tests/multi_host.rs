@@ -4,6 +4,12 @@
 //! client library: glibc's resolver (`getent`) finds both instances and curl reaches them,
 //! registrations made from other hosts are answered at once, and an instance that drains is
 //! not called again.
+//!
+//! With a forwarder on every host (in the mesh, with the registry's join token), a caller
+//! resolves a service to its VIP and its own host's forwarder carries each call to an
+//! instance on another host through that host's forwarder, over mutual TLS: one handshake
+//! per pair of hosts, a dead instance skipped without a failed call, and a service whose
+//! policy names its callers refused to the others.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,8 +37,21 @@ fn backend(hosts: &Hosts, i: usize, addr: SocketAddr, id: &str) -> Proc {
 
 /// Registers an instance from host `i` with the registry's API at `api`.
 fn register(hosts: &Hosts, i: usize, api: SocketAddr, id: &str, addr: SocketAddr) {
+    register_as(hosts, i, api, "payment", id, addr, "{}");
+}
+
+/// Registers an instance of `service` with this `Meta` (JSON).
+fn register_as(
+    hosts: &Hosts,
+    i: usize,
+    api: SocketAddr,
+    service: &str,
+    id: &str,
+    addr: SocketAddr,
+    meta: &str,
+) {
     let body = format!(
-        r#"{{"ID":"{id}","Name":"payment","Address":"{}","Port":{},"Check":{{"HTTP":"http://{addr}/health","Interval":"1s","Status":"passing"}}}}"#,
+        r#"{{"ID":"{id}","Name":"{service}","Address":"{}","Port":{},"Meta":{meta},"Check":{{"HTTP":"http://{addr}/health","Interval":"1s","Status":"passing"}}}}"#,
         addr.ip(),
         addr.port()
     );
@@ -93,4 +112,168 @@ fn a_caller_on_a_third_host_finds_and_reaches_instances_on_two_others_by_name() 
     );
     let seen = hosts.sh(2, calls);
     assert_eq!(seen.matches("\"id\":\"payment-1\"").count(), 20, "{seen}");
+}
+
+/// A forwarder in the mesh on host `i` (named `h<i+1>`), its admin and inbound listeners on
+/// the host's address; returns once it is ready (certificate, listeners, registration).
+fn forwarder(
+    hosts: &Hosts,
+    i: usize,
+    registry: SocketAddr,
+    token: &str,
+    config: &str,
+) -> (Proc, SocketAddr) {
+    let name = format!("h{}", i + 1);
+    let addr = host_addr(i + 1);
+    let file = hosts.dir().join(format!("{name}-forwarder.toml"));
+    std::fs::write(
+        &file,
+        format!("{config}\n[shutdown]\ndrain_timeout = \"1s\"\n"),
+    )
+    .unwrap();
+    let mut cmd = hosts.command(i, waymark_e2e::gateway::gateway_bin());
+    cmd.args(["forwarder", "--config"])
+        .arg(&file)
+        .args(["--registry", &format!("http://{registry}")])
+        .args(["--admin-addr", &format!("{addr}:0")])
+        .args(["--host-name", &name])
+        .args(["--advertise-address", &addr.to_string()])
+        .args(["--inbound-addr", &format!("{addr}:0")])
+        .args(["--join-token", token])
+        .arg("--state-dir")
+        .arg(hosts.dir().join(format!("{name}-state")))
+        .env("RUST_LOG", "info,waymark_gateway=debug");
+    let (proc, announced) = Proc::spawn(
+        cmd,
+        &name,
+        &hosts.dir().join(format!("{name}-forwarder.log")),
+        "waymark-gateway forwarder listening ",
+        Duration::from_secs(60),
+    )
+    .expect("forwarder starts");
+    let admin = announced.need("admin").unwrap();
+    announced
+        .need("inbound")
+        .expect("in the mesh, an inbound listener");
+    hosts.sh(
+        i,
+        &format!(
+            "for n in $(seq 1 250); do curl -sf --max-time 2 http://{admin}/healthz/ready >/dev/null && exit 0; sleep 0.1; done; exit 1"
+        ),
+    );
+    (proc, admin)
+}
+
+/// The value of one series in a forwarder's metrics, read on its host.
+fn metric(hosts: &Hosts, i: usize, admin: SocketAddr, series: &str) -> f64 {
+    let text = hosts.sh(i, &format!("curl -sf --max-time 5 http://{admin}/metrics"));
+    waymark_e2e::forwarder::metric_value(&text, series)
+}
+
+#[test]
+fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
+    let Some(hosts) = Hosts::new(&["h1", "h2", "h3"]) else {
+        return;
+    };
+    let registry = host_addr(1);
+    let r = Resolver::with(Options {
+        wrapper: hosts.wrapper(0),
+        dns_addr: Some(SocketAddr::new(registry.into(), 53)),
+        http_addr: Some(SocketAddr::new(registry.into(), 8500)),
+        // One registry for every host, each with its forwarder: VIPs for all of them.
+        extra_args: vec!["--vip-answers".into(), "all".into()],
+        config: Some("[dns]\nlocal_clients = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n".into()),
+        ..Options::default()
+    });
+    let out = std::process::Command::new(waymark_e2e::resolver_bin())
+        .args(["ca", "join-token", "--data-dir"])
+        .arg(&r.data_dir)
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!token.is_empty(), "{out:?}");
+
+    let p1 = SocketAddr::new(host_addr(1).into(), 9000);
+    let p2 = SocketAddr::new(host_addr(2).into(), 9000);
+    let l2 = SocketAddr::new(host_addr(2).into(), 9100);
+    let _b1 = backend(&hosts, 0, p1, "payment-1");
+    let mut b2 = backend(&hosts, 1, p2, "payment-2");
+    let _l2 = backend(&hosts, 1, l2, "ledger-2");
+    register(&hosts, 0, r.http, "payment-1", p1);
+    register(&hosts, 1, r.http, "payment-2", p2);
+    let http = r#"{"waymark-protocol":"http"}"#;
+    register_as(&hosts, 1, r.http, "ledger", "ledger-2", l2, http);
+
+    // h2's policy: only h1 may call its ledger instances.
+    let (_f1, a1) = forwarder(&hosts, 0, r.http, &token, "");
+    let (_f2, a2) = forwarder(&hosts, 1, r.http, &token, "[mesh.allow]\nledger = [\"h1\"]");
+    let (_f3, a3) = forwarder(&hosts, 2, r.http, &token, "");
+
+    // h3 resolves the service to its VIP, which its own forwarder serves.
+    hosts.set_nameserver(2, registry);
+    let vip = hosts.sh(
+        2,
+        "getent ahostsv4 payment.mesh.internal | awk '{print $1}' | sort -u",
+    );
+    assert!(vip.trim().starts_with("127.77."), "a VIP: {vip}");
+    assert_eq!(vip.trim().lines().count(), 1, "{vip}");
+    let calls = "for i in $(seq 1 30); do curl -sf --max-time 5 http://payment.mesh.internal:9000/ || echo FAILED; echo; done";
+    let seen = hosts.sh(2, calls);
+    assert!(!seen.contains("FAILED"), "{seen}");
+    for id in ["payment-1", "payment-2"] {
+        assert!(
+            seen.contains(&format!("\"id\":\"{id}\"")),
+            "{id} called: {seen}"
+        );
+    }
+    // Every call from h3 went through the other hosts' forwarders, one handshake each.
+    for (peer, admin, i) in [("h1", a1, 0), ("h2", a2, 1)] {
+        let ok = metric(
+            &hosts,
+            2,
+            a3,
+            &format!("waymark_forwarder_peer_streams_total{{host=\"{peer}\",result=\"ok\"}}"),
+        );
+        assert!(ok >= 1.0, "streams to {peer}: {ok}");
+        let handshakes = metric(
+            &hosts,
+            2,
+            a3,
+            &format!("waymark_forwarder_peer_handshakes_total{{host=\"{peer}\"}}"),
+        );
+        assert_eq!(handshakes, 1.0, "one mutual-TLS connection to {peer}");
+        let admitted = metric(
+            &hosts,
+            i,
+            admin,
+            "waymark_forwarder_inbound_streams_total{host=\"h3\",result=\"admitted\"}",
+        );
+        assert_eq!(admitted, ok, "{peer} admitted what h3 opened");
+    }
+    assert_eq!(
+        metric(&hosts, 2, a3, "waymark_forwarder_unmeshed_connects_total"),
+        0.0
+    );
+
+    // payment-2 dies without a word: the calls go on, none fails.
+    b2.kill();
+    let seen = hosts.sh(2, calls);
+    assert!(!seen.contains("FAILED"), "{seen}");
+    assert_eq!(seen.matches("\"id\":\"payment-1\"").count(), 30, "{seen}");
+
+    // The ledger on h2 admits h1's forwarder only: h3 gets 403 from its own forwarder.
+    hosts.set_nameserver(0, registry);
+    let code =
+        "curl -s --max-time 5 -o /dev/null -w '%{http_code}' http://ledger.mesh.internal:9100/";
+    let from_h1 = hosts.sh(0, code);
+    assert_eq!(from_h1, "200");
+    let from_h3 = hosts.sh(2, code);
+    assert_eq!(from_h3, "403");
+    let forbidden = metric(
+        &hosts,
+        1,
+        a2,
+        "waymark_forwarder_inbound_streams_total{host=\"h3\",result=\"forbidden\"}",
+    );
+    assert!(forbidden >= 1.0, "{forbidden}");
 }

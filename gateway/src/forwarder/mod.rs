@@ -55,8 +55,8 @@ use crate::tunnel::{self, InboundStats, TunnelPool};
 use announce::{AnnounceStatus, Announcer};
 use config::ForwarderConfig;
 use listeners::Listeners;
-use metrics::PeerResult;
 pub use metrics::Metrics;
+use metrics::PeerResult;
 use route::Routes;
 use upstream::Upstreams;
 
@@ -456,9 +456,9 @@ async fn serve(
     });
 
     match inbound_addr {
-        Some(inbound) => println!(
-            "waymark-gateway forwarder listening admin={admin_addr} inbound={inbound}"
-        ),
+        Some(inbound) => {
+            println!("waymark-gateway forwarder listening admin={admin_addr} inbound={inbound}")
+        }
         None => println!("waymark-gateway forwarder listening admin={admin_addr}"),
     }
     let _ = std::io::stdout().flush();

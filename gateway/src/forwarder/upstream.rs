@@ -32,10 +32,7 @@ pub enum UpstreamError {
     #[error("connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connect to {addr}: no connection within {timeout:?}")]
-    Timeout {
-        addr: SocketAddr,
-        timeout: Duration,
-    },
+    Timeout { addr: SocketAddr, timeout: Duration },
     #[error("{0}")]
     Tunnel(#[from] TunnelError),
     #[error("{addr} is on host {host}, and this forwarder has no mesh certificate yet")]
