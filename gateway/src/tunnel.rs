@@ -120,8 +120,11 @@ pub struct TunnelPool {
     connect_timeout: Duration,
     handshakes: AtomicU64,
     /// Told the peer host of every handshake made (for per-peer metrics).
-    on_handshake: Option<Box<dyn Fn(&str) + Send + Sync>>,
+    on_handshake: Option<HandshakeHook>,
 }
+
+/// Told the peer's host name after each handshake.
+type HandshakeHook = Box<dyn Fn(&str) + Send + Sync>;
 
 impl TunnelPool {
     pub fn new(identity: Arc<Identity>, connect_timeout: Duration) -> TunnelPool {
