@@ -9,7 +9,8 @@
 //! resolves a service to its VIP and its own host's forwarder carries each call to an
 //! instance on another host through that host's forwarder, over mutual TLS: one handshake
 //! per pair of hosts, a dead instance skipped without a failed call, and a service whose
-//! policy names its callers refused to the others.
+//! policy names its callers refused to the others. Certificates that last seconds are
+//! renewed under load without a failed call.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -164,6 +165,31 @@ fn forwarder(
     (proc, admin)
 }
 
+/// The registry on h1 (with this extra config), answering VIPs to every host, and its join
+/// token.
+fn mesh_registry(hosts: &Hosts, config: &str) -> (Resolver, String) {
+    let registry = host_addr(1);
+    let r = Resolver::with(Options {
+        wrapper: hosts.wrapper(0),
+        dns_addr: Some(SocketAddr::new(registry.into(), 53)),
+        http_addr: Some(SocketAddr::new(registry.into(), 8500)),
+        // One registry for every host, each with its forwarder: VIPs for all of them.
+        extra_args: vec!["--vip-answers".into(), "all".into()],
+        config: Some(format!(
+            "[dns]\nlocal_clients = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n{config}"
+        )),
+        ..Options::default()
+    });
+    let out = std::process::Command::new(waymark_e2e::resolver_bin())
+        .args(["ca", "join-token", "--data-dir"])
+        .arg(&r.data_dir)
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!token.is_empty(), "{out:?}");
+    (r, token)
+}
+
 /// The value of one series in a forwarder's metrics, read on its host.
 fn metric(hosts: &Hosts, i: usize, admin: SocketAddr, series: &str) -> f64 {
     let text = hosts.sh(i, &format!("curl -sf --max-time 5 http://{admin}/metrics"));
@@ -176,22 +202,7 @@ fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
         return;
     };
     let registry = host_addr(1);
-    let r = Resolver::with(Options {
-        wrapper: hosts.wrapper(0),
-        dns_addr: Some(SocketAddr::new(registry.into(), 53)),
-        http_addr: Some(SocketAddr::new(registry.into(), 8500)),
-        // One registry for every host, each with its forwarder: VIPs for all of them.
-        extra_args: vec!["--vip-answers".into(), "all".into()],
-        config: Some("[dns]\nlocal_clients = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n".into()),
-        ..Options::default()
-    });
-    let out = std::process::Command::new(waymark_e2e::resolver_bin())
-        .args(["ca", "join-token", "--data-dir"])
-        .arg(&r.data_dir)
-        .output()
-        .unwrap();
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!token.is_empty(), "{out:?}");
+    let (r, token) = mesh_registry(&hosts, "");
 
     let p1 = SocketAddr::new(host_addr(1).into(), 9000);
     let p2 = SocketAddr::new(host_addr(2).into(), 9000);
@@ -276,4 +287,40 @@ fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
         "waymark_forwarder_inbound_streams_total{host=\"h3\",result=\"forbidden\"}",
     );
     assert!(forbidden >= 1.0, "{forbidden}");
+}
+
+#[test]
+fn certificates_renew_under_load_without_a_failed_call() {
+    let Some(hosts) = Hosts::new(&["h1", "h2", "h3"]) else {
+        return;
+    };
+    // Certificates for 4 s: each forwarder renews about every 2 s.
+    let (r, token) = mesh_registry(&hosts, "[ca]\ncert_ttl = \"4s\"\n");
+    let p2 = SocketAddr::new(host_addr(2).into(), 9000);
+    let _b2 = backend(&hosts, 1, p2, "payment-2");
+    register(&hosts, 1, r.http, "payment-2", p2);
+    let (_f2, _) = forwarder(&hosts, 1, r.http, &token, "");
+    let (_f3, a3) = forwarder(&hosts, 2, r.http, &token, "");
+    hosts.set_nameserver(2, host_addr(1));
+    // About 8 s of calls from h3 to the instance on h2, each on a new connection.
+    let calls = "for i in $(seq 1 160); do curl -sf --max-time 5 http://payment.mesh.internal:9000/ >/dev/null || echo FAILED; sleep 0.05; done; echo done";
+    let out = hosts.sh(2, calls);
+    assert_eq!(out.trim(), "done", "no call failed: {out}");
+    let handshakes = metric(
+        &hosts,
+        2,
+        a3,
+        "waymark_forwarder_peer_handshakes_total{host=\"h2\"}",
+    );
+    assert!(
+        handshakes >= 2.0,
+        "renewed certificates make new connections: {handshakes}"
+    );
+    let left = metric(
+        &hosts,
+        2,
+        a3,
+        "waymark_forwarder_certificate_expiry_seconds",
+    );
+    assert!((0.0..=4.0).contains(&left), "{left}");
 }
