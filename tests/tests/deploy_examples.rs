@@ -281,14 +281,22 @@ fn forwarder_example_parses_and_matches_its_unit() {
     assert!(c.admin_addr.ip().is_loopback(), "admin stays private");
     // Every value it says is a default is the default.
     let d = ForwarderConfig::default();
-    let examples_as_default = ForwarderConfig {
+    assert!(c.mesh.enabled(), "the example is in the mesh");
+    let mut examples_as_default = ForwarderConfig {
         host_name: d.host_name.clone(),
         http_services: d.http_services.clone(),
         ..c.clone()
     };
+    examples_as_default.mesh.join_token_file = None;
+    examples_as_default.mesh.allow.clear();
     assert_eq!(examples_as_default, d);
 
     let unit = read(&deploy("waymark-forwarder.service"));
+    // Its key and certificate live in the unit's state directory.
+    assert_eq!(
+        Some(c.mesh.state_dir.clone()),
+        ini_value(&unit, "StateDirectory").map(|d| std::path::Path::new("/var/lib").join(d))
+    );
     assert_eq!(
         ini_value(&unit, "ExecStart").as_deref(),
         Some("/usr/local/bin/waymark-gateway forwarder --config /etc/waymark/forwarder.toml")
