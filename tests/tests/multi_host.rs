@@ -217,7 +217,7 @@ fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
 
     // h2's policy: only h1 may call its ledger instances.
     let (_f1, a1) = forwarder(&hosts, 0, r.http, &token, "");
-    let (_f2, a2) = forwarder(&hosts, 1, r.http, &token, "[mesh.allow]\nledger = [\"h1\"]");
+    let (mut f2, a2) = forwarder(&hosts, 1, r.http, &token, "[mesh.allow]\nledger = [\"h1\"]");
     let (_f3, a3) = forwarder(&hosts, 2, r.http, &token, "");
 
     // h3 resolves the service to its VIP, which its own forwarder serves.
@@ -287,6 +287,29 @@ fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
         "waymark_forwarder_inbound_streams_total{host=\"h3\",result=\"forbidden\"}",
     );
     assert!(forbidden >= 1.0, "{forbidden}");
+
+    // payment-2 is back; then h2's forwarder dies without deregistering (its registration
+    // still passes for a while). From h1, whose forwarder has not ejected payment-2, every
+    // call still goes through: the tunnel to h2 fails and the call goes to payment-1.
+    let _b2 = backend(&hosts, 1, p2, "payment-2");
+    hosts.sh(
+        0,
+        &format!("for n in $(seq 1 100); do curl -sf 'http://{}/v1/health/service/payment?passing' | grep -q payment-2 && exit 0; sleep 0.1; done; exit 1", r.http),
+    );
+    f2.kill();
+    let seen = hosts.sh(0, calls);
+    assert!(!seen.contains("FAILED"), "{seen}");
+    assert_eq!(seen.matches("\"id\":\"payment-1\"").count(), 30, "{seen}");
+    let unreachable = metric(
+        &hosts,
+        0,
+        a1,
+        "waymark_forwarder_peer_streams_total{host=\"h2\",result=\"peer_unreachable\"}",
+    );
+    assert!(
+        unreachable >= 1.0,
+        "h1 tried h2 and found it gone: {unreachable}"
+    );
 }
 
 #[test]
