@@ -72,16 +72,8 @@ mod tests {
             "10.0.0.1, bogus,10.0.1.1".to_string(),
         );
         let inst = Instance {
-            id: "waymark-forwarder-host-a".into(),
-            service: SERVICE.into(),
-            address: "10.0.0.1".into(),
-            port: 15008,
-            tags: vec![],
             meta,
-            weight_passing: 1,
-            weight_warning: 1,
-            checks: vec![],
-            draining: false,
+            ..Instance::new(SERVICE, "waymark-forwarder-host-a", "10.0.0.1", 15008)
         };
         let info = ForwarderInfo::from_instance(&inst).unwrap();
         assert_eq!(info.host, "host-a");

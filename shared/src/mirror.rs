@@ -434,23 +434,10 @@ impl Mirror {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn inst(service: &str, id: &str, port: u16) -> Instance {
-        Instance {
-            id: id.into(),
-            service: service.into(),
-            address: "127.0.0.1".into(),
-            port,
-            tags: vec![],
-            meta: BTreeMap::new(),
-            weight_passing: 1,
-            weight_warning: 1,
-            checks: vec![],
-            draining: false,
-        }
+        Instance::new(service, id, "127.0.0.1", port)
     }
 
     #[test]

@@ -125,6 +125,23 @@ impl ServiceAttrs {
 }
 
 impl Instance {
+    /// An instance of `service` at `address:port`, with no tags, metadata or checks, weight
+    /// 1 and not draining.
+    pub fn new(service: &str, id: &str, address: &str, port: u16) -> Instance {
+        Instance {
+            id: id.into(),
+            service: service.into(),
+            address: address.into(),
+            port,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            weight_passing: 1,
+            weight_warning: 1,
+            checks: Vec::new(),
+            draining: false,
+        }
+    }
+
     /// The instance's health: the worst of its checks, passing when it has none.
     pub fn health(&self) -> Health {
         self.checks

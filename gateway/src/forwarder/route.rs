@@ -134,18 +134,7 @@ mod tests {
     use super::*;
 
     fn instance(service: &str, id: &str, addr: &str, port: u16) -> Instance {
-        Instance {
-            id: id.into(),
-            service: service.into(),
-            address: addr.into(),
-            port,
-            tags: vec![],
-            meta: BTreeMap::new(),
-            weight_passing: 1,
-            weight_warning: 1,
-            checks: vec![],
-            draining: false,
-        }
+        Instance::new(service, id, addr, port)
     }
 
     fn forwarder(host: &str, addr: &str, others: &str) -> Instance {
