@@ -20,19 +20,25 @@ use waymark_e2e::process::Proc;
 use waymark_e2e::{Options, Resolver};
 
 const BACKEND: &str = env!("CARGO_BIN_EXE_gw_backend");
+const LINE_ECHO: &str = env!("CARGO_BIN_EXE_line_echo");
 
 /// A gw_backend on host `i` at `addr`.
 fn backend(hosts: &Hosts, i: usize, addr: SocketAddr, id: &str) -> Proc {
-    let mut cmd = hosts.command(i, BACKEND);
+    server(hosts, i, BACKEND, "gw_backend", addr, id)
+}
+
+/// One of the test servers (`gw_backend`, `line_echo`) on host `i` at `addr`.
+fn server(hosts: &Hosts, i: usize, bin: &str, name: &str, addr: SocketAddr, id: &str) -> Proc {
+    let mut cmd = hosts.command(i, bin);
     cmd.args(["--addr", &addr.to_string(), "--id", id]);
     let (proc, _) = Proc::spawn(
         cmd,
         id,
         &hosts.dir().join(format!("{id}.log")),
-        "gw_backend listening ",
+        &format!("{name} listening "),
         Duration::from_secs(10),
     )
-    .expect("backend starts");
+    .expect("server starts");
     proc
 }
 
@@ -51,8 +57,14 @@ fn register_as(
     addr: SocketAddr,
     meta: &str,
 ) {
+    // TCP services get a TCP check, HTTP ones an HTTP check.
+    let check = if service == "echo" {
+        format!(r#"{{"TCP":"{addr}","Interval":"1s","Status":"passing"}}"#)
+    } else {
+        format!(r#"{{"HTTP":"http://{addr}/health","Interval":"1s","Status":"passing"}}"#)
+    };
     let body = format!(
-        r#"{{"ID":"{id}","Name":"{service}","Address":"{}","Port":{},"Meta":{meta},"Check":{{"HTTP":"http://{addr}/health","Interval":"1s","Status":"passing"}}}}"#,
+        r#"{{"ID":"{id}","Name":"{service}","Address":"{}","Port":{},"Meta":{meta},"Check":{check}}}"#,
         addr.ip(),
         addr.port()
     );
@@ -214,6 +226,10 @@ fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
     register(&hosts, 1, r.http, "payment-2", p2);
     let http = r#"{"waymark-protocol":"http"}"#;
     register_as(&hosts, 1, r.http, "ledger", "ledger-2", l2, http);
+    // A plain TCP service (a line echo) on h2 too.
+    let e2 = SocketAddr::new(host_addr(2).into(), 7000);
+    let _e2 = server(&hosts, 1, LINE_ECHO, "line_echo", e2, "echo-2");
+    register_as(&hosts, 1, r.http, "echo", "echo-2", e2, "{}");
 
     // h2's policy: only h1 may call its ledger instances.
     let (_f1, a1) = forwarder(&hosts, 0, r.http, &token, "");
@@ -265,6 +281,14 @@ fn forwarders_carry_calls_between_hosts_over_mutual_tls() {
         metric(&hosts, 2, a3, "waymark_forwarder_unmeshed_connects_total"),
         0.0
     );
+
+    // The TCP service, by name from h3 (bash's /dev/tcp resolves through the system
+    // resolver): a line goes there and back.
+    let echo = hosts.sh(
+        2,
+        "bash -c 'exec 3<>/dev/tcp/echo.mesh.internal/7000; echo hello >&3; read -r line <&3; echo \"$line\"'",
+    );
+    assert_eq!(echo.trim(), "echo-2 hello");
 
     // payment-2 dies without a word: the calls go on, none fails.
     b2.kill();
