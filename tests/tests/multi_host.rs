@@ -371,3 +371,105 @@ fn certificates_renew_under_load_without_a_failed_call() {
     );
     assert!((0.0..=4.0).contains(&left), "{left}");
 }
+
+#[test]
+fn calls_never_fail_while_instances_on_two_hosts_drain_die_and_come_back() {
+    let Some(hosts) = Hosts::new(&["h1", "h2", "h3"]) else {
+        return;
+    };
+    let (r, token) = mesh_registry(&hosts, "");
+    let p1 = SocketAddr::new(host_addr(1).into(), 9000);
+    let p2 = SocketAddr::new(host_addr(2).into(), 9000);
+    let mut b1 = backend(&hosts, 0, p1, "payment-1");
+    let mut b2 = backend(&hosts, 1, p2, "payment-2");
+    // HTTP: a GET that fails on a connection the instance's death broke is tried again.
+    let http = r#"{"waymark-protocol":"http"}"#;
+    register_as(&hosts, 0, r.http, "payment", "payment-1", p1, http);
+    register_as(&hosts, 1, r.http, "payment", "payment-2", p2, http);
+    let _f1 = forwarder(&hosts, 0, r.http, &token, "");
+    let _f2 = forwarder(&hosts, 1, r.http, &token, "");
+    let (f3, _) = forwarder(&hosts, 2, r.http, &token, "");
+    hosts.set_nameserver(2, host_addr(1));
+
+    // The load, on h3: calls one after another until told to stop (bounded in count).
+    let out = hosts.dir().join("load.out");
+    let stop = hosts.dir().join("load.stop");
+    let script = format!(
+        "n=0; while [ ! -e {stop} ] && [ $n -lt 5000 ]; do n=$((n+1)); \
+         curl -sf --max-time 5 -o /dev/null http://payment.mesh.internal:9000/ && echo ok || echo FAILED; \
+         done > {out}",
+        stop = stop.display(),
+        out = out.display()
+    );
+    let mut load = hosts.command(2, "sh");
+    load.args(["-c", &script]);
+    let mut load = load.spawn().expect("load starts");
+    let lines = || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Waits until the load has made `more` calls since now.
+    let calls = |more: usize| {
+        let target = lines() + more;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while lines() < target {
+            assert!(std::time::Instant::now() < deadline, "the load stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let passing = |id: &str| {
+        hosts.sh(
+            0,
+            &format!("for n in $(seq 1 100); do curl -sf 'http://{}/v1/health/service/payment?passing' | grep -q '\"{id}\"' && exit 0; sleep 0.1; done; exit 1", r.http),
+        );
+    };
+    let maintenance = |i: usize, id: &str, on: bool| {
+        hosts.sh(
+            i,
+            &format!("curl -sf --max-time 10 -X PUT 'http://{}/v1/agent/service/maintenance/{id}?enable={on}'", r.http),
+        );
+    };
+    calls(30);
+    // payment-1 drains, then serves again.
+    maintenance(0, "payment-1", true);
+    calls(30);
+    maintenance(0, "payment-1", false);
+    calls(30);
+    // payment-2 dies without a word and comes back; then payment-1 does.
+    b2.kill();
+    calls(30);
+    b2 = backend(&hosts, 1, p2, "payment-2");
+    passing("payment-2");
+    calls(30);
+    b1.kill();
+    calls(30);
+    b1 = backend(&hosts, 0, p1, "payment-1");
+    passing("payment-1");
+    calls(30);
+    // payment-2 drains while payment-1 is back.
+    maintenance(1, "payment-2", true);
+    calls(30);
+
+    std::fs::write(&stop, "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while load.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = load.kill();
+            panic!("the load did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let results = std::fs::read_to_string(&out).unwrap();
+    let total = results.lines().count();
+    let failed = results.lines().filter(|l| *l == "FAILED").count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {total} calls failed; h3's forwarder:\n{}",
+        f3.log()
+    );
+    assert!(total >= 200, "{total} calls");
+    drop((b1, b2));
+}

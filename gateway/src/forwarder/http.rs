@@ -7,8 +7,9 @@
 //! port (the balancer's two choices). A try that cannot connect, fails on the way, times out
 //! (`http.per_try_timeout`) or answers 502/503/504 is retried on another instance when the
 //! request is idempotent (GET, HEAD, OPTIONS, PUT, DELETE) and has no body, within
-//! `retry.attempts` and the retry budget; the failure counts for outlier ejection, and a
-//! refused connect ejects at once. `traceparent` is continued with a new span ID (or a trace
+//! `retry.attempts` and the retry budget (a failed connect, which the instance never saw,
+//! spends none); the failure counts for outlier ejection, and a refused connect ejects at
+//! once. `traceparent` is continued with a new span ID (or a trace
 //! is started), and hop-by-hop headers are not passed on.
 
 use std::convert::Infallible;
@@ -181,6 +182,9 @@ async fn handle(
     let mut avoid: Vec<String> = Vec::new();
     let mut tries = 0u32;
     let mut last_error = String::new();
+    // Whether the last try failed before the instance got the request (a failed connect):
+    // trying another then puts no extra load anywhere, so it spends no retry budget.
+    let mut never_sent = false;
     let response = loop {
         let Some(view) = fwd.mirror.service(&target.service) else {
             break error_response(StatusCode::SERVICE_UNAVAILABLE, "no such service");
@@ -211,7 +215,7 @@ async fn handle(
         };
         // A retry, once there is another instance to try: within the budget.
         if tries > 0 {
-            if !fwd.retry_budget.try_spend() {
+            if !never_sent && !fwd.retry_budget.try_spend() {
                 break error_response(StatusCode::BAD_GATEWAY, &last_error);
             }
             fwd.metrics.retries.get_or_create(&label).inc();
@@ -237,6 +241,7 @@ async fn handle(
         )
         .await;
         let now = Instant::now();
+        never_sent = matches!(&result, Ok(Err(e)) if e.is_connect());
         let failure = match result {
             Ok(Ok(resp)) if !(retry_status(resp.status()) && can_retry) => {
                 if resp.status().is_server_error() {
