@@ -23,23 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use waymark_shared::duration::serde_str as dur;
 
-use crate::config::{OutlierConfig, RetryConfig};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ForwarderConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("parsing {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+use crate::config::{load_toml, ConfigError, OutlierConfig, RetryConfig};
 
 /// The whole forwarder configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,17 +100,17 @@ impl MeshConfig {
     }
 
     /// The join token: as given, or read from its file (trimmed).
-    pub fn token(&self) -> Result<String, ForwarderConfigError> {
+    pub fn token(&self) -> Result<String, ConfigError> {
         let Some(path) = &self.join_token_file else {
             return Ok(self.join_token.clone());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ForwarderConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
         let token = text.trim().to_string();
         if token.is_empty() {
-            return Err(ForwarderConfigError::Invalid(format!(
+            return Err(ConfigError::Invalid(format!(
                 "mesh.join_token_file {} is empty",
                 path.display()
             )));
@@ -244,15 +228,8 @@ fn is_label(s: &str) -> bool {
 
 impl ForwarderConfig {
     /// Reads and parses a TOML file (not yet validated).
-    pub fn load(path: &Path) -> Result<ForwarderConfig, ForwarderConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ForwarderConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        ForwarderConfig::parse(&text).map_err(|source| ForwarderConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })
+    pub fn load(path: &Path) -> Result<ForwarderConfig, ConfigError> {
+        load_toml(path)
     }
 
     pub fn parse(text: &str) -> Result<ForwarderConfig, toml::de::Error> {
@@ -278,8 +255,8 @@ impl ForwarderConfig {
     }
 
     /// Checks the configuration as a whole.
-    pub fn validate(&self) -> Result<(), ForwarderConfigError> {
-        let bad = |m: String| Err(ForwarderConfigError::Invalid(m));
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         if !(self.registry.starts_with("http://") || self.registry.starts_with("https://")) {
             return bad(format!(
                 "registry {:?} must be an http:// or https:// URL",
