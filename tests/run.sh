@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in dig curl unshare ip python3 node npm cmake; do
+for tool in dig curl unshare ip python3 node npm cmake javac; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
@@ -16,9 +16,10 @@ if ((${#missing[@]})); then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends \
-            dnsutils curl util-linux iproute2 python3 python3-pip nodejs npm cmake >/dev/null
+            dnsutils curl util-linux iproute2 python3 python3-pip nodejs npm cmake \
+            default-jdk-headless >/dev/null
     else
-        echo "[tests] missing tools: ${missing[*]} (Debian: apt-get install dnsutils curl util-linux iproute2 cmake)" >&2
+        echo "[tests] missing tools: ${missing[*]} (Debian: apt-get install dnsutils curl util-linux iproute2 cmake default-jdk-headless)" >&2
         exit 1
     fi
 fi

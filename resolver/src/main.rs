@@ -26,8 +26,9 @@ struct Cli {
 enum Command {
     /// Serve DNS for the mesh zone and the registration API.
     Serve(ServeArgs),
-    /// Run a local mesh: the resolver plus demo services registered through the API.
-    Demo(ServeArgs),
+    /// Run a local mesh: the resolver, demo services registered through the API, and (from
+    /// the `waymark-gateway` binary) a forwarder and the ingress gateway.
+    Demo(DemoArgs),
     /// Check a config file (and the services file it names) as `serve` would, and print it
     /// with every default filled in.
     CheckConfig {
@@ -51,6 +52,19 @@ enum Command {
     /// The mesh certificate authority that signs forwarders' certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// The `waymark-gateway` binary that runs the forwarder and the gateway [default: the one
+    /// beside this executable, else the one on the PATH].
+    #[arg(long)]
+    gateway_bin: Option<PathBuf>,
+    /// The resolver and the demo services only: no forwarder, no gateway.
+    #[arg(long, conflicts_with = "gateway_bin")]
+    no_mesh: bool,
 }
 
 #[derive(Subcommand)]
@@ -186,7 +200,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bound.shutdown(Duration::from_secs(10)).await;
             Ok(())
         }
-        Command::Demo(args) => {
+        Command::Demo(DemoArgs {
+            serve: args,
+            gateway_bin,
+            no_mesh,
+        }) => {
             let mut config = args.config()?;
             // Without a data dir of its own, the demo keeps its state in a temporary one.
             let scratch = (args.data_dir.is_none() && args.config.is_none())
@@ -195,7 +213,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.store.data_dir = dir.clone();
             }
             waymark_shared::telemetry::init(config.log_json);
-            let running = demo::start(config).await?;
+            let gateway = if no_mesh {
+                None
+            } else {
+                let found = demo::mesh::find_gateway(gateway_bin.as_deref());
+                if found.is_none() {
+                    eprintln!(
+                        "waymark-resolver demo: waymark-gateway is neither beside this program \
+                         nor on the PATH (cargo build --bins builds it): running without the \
+                         forwarder and the gateway"
+                    );
+                }
+                found
+            };
+            let running = demo::start(config, demo::Options { gateway }).await?;
             println!("{}", running.instructions());
             shutdown_signal().await;
             running.stop().await;

@@ -473,3 +473,186 @@ fn calls_never_fail_while_instances_on_two_hosts_drain_die_and_come_back() {
     assert!(total >= 200, "{total} calls");
     drop((b1, b2));
 }
+
+/// The JDK's `java`, which runs a single source file (JDK 11+); the test cannot stand in for
+/// it, so without one it fails and says how to get one.
+fn java() -> &'static str {
+    let ok = std::process::Command::new("java")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "this test runs a Java client: install a JDK (Debian: apt-get install default-jdk-headless; tests/run.sh does as root)"
+    );
+    "java"
+}
+
+/// A JVM that caches DNS forever (`-Dsun.net.inetaddr.ttl=-1`, and the security property
+/// `networkaddress.cache.ttl=-1`) resolves `payment` once and keeps calling it by name while
+/// every instance it could have cached is replaced by new ones on new addresses (one
+/// deregistered and stopped, one killed without a word): it cached the VIP, which never
+/// changes, and the forwarders carry each call to an instance that is there now.
+#[test]
+fn a_jvm_that_caches_dns_forever_keeps_calling_while_every_instance_is_replaced() {
+    let java = java();
+    let Some(hosts) = Hosts::new(&["h1", "h2", "h3"]) else {
+        return;
+    };
+    // The new instances' addresses: second addresses of h1 and h2, which their forwarders
+    // announce as their own.
+    let new1 = std::net::Ipv4Addr::new(10, 77, 0, 11);
+    let new2 = std::net::Ipv4Addr::new(10, 77, 0, 12);
+    hosts.sh(0, &format!("ip addr add {new1}/24 dev eth0"));
+    hosts.sh(1, &format!("ip addr add {new2}/24 dev eth0"));
+    let (r, token) = mesh_registry(&hosts, "");
+    let http = r#"{"waymark-protocol":"http"}"#;
+    let p1 = SocketAddr::new(host_addr(1).into(), 9000);
+    let p2 = SocketAddr::new(host_addr(2).into(), 9000);
+    let mut b1 = backend(&hosts, 0, p1, "payment-1");
+    let mut b2 = backend(&hosts, 1, p2, "payment-2");
+    register_as(&hosts, 0, r.http, "payment", "payment-1", p1, http);
+    register_as(&hosts, 1, r.http, "payment", "payment-2", p2, http);
+    let _f1 = forwarder(
+        &hosts,
+        0,
+        r.http,
+        &token,
+        &format!("host_addresses = [\"{new1}\"]"),
+    );
+    let _f2 = forwarder(
+        &hosts,
+        1,
+        r.http,
+        &token,
+        &format!("host_addresses = [\"{new2}\"]"),
+    );
+    let (f3, _) = forwarder(&hosts, 2, r.http, &token, "");
+    hosts.set_nameserver(2, host_addr(1));
+
+    let out = hosts.dir().join("java.out");
+    let stop = hosts.dir().join("java.stop");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/java/CachingCaller.java");
+    let mut cmd = hosts.command(2, java);
+    cmd.args(["-Dsun.net.inetaddr.ttl=-1", source])
+        .arg("http://payment.mesh.internal:9000/")
+        .arg(&stop)
+        .args(["5000", "20"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(hosts.dir().join("java.err")).unwrap());
+    let mut client = cmd.spawn().expect("java starts");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    let calls_so_far = || {
+        read()
+            .lines()
+            .filter(|l| !l.starts_with("resolved "))
+            .count()
+    };
+    // Waits until the client has made `more` calls since now (a JVM takes a moment to start).
+    let calls = |more: usize| {
+        let target = calls_so_far() + more;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while calls_so_far() < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Java client stalled:\n{}\n{}",
+                read(),
+                std::fs::read_to_string(hosts.dir().join("java.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let passing = |id: &str| {
+        hosts.sh(
+            0,
+            &format!("for n in $(seq 1 100); do curl -sf 'http://{}/v1/health/service/payment?passing' | grep -q '\"{id}\"' && exit 0; sleep 0.1; done; exit 1", r.http),
+        );
+    };
+    let deregister = |i: usize, id: &str| {
+        hosts.sh(
+            i,
+            &format!(
+                "curl -sf --max-time 10 -X PUT http://{}/v1/agent/service/deregister/{id}",
+                r.http
+            ),
+        );
+    };
+    calls(20);
+
+    // New instances on new addresses, one per host; then the old ones go.
+    let p3 = SocketAddr::new(new1.into(), 9000);
+    let p4 = SocketAddr::new(new2.into(), 9000);
+    let _b3 = backend(&hosts, 0, p3, "payment-3");
+    let _b4 = backend(&hosts, 1, p4, "payment-4");
+    register_as(&hosts, 0, r.http, "payment", "payment-3", p3, http);
+    register_as(&hosts, 1, r.http, "payment", "payment-4", p4, http);
+    passing("payment-3");
+    passing("payment-4");
+    calls(20);
+    deregister(0, "payment-1");
+    b1.kill();
+    calls(20);
+    b2.kill();
+    calls(20);
+    deregister(1, "payment-2");
+    let replaced = calls_so_far();
+    calls(40);
+
+    std::fs::write(&stop, "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = client.kill();
+            panic!("the Java client did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = read();
+    let mut lines = text.lines();
+    let vip = lines
+        .next()
+        .and_then(|l| l.strip_prefix("resolved "))
+        .expect("the client resolved the name")
+        .to_string();
+    assert!(vip.starts_with("127.77."), "resolved {vip}, not a VIP");
+    let calls: Vec<&str> = lines.collect();
+    let failed: Vec<&&str> = calls.iter().filter(|l| !l.starts_with("ok ")).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {failed:?}\nh3's forwarder:\n{}",
+        failed.len(),
+        calls.len(),
+        f3.log()
+    );
+    // The JVM never looked the name up again: every call went to the address it cached.
+    assert!(
+        calls
+            .iter()
+            .all(|l| l.starts_with(&format!("ok {vip} 200 "))),
+        "{text}"
+    );
+    // Once the old instances were gone, the new ones answered every call, both of them.
+    let after = &calls[replaced..];
+    assert!(
+        after.len() >= 40,
+        "{} calls after the replacement",
+        after.len()
+    );
+    for id in ["payment-1", "payment-2"] {
+        assert!(
+            !after
+                .iter()
+                .any(|l| l.contains(&format!("\"id\":\"{id}\""))),
+            "{id} answered after it was gone:\n{text}"
+        );
+    }
+    for id in ["payment-3", "payment-4"] {
+        assert!(
+            after
+                .iter()
+                .any(|l| l.contains(&format!("\"id\":\"{id}\""))),
+            "{id} never answered:\n{text}"
+        );
+    }
+    drop(b2);
+}

@@ -113,13 +113,14 @@ fn commands(lines: &[&str]) -> Vec<Example> {
     out
 }
 
-/// The script for one block: each command between markers, its exit status after it;
-/// whatever it left in the background is stopped at the end.
+/// The script for one block: each command between markers, its exit status after it (on a
+/// line of its own, whether or not the command ended its output with a newline); whatever it
+/// left in the background is stopped at the end.
 fn block_script(examples: &[Example]) -> String {
     let mut s = String::from("set -uo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n");
     for (i, e) in examples.iter().enumerate() {
         s.push_str(&format!(
-            "echo '@@@ {i}'\n{}\necho \"@@@ rc $?\"\n",
+            "echo '@@@ {i}'\n{}\nprintf '\\n@@@ rc %s\\n' \"$?\"\n",
             e.command
         ));
     }
@@ -159,7 +160,7 @@ waymark-resolver demo > demo.out 2> demo.log &
 demo=$!
 echo "$demo" >> pids
 trap 'kill "$demo" 2>/dev/null; wait "$demo" 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do
+for _ in $(seq 1 1200); do
     grep -q "Waymark demo is running" demo.out && break
     kill -0 "$demo" 2>/dev/null || { echo "the demo exited:"; cat demo.log; exit 1; }
     sleep 0.05
