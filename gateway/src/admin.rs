@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::mirror_client::RegistryStatus;
+use waymark_shared::follow::RegistryStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

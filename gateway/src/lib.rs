@@ -5,7 +5,7 @@
 //! to healthy instances, balancing by least outstanding requests of two random choices.
 //!
 //! - [`config`]: the TOML file and its defaults, checked by `validate()`.
-//! - [`mirror_client`]: follows the change stream into a [`Mirror`]; knows when it is stale.
+//! - the registry follower is `waymark_shared::follow::stream` (shared with the resolver).
 //! - [`routes`]: the pure route table.
 //! - [`balancer`]: two-choice least-outstanding balancing and outlier ejection.
 //! - [`limits`]: token buckets for rate limits and the retry budget.
@@ -38,7 +38,6 @@ pub mod headers;
 pub mod identity;
 pub mod limits;
 pub mod listen;
-pub mod mirror_client;
 pub mod path;
 pub mod proxy;
 pub mod routes;
@@ -71,9 +70,9 @@ use crate::config::{Config, ConfigError, RouteConfig};
 use crate::connections::{ConnectionPolicy, Guarded};
 use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
 use crate::listen::Reserved;
-use crate::mirror_client::{MirrorClient, RegistryStatus};
 use crate::routes::{RouteError, RouteTable};
 use crate::tls::CertStore;
+use waymark_shared::follow::{stream::MirrorClient, RegistryStatus};
 
 /// How long one change-stream long poll waits for changes.
 const POLL_WAIT: Duration = Duration::from_secs(30);

@@ -5,6 +5,7 @@
 //!   the one rule that DNS, the ingress and the forwarder apply.
 //! - [`mirror`]: the in-memory registry mirror every process keeps, with a global change index,
 //!   change notifications and a change log that lets a follower resume without loss.
+//! - [`follow`]: following a registry into a mirror (a resolver's change stream; etcd).
 //! - [`forwarders`]: how a host's forwarder announces itself in the registry.
 //! - [`files`]: writing a small file whole (temporary file, fsync, rename).
 //! - [`vip`]: virtual IP ranges and where a service's VIP goes in one.
@@ -16,6 +17,7 @@
 
 pub mod duration;
 pub mod files;
+pub mod follow;
 pub mod forwarders;
 pub mod lifecycle;
 pub mod mirror;

@@ -50,7 +50,6 @@ use waymark_shared::Mirror;
 use crate::balancer::Balancer;
 use crate::identity::{Identity, IdentitySettings};
 use crate::limits::RetryBudget;
-use crate::mirror_client::{MirrorClient, RegistryStatus};
 use crate::tunnel::{self, InboundStats, TunnelPool};
 use announce::{AnnounceStatus, Announcer};
 use config::ForwarderConfig;
@@ -59,6 +58,7 @@ pub use metrics::Metrics;
 use metrics::PeerResult;
 use route::Routes;
 use upstream::Upstreams;
+use waymark_shared::follow::{stream::MirrorClient, RegistryStatus};
 
 /// How long one change-stream long poll waits for changes.
 const POLL_WAIT: Duration = Duration::from_secs(30);

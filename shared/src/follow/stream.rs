@@ -1,4 +1,5 @@
-//! Follows the registry's change stream into a local [`Mirror`].
+//! Follows a Waymark registry's change stream (a resolver's HTTP API) into a local
+//! [`Mirror`]: how the gateway and the forwarder follow their resolver.
 //!
 //! `GET /v1/waymark/changes?index=N&wait=…` is a long poll that answers with what changed
 //! after index `N`. The client keeps the last index it applied, so a reconnect resumes where
@@ -7,11 +8,11 @@
 //! restarted with another history). While the registry is unreachable the mirror keeps the
 //! last good state, the status says so, and the client retries with a growing backoff.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use waymark_shared::{Changes, Mirror};
+use super::{OnChange, RegistryStatus};
+use crate::{Changes, Mirror};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
@@ -22,63 +23,6 @@ pub enum MirrorError {
     #[error("registry sent a change batch that does not parse: {0}")]
     Decode(String),
 }
-
-/// What the gateway knows about its link to the registry.
-#[derive(Debug, Default)]
-pub struct RegistryStatus {
-    connected: AtomicBool,
-    synced: AtomicBool,
-    failures: AtomicU64,
-    last_ok: Mutex<Option<Instant>>,
-    last_error: Mutex<Option<String>>,
-}
-
-impl RegistryStatus {
-    /// The last poll succeeded.
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
-    }
-
-    /// At least one full state has been received since start.
-    pub fn synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
-    }
-
-    /// Failed polls since start.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-
-    /// Time since the registry last answered; none before the first answer.
-    pub fn since_last_ok(&self) -> Option<Duration> {
-        self.last_ok
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|t| t.elapsed())
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn ok(&self) {
-        *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        self.connected.store(true, Ordering::Release);
-        self.synced.store(true, Ordering::Release);
-    }
-
-    fn failed(&self, e: &MirrorError) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        self.connected.store(false, Ordering::Release);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-    }
-}
-
-/// Called after every applied batch that changed something.
-pub type OnChange = Arc<dyn Fn(&Mirror) + Send + Sync>;
 
 pub struct MirrorClient {
     base: String,
@@ -192,20 +136,6 @@ impl MirrorClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_tracks_link_state() {
-        let s = RegistryStatus::default();
-        assert!(!s.synced() && !s.connected());
-        assert!(s.since_last_ok().is_none());
-        s.ok();
-        assert!(s.synced() && s.connected());
-        s.failed(&MirrorError::Unreachable("refused".into()));
-        assert!(s.synced(), "a synced mirror stays synced");
-        assert!(!s.connected());
-        assert_eq!(s.failures(), 1);
-        assert!(s.last_error().unwrap().contains("refused"));
-    }
 
     #[tokio::test]
     async fn an_unreachable_registry_is_an_error_not_a_panic() {
