@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in dig curl unshare ip python3 node npm cmake javac; do
+for tool in dig curl unshare ip python3 node npm cmake javac protoc etcd; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# etcd-client's build compiles etcd's .proto files, which import protobuf's own.
+[[ -e /usr/include/google/protobuf/descriptor.proto ]] || missing+=("protobuf's .proto files")
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         echo "[tests] installing Debian packages for: ${missing[*]}"
@@ -17,9 +19,9 @@ if ((${#missing[@]})); then
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends \
             dnsutils curl util-linux iproute2 python3 python3-pip nodejs npm cmake \
-            default-jdk-headless >/dev/null
+            default-jdk-headless protobuf-compiler libprotobuf-dev etcd-server >/dev/null
     else
-        echo "[tests] missing tools: ${missing[*]} (Debian: apt-get install dnsutils curl util-linux iproute2 cmake default-jdk-headless)" >&2
+        echo "[tests] missing tools: ${missing[*]} (Debian: apt-get install dnsutils curl util-linux iproute2 cmake default-jdk-headless protobuf-compiler libprotobuf-dev etcd-server)" >&2
         exit 1
     fi
 fi

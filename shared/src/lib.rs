@@ -5,6 +5,7 @@
 //!   the one rule that DNS, the ingress and the forwarder apply.
 //! - [`mirror`]: the in-memory registry mirror every process keeps, with a global change index,
 //!   change notifications and a change log that lets a follower resume without loss.
+//! - `etcd` (feature `etcd`): reaching etcd, and the registry's key layout in it.
 //! - [`follow`]: following a registry into a mirror (a resolver's change stream; etcd).
 //! - [`forwarders`]: how a host's forwarder announces itself in the registry.
 //! - [`files`]: writing a small file whole (temporary file, fsync, rename).
@@ -16,6 +17,8 @@
 //!   process needs to start, stay up under floods and stop within its deadline.
 
 pub mod duration;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod files;
 pub mod follow;
 pub mod forwarders;

@@ -3,12 +3,16 @@
 //!
 //! - [`stream`]: a Waymark registry's change stream (`/v1/waymark/changes`), which the
 //!   gateway and the forwarder follow on their local resolver;
+//! - `etcd` (feature `etcd`): the registry of record for many hosts, which each host's
+//!   resolver follows.
 //!
 //! Each follower reports the state of its link in a [`RegistryStatus`], keeps serving the
 //! last good state while the source is away, and resumes without losing a change.
 //!
 //! [`Mirror`]: crate::Mirror
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod stream;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
