@@ -40,6 +40,8 @@ pub enum AppError {
     ServicesFile(#[from] services_file::ServicesFileError),
     #[error("mesh CA: {0}")]
     Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    Etcd(#[from] waymark_shared::etcd::EtcdError),
 }
 
 /// A running resolver.
@@ -105,9 +107,12 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         &MeshCa::dir_of(&config.store.data_dir),
         &config.trust_domain(),
     )?);
-    let mirror = Arc::new(Mirror::new(loaded.index));
+    // The registry's own mirror: what was registered on this host. Without etcd it is also
+    // what DNS and the API answer; with etcd they answer the mirror of etcd, which every host
+    // shares, and this one is what the publisher writes there.
+    let local = Arc::new(Mirror::new(loaded.index));
     let registry = Registry::new(
-        mirror.clone(),
+        local.clone(),
         store,
         loaded,
         Settings {
@@ -124,9 +129,26 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let (stop, stopped) = watch::channel(false);
     let (drain, http_drain) = drain::channel();
     let mut tasks = Vec::new();
+    let (mirror, etcd) = if config.etcd.enabled() {
+        let serving = Arc::new(Mirror::new(0));
+        let (link, etcd_tasks) = crate::etcd::EtcdLink::start(
+            &config.etcd,
+            local.clone(),
+            serving.clone(),
+            ready.clone(),
+            stopped.clone(),
+        )?;
+        tracing::info!(endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, node = %link.node, "etcd is the registry of record");
+        tasks.extend(etcd_tasks);
+        (serving, Some(Arc::new(link)))
+    } else {
+        (local.clone(), None)
+    };
     let state = Arc::new(ApiState {
         registry: registry.clone(),
         mirror: mirror.clone(),
+        local: local.clone(),
+        etcd,
         config: config.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -150,7 +172,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         }
         ready.done("services file");
         let (dns_addr, upstreams, dns) =
-            start_dns(&config, mirror, metrics, stopped.clone()).await?;
+            start_dns(&config, mirror, local, metrics, stopped.clone()).await?;
         tasks.push(dns);
         ready.done("dns");
         Ok::<_, AppError>((dns_addr, upstreams))
@@ -215,6 +237,7 @@ async fn start_http(
 async fn start_dns(
     config: &Arc<Config>,
     mirror: Arc<Mirror>,
+    local: Arc<Mirror>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, Vec<SocketAddr>, JoinHandle<()>), AppError> {
@@ -241,7 +264,8 @@ async fn start_dns(
     if config.vips.answers == VipMode::Auto {
         spawn_until_stopped(
             stopped.clone(),
-            dns::vips::follow_local_forwarder(mirror.clone(), local_forwarder.clone()),
+            // This host's forwarder registers with this host's resolver.
+            dns::vips::follow_local_forwarder(local, local_forwarder.clone()),
         );
     }
     let handler = Arc::new(dns::server::Handler {

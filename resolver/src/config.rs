@@ -43,6 +43,8 @@ pub struct Config {
     pub ca: CaConfig,
     /// Per-service settings, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
+    /// etcd as the registry of record for many hosts (none: the embedded registry alone).
+    pub etcd: waymark_shared::etcd::EtcdConfig,
     /// Log JSON lines instead of text.
     pub log_json: bool,
 }
@@ -373,6 +375,9 @@ impl Config {
     /// Checks what types cannot: names, ranges and relations between fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        self.etcd
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("etcd: {e}")))?;
         let zone = self.dns.zone.trim_end_matches('.');
         if zone.is_empty() || hickory_proto::rr::Name::from_ascii(zone).is_err() {
             return bad(format!(

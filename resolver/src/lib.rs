@@ -20,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dns;
+pub mod etcd;
 pub mod metrics;
 pub mod registry;
 pub mod services_file;

@@ -133,6 +133,29 @@ struct ServeArgs {
     /// `.damaged-<time>` suffix and what was dropped is logged.
     #[arg(long)]
     recover_readable: bool,
+    /// etcd as the registry of record for many hosts: its members' client URLs
+    /// (`http://10.0.0.1:2379,...`). Registrations made here are kept here and written to
+    /// etcd; DNS answers what etcd holds [default: none, the embedded registry alone].
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Where in etcd the registry lives [default: /waymark/].
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// This host's name in the registry [default: the machine's host name].
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// etcd user, as `NAME` or `NAME:PASSWORD` (the password may also come from
+    /// WAYMARK_ETCD_PASSWORD).
+    #[arg(long, value_name = "NAME[:PASSWORD]")]
+    etcd_user: Option<String>,
+    /// The CA of etcd's certificates, for https endpoints (etcdctl's --cacert).
+    #[arg(long, value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// A client certificate for etcd, and its key (etcdctl's --cert and --key).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -158,6 +181,32 @@ impl ServeArgs {
         }
         if let Some(r) = self.vip_range {
             c.vips.range = r;
+        }
+        if !self.etcd.is_empty() {
+            c.etcd.endpoints = self.etcd.clone();
+        }
+        if let Some(p) = &self.etcd_prefix {
+            c.etcd.prefix = p.clone();
+        }
+        if let Some(n) = &self.node_name {
+            c.etcd.node_name = Some(n.clone());
+        }
+        if let Some(user) = &self.etcd_user {
+            let (name, password) = match user.split_once(':') {
+                Some((n, p)) => (n.to_string(), Some(p.to_string())),
+                None => (user.clone(), std::env::var("WAYMARK_ETCD_PASSWORD").ok()),
+            };
+            c.etcd.username = Some(name);
+            c.etcd.password = password;
+        }
+        if let Some(f) = &self.etcd_cacert {
+            c.etcd.ca_file = Some(f.clone());
+        }
+        if let Some(f) = &self.etcd_cert {
+            c.etcd.cert_file = Some(f.clone());
+        }
+        if let Some(f) = &self.etcd_key {
+            c.etcd.key_file = Some(f.clone());
         }
         if let Some(m) = self.vip_answers {
             c.vips.answers = m;

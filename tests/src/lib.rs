@@ -6,8 +6,10 @@
 //! - [`dns`]: DNS queries over UDP and TCP with hickory.
 //! - [`gateway`]: the gateway, test backends and TLS material.
 //! - [`netns`]: network namespaces for tests that need fixed ports or a resolv.conf.
+//! - [`etcd`]: real etcd members and clusters.
 
 pub mod dns;
+pub mod etcd;
 pub mod forwarder;
 pub mod gateway;
 pub mod hosts;

@@ -61,17 +61,39 @@ impl Proc {
     /// returns the process and what followed the prefix. Fails (and kills the process) when
     /// it exits first or says nothing in time; the error holds the end of its log.
     pub fn spawn(
-        mut cmd: Command,
+        cmd: Command,
         name: &str,
         log: &Path,
         announce: &str,
         within: Duration,
+    ) -> anyhow::Result<(Proc, Announced)> {
+        let announce = announce.to_string();
+        let matcher = move |line: &str| line.strip_prefix(announce.as_str()).map(Announced::parse);
+        Self::spawn_matching(cmd, name, log, matcher, within, false)
+    }
+
+    /// [`Proc::spawn`] for programs that do not announce themselves on a line of their own
+    /// (etcd): `matcher` reads what each stdout line announces, if anything. With
+    /// `stdout_to_log`, every stdout line is appended to the log too (for programs that log
+    /// to stdout).
+    pub fn spawn_matching(
+        mut cmd: Command,
+        name: &str,
+        log: &Path,
+        matcher: impl Fn(&str) -> Option<Announced>,
+        within: Duration,
+        stdout_to_log: bool,
     ) -> anyhow::Result<(Proc, Announced)> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
+        let mut copy = if stdout_to_log {
+            Some(log_file.try_clone().context("cloning the log file")?)
+        } else {
+            None
+        };
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -82,6 +104,10 @@ impl Proc {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(f) = copy.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 let _ = tx.send(line);
             }
         });
@@ -94,8 +120,8 @@ impl Proc {
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(announce) {
-                        return Ok((proc, Announced::parse(rest)));
+                    if let Some(announced) = matcher(&line) {
+                        return Ok((proc, announced));
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}

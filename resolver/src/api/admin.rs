@@ -38,7 +38,19 @@ pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     if let Err(e) = state.registry.store_status() {
         problems.push(format!("the store cannot write: {e}"));
     }
-    if problems.is_empty() {
+    // With etcd away DNS keeps answering the last state it had: ready, but degraded.
+    let degraded = state
+        .etcd
+        .as_ref()
+        .map(|l| l.degraded())
+        .unwrap_or_default();
+    if problems.is_empty() && !degraded.is_empty() {
+        (
+            StatusCode::OK,
+            format!("ready (degraded: {})\n", degraded.join("; ")),
+        )
+            .into_response()
+    } else if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_string()).into_response()
     } else {
         (

@@ -144,14 +144,14 @@ pub async fn check_update(
 }
 
 pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
-    let index = state.mirror.index();
+    let index = state.local.index();
     let st = state.clone();
     let json = state
         .encoded
         .get(Kind::AgentServices, index, move || {
             let dc = &st.config.api.datacenter;
             let mut out = serde_json::Map::new();
-            for view in st.mirror.services() {
+            for view in st.local.services() {
                 for i in &view.instances {
                     out.insert(i.id.to_string(), consul::agent_service(i, dc));
                 }
@@ -163,12 +163,12 @@ pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
 }
 
 pub async fn checks(State(state): State<Arc<ApiState>>) -> Response {
-    let index = state.mirror.index();
+    let index = state.local.index();
     let st = state.clone();
     let json = state
         .encoded
         .get(Kind::AgentChecks, index, move || {
-            let views = st.mirror.services();
+            let views = st.local.services();
             let instances = views.iter().flat_map(|v| v.instances.iter().map(|i| &**i));
             serde_json::to_vec(&consul::agent_checks(instances, &node(&st))).unwrap_or_default()
         })

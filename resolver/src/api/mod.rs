@@ -38,7 +38,13 @@ use crate::registry::{Registry, RegistryError};
 /// What every handler can reach.
 pub struct ApiState {
     pub registry: Arc<Registry>,
+    /// What the catalog, health and change-stream endpoints answer: the registry's own
+    /// mirror, or with etcd the mirror of etcd.
     pub mirror: Arc<Mirror>,
+    /// The registry's own mirror (what was registered on this host): the agent endpoints.
+    pub local: Arc<Mirror>,
+    /// With etcd: the link's state, for readiness.
+    pub etcd: Option<Arc<crate::etcd::EtcdLink>>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<admin::Readiness>,

@@ -152,10 +152,20 @@ mod tests {
     fn keys_read_back_as_what_they_were_made_of() {
         let l = Layout::new("/waymark/").unwrap();
         let cases = [
-            ("host-a", "payment", "payment-1", "/waymark/instances/host-a/payment/payment-1"),
+            (
+                "host-a",
+                "payment",
+                "payment-1",
+                "/waymark/instances/host-a/payment/payment-1",
+            ),
             ("h", "web", "a/b", "/waymark/instances/h/web/a%2Fb"),
             ("h", "web", "50%", "/waymark/instances/h/web/50%25"),
-            ("h", "web", "a b\u{e9}", "/waymark/instances/h/web/a%20b%C3%A9"),
+            (
+                "h",
+                "web",
+                "a b\u{e9}",
+                "/waymark/instances/h/web/a%20b%C3%A9",
+            ),
         ];
         for (node, service, id, key) in cases {
             assert_eq!(l.instance_key(node, service, id), key);
@@ -194,9 +204,13 @@ mod tests {
     fn values_must_match_their_keys() {
         let l = Layout::new("/w/").unwrap();
         let i = Instance::new("web", "web-1", "10.0.0.1", 80);
-        let key = l.parse(l.instance_key("h", "web", "web-1").as_bytes()).unwrap();
+        let key = l
+            .parse(l.instance_key("h", "web", "web-1").as_bytes())
+            .unwrap();
         assert_eq!(decode_instance(&key, &encode_instance(&i)), Ok(i.clone()));
-        let other = l.parse(l.instance_key("h", "web", "web-2").as_bytes()).unwrap();
+        let other = l
+            .parse(l.instance_key("h", "web", "web-2").as_bytes())
+            .unwrap();
         assert!(decode_instance(&other, &encode_instance(&i)).is_err());
         assert!(decode_instance(&key, b"{not json").is_err());
     }

@@ -8,6 +8,9 @@
 
 pub mod keys;
 
+/// The etcd client crate, for the resolver's writes (one version for the whole project).
+pub use etcd_client as client;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -109,9 +112,10 @@ impl EtcdConfig {
                 .strip_prefix("http://")
                 .or_else(|| e.strip_prefix("https://"));
             match rest {
-                Some(hostport) if hostport.rsplit_once(':').is_some_and(|(h, p)| {
-                    !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
-                }) => {}
+                Some(hostport)
+                    if hostport.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    }) => {}
                 _ => {
                     return bad(format!(
                         "endpoint {e:?} must be http://HOST:PORT or https://HOST:PORT"
@@ -224,9 +228,16 @@ mod tests {
 
     #[test]
     fn bad_settings_are_refused_with_the_reason() {
-        let cases: Vec<(fn(&mut EtcdConfig), &str)> = vec![
-            (|c| c.endpoints = vec!["127.0.0.1:2379".into()], "http://HOST:PORT"),
-            (|c| c.endpoints = vec!["http://host".into()], "http://HOST:PORT"),
+        type Change = fn(&mut EtcdConfig);
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                |c| c.endpoints = vec!["127.0.0.1:2379".into()],
+                "http://HOST:PORT",
+            ),
+            (
+                |c| c.endpoints = vec!["http://host".into()],
+                "http://HOST:PORT",
+            ),
             (|c| c.endpoints = vec!["https://h:2379".into()], "ca_file"),
             (|c| c.prefix = "waymark".into(), "prefix"),
             (|c| c.node_name = Some("a/b".into()), "node_name"),
@@ -246,9 +257,8 @@ mod tests {
 
     #[test]
     fn config_reads_from_toml_with_go_durations() {
-        let c: EtcdConfig = toml_like(
-            r#"{"endpoints": ["http://a:2379"], "lease_ttl": "15s", "node_name": "h1"}"#,
-        );
+        let c: EtcdConfig =
+            toml_like(r#"{"endpoints": ["http://a:2379"], "lease_ttl": "15s", "node_name": "h1"}"#);
         assert_eq!(c.lease_ttl, Duration::from_secs(15));
         assert_eq!(c.node(), "h1");
         assert!(serde_json::from_str::<EtcdConfig>(r#"{"endpoint": []}"#).is_err());

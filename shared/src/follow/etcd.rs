@@ -146,7 +146,9 @@ impl EtcdFollower {
         }
         self.install(revision, wanted);
         self.stats.listings.fetch_add(1, Ordering::Relaxed);
-        self.stats.revision.store(revision as u64, Ordering::Relaxed);
+        self.stats
+            .revision
+            .store(revision as u64, Ordering::Relaxed);
         self.status.ok();
         tracing::info!(revision, instances = owners.len(), "etcd follower: listed");
 

@@ -1,0 +1,381 @@
+//! This host's registrations in etcd, when etcd is the registry of record (`--etcd`).
+//!
+//! The embedded registry stays the authority for what was registered on this host: a
+//! registration is durable in the local data dir when it is acknowledged and its checks run
+//! here. The [`Publisher`] follows the registry's own mirror (the local one) and writes each
+//! instance, health included, to `<prefix>instances/<node>/<service>/<id>`, attached to a
+//! lease that it keeps alive. On every (re)connection it first makes the node's keys equal to
+//! the local registrations (writing what is missing or different, deleting what the host no
+//! longer has), then writes each change as it comes. If the host dies its lease expires and
+//! its instances leave every host's answers; if it was only cut off it writes everything
+//! again when it is back, so an acknowledged registration is never lost whether etcd is up or
+//! not. What DNS and the API answer comes from etcd, through the follower
+//! ([`waymark_shared::follow::etcd`]), on this host as on every other.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use compact_str::CompactString;
+use waymark_shared::etcd::client::{self as etcd_client, GetOptions, PutOptions, Txn, TxnOp};
+use waymark_shared::etcd::keys::{encode_instance, Key, Layout};
+use waymark_shared::etcd::{EtcdConfig, EtcdError};
+use waymark_shared::follow::etcd::{EtcdFollower, FollowStats};
+use waymark_shared::follow::RegistryStatus;
+use waymark_shared::lifecycle::readiness::Readiness;
+use waymark_shared::Mirror;
+
+/// etcd's default limit on operations in one transaction is 128.
+const TXN_OPS: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+    #[error("the lease expired (etcd did not hear from this host in time)")]
+    LeaseExpired,
+    #[error("the lease keep-alive stream ended")]
+    KeepAliveEnded,
+}
+
+/// How the link to etcd stands, for readiness and metrics.
+#[derive(Debug, Default)]
+pub struct PublishStatus {
+    /// Every local registration is in etcd as of the last sync.
+    synced: AtomicBool,
+    /// Instance writes and deletions sent.
+    pub writes: AtomicU64,
+    /// Full syncs (at start and after every reconnection).
+    pub syncs: AtomicU64,
+    /// Sessions that failed (etcd unreachable, lease lost).
+    pub failures: AtomicU64,
+    last_error: Mutex<Option<(Instant, String)>>,
+}
+
+impl PublishStatus {
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Why the last session failed and how long ago, while not synced.
+    pub fn problem(&self) -> Option<String> {
+        if self.synced() {
+            return None;
+        }
+        let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref()
+            .map(|(at, e)| format!("{e} ({:.0?} ago)", at.elapsed()))
+    }
+
+    fn failed(&self, e: &PublishError) {
+        self.synced.store(false, Ordering::Release);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), e.to_string()));
+    }
+}
+
+/// What this host has in etcd: the value under each of its keys.
+type Written = HashMap<String, Vec<u8>>;
+
+pub struct Publisher {
+    config: EtcdConfig,
+    layout: Layout,
+    node: String,
+    local: Arc<Mirror>,
+    status: Arc<PublishStatus>,
+}
+
+impl Publisher {
+    pub fn new(
+        config: EtcdConfig,
+        local: Arc<Mirror>,
+        status: Arc<PublishStatus>,
+    ) -> Result<Publisher, EtcdError> {
+        Ok(Publisher {
+            layout: config.layout()?,
+            node: config.node(),
+            config,
+            local,
+            status,
+        })
+    }
+
+    /// Publishes until `stop` turns true; then revokes nothing (a restart writes the same
+    /// keys again, and a host that is gone for good leaves when its lease expires).
+    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            let e = tokio::select! {
+                r = self.session() => match r {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+                _ = stop.changed() => return,
+            };
+            if self.status.synced() {
+                tracing::warn!(error = %e, node = %self.node, "etcd publisher: lost etcd; registrations are kept here and written again when it is back");
+            } else {
+                tracing::debug!(error = %e, "etcd publisher: still failing");
+            }
+            self.status.failed(&e);
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One lease: grant it, sync everything, then write changes and keep it alive until
+    /// something fails.
+    async fn session(&self) -> Result<(), PublishError> {
+        let mut client = waymark_shared::etcd::connect(&self.config).await?;
+        let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let (mut keeper, mut alive) = client.lease_keep_alive(lease).await?;
+        let mut changed = self.local.subscribe();
+        // Everything as of now; changes after it come through `changed`.
+        let mut index = self.local.index();
+        changed.borrow_and_update();
+        let mut written = self.full_sync(&mut client, lease).await?;
+        self.status.syncs.fetch_add(1, Ordering::Relaxed);
+        self.status.synced.store(true, Ordering::Release);
+        tracing::info!(node = %self.node, lease, instances = written.len(), "etcd publisher: in sync");
+
+        let every = Duration::from_secs((ttl as u64 / 3).max(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    let changes = self.local.changes_since(index);
+                    index = changes.index;
+                    if changes.reset {
+                        written = self.full_sync(&mut client, lease).await?;
+                    } else {
+                        let mut touched: Vec<CompactString> =
+                            changes.services.iter().map(|v| v.name.clone()).collect();
+                        touched.extend(changes.removed.iter().map(CompactString::from));
+                        self.sync_services(&mut client, lease, &touched, &mut written).await?;
+                    }
+                }
+                _ = tick.tick() => keeper.keep_alive().await?,
+                message = alive.message() => match message? {
+                    None => return Err(PublishError::KeepAliveEnded),
+                    Some(r) if r.ttl() <= 0 => return Err(PublishError::LeaseExpired),
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+
+    /// The keys and values the local registrations should have, for some services (all when
+    /// `services` is `None`).
+    fn wanted(&self, services: Option<&[CompactString]>) -> Written {
+        let views = match services {
+            None => self.local.services(),
+            Some(names) => names.iter().filter_map(|n| self.local.service(n)).collect(),
+        };
+        views
+            .iter()
+            .flat_map(|v| v.instances.iter())
+            .map(|i| {
+                (
+                    self.layout.instance_key(&self.node, &i.service, &i.id),
+                    encode_instance(i),
+                )
+            })
+            .collect()
+    }
+
+    /// Makes the node's keys in etcd equal to the local registrations.
+    async fn full_sync(
+        &self,
+        client: &mut etcd_client::Client,
+        lease: i64,
+    ) -> Result<Written, PublishError> {
+        let prefix = self.layout.node_instances(&self.node);
+        let existing = client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut current: Written = HashMap::new();
+        for kv in existing.kvs() {
+            if let Ok(key) = kv.key_str() {
+                // Keys under another lease (a previous run's) are written again under this
+                // one, even when the value is the same.
+                if kv.lease() == lease {
+                    current.insert(key.to_string(), kv.value().to_vec());
+                } else {
+                    current.insert(key.to_string(), Vec::new());
+                }
+            }
+        }
+        let wanted = self.wanted(None);
+        let mut ops = Vec::new();
+        for (key, value) in &wanted {
+            if current.get(key) != Some(value) {
+                ops.push(TxnOp::put(
+                    key.as_str(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+            }
+        }
+        for key in current.keys() {
+            if !wanted.contains_key(key) {
+                ops.push(TxnOp::delete(key.as_str(), None));
+            }
+        }
+        self.send(client, ops).await?;
+        Ok(wanted)
+    }
+
+    /// Writes the local state of some services: their instances' keys, and deletes this
+    /// node's keys of instances they no longer have.
+    async fn sync_services(
+        &self,
+        client: &mut etcd_client::Client,
+        lease: i64,
+        services: &[CompactString],
+        written: &mut Written,
+    ) -> Result<(), PublishError> {
+        let wanted = self.wanted(Some(services));
+        let lower: Vec<String> = services
+            .iter()
+            .map(|s| s.as_str().to_ascii_lowercase())
+            .collect();
+        let mut ops = Vec::new();
+        let mut gone = Vec::new();
+        for key in written.keys() {
+            let Some(Key::Instance { service, .. }) = self.layout.parse(key.as_bytes()) else {
+                continue;
+            };
+            if lower.contains(&service.to_ascii_lowercase()) && !wanted.contains_key(key) {
+                ops.push(TxnOp::delete(key.as_str(), None));
+                gone.push(key.clone());
+            }
+        }
+        let mut put = Vec::new();
+        for (key, value) in wanted {
+            if written.get(&key) != Some(&value) {
+                ops.push(TxnOp::put(
+                    key.as_str(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+                put.push((key, value));
+            }
+        }
+        self.send(client, ops).await?;
+        for key in gone {
+            written.remove(&key);
+        }
+        written.extend(put);
+        Ok(())
+    }
+
+    /// Sends operations in transactions of at most [`TXN_OPS`]. A put under a lease that
+    /// expired fails (etcd refuses an unknown lease), which ends the session: the next one
+    /// writes everything again under a new lease.
+    async fn send(
+        &self,
+        client: &mut etcd_client::Client,
+        ops: Vec<TxnOp>,
+    ) -> Result<(), PublishError> {
+        let count = ops.len() as u64;
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let chunk: Vec<TxnOp> = ops.by_ref().take(TXN_OPS).collect();
+            client.txn(Txn::new().and_then(chunk)).await?;
+        }
+        self.status.writes.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The resolver's link to etcd: the follower that feeds what DNS and the API answer, and the
+/// publisher that writes this host's registrations.
+pub struct EtcdLink {
+    pub follow: Arc<RegistryStatus>,
+    pub stats: Arc<FollowStats>,
+    pub publish: Arc<PublishStatus>,
+    pub node: String,
+    serving: Arc<Mirror>,
+}
+
+impl EtcdLink {
+    /// Starts following etcd into `serving` and publishing `local` to it, until `stop`.
+    /// `ready` waits for "etcd" until the first listing is in.
+    pub fn start(
+        config: &EtcdConfig,
+        local: Arc<Mirror>,
+        serving: Arc<Mirror>,
+        ready: Arc<Readiness>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(EtcdLink, Vec<tokio::task::JoinHandle<()>>), EtcdError> {
+        ready.waiting_for(READY);
+        let follow = Arc::new(RegistryStatus::default());
+        let stats = Arc::new(FollowStats::default());
+        let publish = Arc::new(PublishStatus::default());
+        let follower = EtcdFollower::new(
+            config.clone(),
+            serving.clone(),
+            follow.clone(),
+            stats.clone(),
+            Arc::new(move |_m: &Mirror| ready.done(READY)),
+        )?;
+        let publisher = Publisher::new(config.clone(), local, publish.clone())?;
+        let tasks = vec![
+            tokio::spawn({
+                let stop = stop.clone();
+                async move { follower.run(stop).await }
+            }),
+            tokio::spawn(async move { publisher.run(stop).await }),
+        ];
+        let link = EtcdLink {
+            follow,
+            stats,
+            publish,
+            node: config.node(),
+            serving,
+        };
+        Ok((link, tasks))
+    }
+
+    /// What is wrong with the link, if anything: DNS keeps answering the last state it had.
+    pub fn degraded(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.follow.synced() && !self.follow.connected() {
+            let age = self.follow.since_last_ok().map_or(String::new(), |d| {
+                format!(", last heard {:.1}s ago", d.as_secs_f64())
+            });
+            out.push(format!(
+                "etcd unreachable ({}{age}): answering the state at revision {}",
+                self.follow.last_error().unwrap_or_default(),
+                self.serving.index()
+            ));
+        }
+        if let Some(p) = self.publish.problem() {
+            out.push(format!(
+                "this host's registrations are not all in etcd: {p}; they are kept here and written when etcd is back"
+            ));
+        }
+        out
+    }
+}
+
+/// What readiness waits for until the first listing is in.
+const READY: &str = "etcd";
