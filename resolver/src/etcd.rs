@@ -13,7 +13,7 @@
 //! ([`waymark_shared::follow::etcd`]), on this host as on every other.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,8 @@ pub enum PublishError {
     LeaseExpired,
     #[error("the lease keep-alive stream ended")]
     KeepAliveEnded,
+    #[error("etcd has not answered a lease keep-alive for {0:?}")]
+    KeepAliveSilent(Duration),
 }
 
 /// How the link to etcd stands, for readiness and metrics.
@@ -83,6 +85,8 @@ type Written = HashMap<String, Vec<u8>>;
 
 pub struct Publisher {
     config: EtcdConfig,
+    /// The endpoint the next session tries first.
+    member: AtomicUsize,
     layout: Layout,
     node: String,
     local: Arc<Mirror>,
@@ -96,6 +100,8 @@ impl Publisher {
         status: Arc<PublishStatus>,
     ) -> Result<Publisher, EtcdError> {
         Ok(Publisher {
+            // Hosts spread over the members from the start.
+            member: AtomicUsize::new(std::process::id() as usize),
             layout: config.layout()?,
             node: config.node(),
             config,
@@ -140,7 +146,10 @@ impl Publisher {
     /// One lease: grant it, sync everything, then write changes and keep it alive until
     /// something fails.
     async fn session(&self) -> Result<(), PublishError> {
-        let mut client = waymark_shared::etcd::connect(&self.config).await?;
+        let start = self.member.load(Ordering::Relaxed);
+        let (mut client, member) = waymark_shared::etcd::connect(&self.config, start).await?;
+        // The next session starts with the next member, whatever ends this one.
+        self.member.store(member + 1, Ordering::Relaxed);
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut alive) = client.lease_keep_alive(lease).await?;
@@ -153,8 +162,11 @@ impl Publisher {
         self.status.synced.store(true, Ordering::Release);
         tracing::info!(node = %self.node, lease, instances = written.len(), "etcd publisher: in sync");
 
-        let every = Duration::from_secs((ttl as u64 / 3).max(1));
+        let every = self.config.lease_ttl / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // A keep-alive stream to a member that died answers nothing and fails nothing: the
+        // lease would expire, and with it this host's keys, while nothing here noticed.
+        let mut answered = Instant::now();
         loop {
             tokio::select! {
                 r = changed.changed() => {
@@ -172,11 +184,17 @@ impl Publisher {
                         self.sync_services(&mut client, lease, &touched, &mut written).await?;
                     }
                 }
-                _ = tick.tick() => keeper.keep_alive().await?,
+                _ = tick.tick() => {
+                    let silent = answered.elapsed();
+                    if silent > every * 2 {
+                        return Err(PublishError::KeepAliveSilent(silent));
+                    }
+                    keeper.keep_alive().await?;
+                }
                 message = alive.message() => match message? {
                     None => return Err(PublishError::KeepAliveEnded),
                     Some(r) if r.ttl() <= 0 => return Err(PublishError::LeaseExpired),
-                    Some(_) => {}
+                    Some(_) => answered = Instant::now(),
                 },
             }
         }
@@ -353,6 +371,26 @@ impl EtcdLink {
             serving,
         };
         Ok((link, tasks))
+    }
+
+    /// Copies the link's state into its metrics (at every scrape).
+    pub fn observe(&self, m: &crate::metrics::EtcdMetrics) {
+        use crate::metrics::EtcdMetrics;
+        m.connected.set(i64::from(self.follow.connected()));
+        m.synced.set(i64::from(self.publish.synced()));
+        m.revision
+            .set(self.stats.revision.load(Ordering::Relaxed) as i64);
+        if let Some(age) = self.follow.since_last_ok() {
+            m.age_ms.set(age.as_millis() as i64);
+        }
+        EtcdMetrics::catch_up(&m.listings, self.stats.listings.load(Ordering::Relaxed));
+        EtcdMetrics::catch_up(&m.events, self.stats.events.load(Ordering::Relaxed));
+        EtcdMetrics::catch_up(&m.bad_values, self.stats.bad_values.load(Ordering::Relaxed));
+        EtcdMetrics::catch_up(&m.writes, self.publish.writes.load(Ordering::Relaxed));
+        EtcdMetrics::catch_up(
+            &m.failures,
+            self.follow.failures() + self.publish.failures.load(Ordering::Relaxed),
+        );
     }
 
     /// What is wrong with the link, if anything: DNS keeps answering the last state it had.

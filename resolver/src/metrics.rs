@@ -83,6 +83,32 @@ pub struct Metrics {
     pub dns_rate_limited: Family<ActionLabels, Counter>,
     pub store_writable: Gauge,
     pub ca_signed: Family<ResultLabels, Counter>,
+    pub etcd: EtcdMetrics,
+}
+
+/// With etcd as the registry of record: the follower's and the publisher's state, read from
+/// them at every scrape.
+#[derive(Default)]
+pub struct EtcdMetrics {
+    pub connected: Gauge,
+    pub synced: Gauge,
+    pub revision: Gauge,
+    pub age_ms: Gauge,
+    pub listings: Counter,
+    pub events: Counter,
+    pub bad_values: Counter,
+    pub writes: Counter,
+    pub failures: Counter,
+}
+
+impl EtcdMetrics {
+    /// Moves a counter up to `value` (what a source counted so far).
+    pub fn catch_up(counter: &Counter, value: u64) {
+        let current = counter.get();
+        if value > current {
+            counter.inc_by(value - current);
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,6 +145,7 @@ impl Metrics {
             dns_rate_limited: Family::default(),
             store_writable: Gauge::default(),
             ca_signed: Family::default(),
+            etcd: EtcdMetrics::default(),
         };
         registry.register(
             "dns_queries",
@@ -206,6 +233,40 @@ impl Metrics {
             "Certificate signing requests to the mesh CA, by result (issued, token, invalid)",
             m.ca_signed.clone(),
         );
+        let e = &m.etcd;
+        for (name, help, gauge) in [
+            (
+                "etcd_connected",
+                "1 while the etcd watch is up",
+                &e.connected,
+            ),
+            (
+                "etcd_synced",
+                "1 while every registration of this host is in etcd",
+                &e.synced,
+            ),
+            (
+                "etcd_revision",
+                "The etcd revision the mirror is complete at",
+                &e.revision,
+            ),
+            (
+                "etcd_mirror_age_milliseconds",
+                "Time since etcd was last heard from (the age of what DNS answers)",
+                &e.age_ms,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        for (name, help, counter) in [
+            ("etcd_listings", "Full listings of the registry in etcd (the first, and one after every broken or compacted watch)", &e.listings),
+            ("etcd_watch_events", "Watch events applied to the mirror", &e.events),
+            ("etcd_bad_values", "Keys under the prefix whose value is not an instance (left out)", &e.bad_values),
+            ("etcd_writes", "Instance writes and deletions this host sent to etcd", &e.writes),
+            ("etcd_failures", "Follower and publisher sessions that failed (etcd unreachable, lease lost)", &e.failures),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
         Metrics { registry, ..m }
     }
 

@@ -15,7 +15,8 @@ use waymark_e2e::dns::{self, addresses};
 use waymark_e2e::etcd::EtcdCluster;
 use waymark_e2e::{until, Api, Options, Resolver};
 use waymark_shared::etcd::client::{Client, GetOptions};
-use waymark_shared::etcd::keys::{decode_instance, Layout};
+use waymark_shared::etcd::keys::{decode_instance, Key, Layout};
+use waymark_shared::etcd::{connect, EtcdConfig};
 use waymark_shared::{Changes, Instance};
 
 /// Leases in these tests: a dead host's instances go 2 s after its last keep-alive.
@@ -41,26 +42,30 @@ async fn a(r: &Resolver, name: &str) -> Vec<IpAddr> {
     addresses(&dns::udp(r.dns, name, RecordType::A).await)
 }
 
-/// Every instance in etcd, keyed by (service, ID), as the registry wrote it.
-async fn in_etcd(etcd: &EtcdCluster) -> BTreeMap<(String, String), Instance> {
+/// Every instance in etcd, keyed by (service, ID), with the node that wrote it; an error
+/// while the cluster cannot answer (a leader election).
+async fn in_etcd(
+    etcd: &EtcdCluster,
+) -> Result<BTreeMap<(String, String), (String, Instance)>, String> {
     let layout = Layout::new("/waymark/").unwrap();
     let endpoints: Vec<String> = etcd.endpoints().split(',').map(String::from).collect();
     let mut client = Client::connect(&endpoints, None)
         .await
-        .expect("etcd client");
+        .map_err(|e| e.to_string())?;
     let listing = client
         .get(layout.instances(), Some(GetOptions::new().with_prefix()))
         .await
-        .expect("etcd listing");
-    listing
+        .map_err(|e| e.to_string())?;
+    Ok(listing
         .kvs()
         .iter()
         .map(|kv| {
             let key = layout.parse(kv.key()).expect("a key of the layout");
             let i = decode_instance(&key, kv.value()).expect("an instance");
-            ((i.service.to_string(), i.id.to_string()), i)
+            let Key::Instance { node, .. } = key;
+            ((i.service.to_string(), i.id.to_string()), (node, i))
         })
-        .collect()
+        .collect())
 }
 
 /// Every instance host `r`'s mirror holds (its change stream from the start).
@@ -79,30 +84,49 @@ async fn in_mirror(r: &Resolver) -> BTreeMap<(String, String), Instance> {
         .collect()
 }
 
-/// Waits until every host's mirror equals etcd's contents, record by record, and returns
-/// them.
+/// Waits until etcd holds exactly what each host registered (under its node name), and
+/// every host's mirror equals etcd's contents, record by record; returns them.
 async fn converged(
     etcd: &EtcdCluster,
-    hosts: &[&Resolver],
+    hosts: &[(&str, &Resolver)],
 ) -> BTreeMap<(String, String), Instance> {
-    until(
-        "every host's mirror equals etcd",
+    let (state, _) = until(
+        "etcd holds every host's registrations and every host's mirror equals etcd",
         WAIT,
         || async {
-            let want = in_etcd(etcd).await;
+            let state = match in_etcd(etcd).await {
+                Ok(s) => s,
+                Err(e) => return (BTreeMap::new(), vec![format!("etcd: {e}")]),
+            };
+            let want: BTreeMap<_, _> = state
+                .iter()
+                .map(|(k, (_, i))| (k.clone(), i.clone()))
+                .collect();
             let mut differ = Vec::new();
-            for (n, h) in hosts.iter().enumerate() {
+            for (name, h) in hosts {
                 let got = in_mirror(h).await;
                 if got != want {
-                    differ.push(format!("host {n}: {got:?}"));
+                    differ.push(format!("{name}'s mirror: {:?}", got.keys()));
+                }
+                let mut mine: Vec<String> = state
+                    .iter()
+                    .filter(|(_, (node, _))| node == name)
+                    .map(|((_, id), _)| id.clone())
+                    .collect();
+                mine.sort();
+                let registered = Api::new(h).registered_ids().await;
+                if mine != registered {
+                    differ.push(format!(
+                        "{name} registered {registered:?}, etcd has {mine:?}"
+                    ));
                 }
             }
             (want, differ)
         },
         |(_, differ)| differ.is_empty(),
     )
-    .await
-    .0
+    .await;
+    state
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,7 +153,7 @@ async fn a_registration_on_one_host_is_answered_everywhere_and_goes_with_its_hos
         )
         .await;
     }
-    let state = converged(&etcd, &[&h1, &h2, &h3]).await;
+    let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
     assert_eq!(state.len(), 1, "{state:?}");
 
     // A failed check on host-1: gone from every host's answers.
@@ -144,7 +168,7 @@ async fn a_registration_on_one_host_is_answered_everywhere_and_goes_with_its_hos
         )
         .await;
     }
-    let state = converged(&etcd, &[&h1, &h2, &h3]).await;
+    let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
     let web = &state[&("web".to_string(), "web-1".to_string())];
     assert_eq!(web.checks[0].status.as_str(), "critical");
     api1.put_empty("/v1/agent/check/pass/web-1-ttl").await;
@@ -169,7 +193,7 @@ async fn a_registration_on_one_host_is_answered_everywhere_and_goes_with_its_hos
         )
         .await;
     }
-    converged(&etcd, &[&h2, &h3]).await;
+    converged(&etcd, &[("host-2", &h2), ("host-3", &h3)]).await;
 
     // host-1 comes back with its data dir: it writes its registrations again.
     h1.restart();
@@ -182,7 +206,7 @@ async fn a_registration_on_one_host_is_answered_everywhere_and_goes_with_its_hos
         )
         .await;
     }
-    let state = converged(&etcd, &[&h1, &h2, &h3]).await;
+    let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
     assert_eq!(state.len(), 1, "{state:?}");
 
     // The agent endpoints show what this host registered; the catalog shows every host's.
@@ -203,5 +227,286 @@ async fn a_registration_on_one_host_is_answered_everywhere_and_goes_with_its_hos
         catalog.get("db").is_some() && catalog.get("web").is_some(),
         "{catalog}"
     );
-    converged(&etcd, &[&h1, &h2, &h3]).await;
+    converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
+}
+
+/// A resolver as host `name` that reaches etcd only through `endpoints`.
+fn host_via(endpoints: &str, name: &str) -> Resolver {
+    Resolver::with(Options {
+        config: Some(format!("[etcd]\nlease_ttl = \"{LEASE}\"\n")),
+        extra_args: vec![
+            "--etcd".into(),
+            endpoints.into(),
+            "--node-name".into(),
+            name.into(),
+        ],
+        ..Options::default()
+    })
+}
+
+/// Which member leads the cluster now.
+async fn leader(etcd: &EtcdCluster, members: usize) -> usize {
+    for i in 0..members {
+        let Ok(mut c) = Client::connect([etcd.endpoint(i)], None).await else {
+            continue;
+        };
+        let Ok(s) = c.status().await else { continue };
+        let me = s.header().map(|h| h.member_id());
+        if me == Some(s.leader()) {
+            return i;
+        }
+    }
+    panic!("no member says it leads");
+}
+
+/// The value of one metric series on a resolver, or 0.
+async fn metric(r: &Resolver, series: &str) -> f64 {
+    let text = reqwest::get(r.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn ready(r: &Resolver) -> (u16, String) {
+    let resp = reqwest::get(r.url("/healthz/ready")).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_etcd_leader_loses_no_acknowledged_change() {
+    let mut etcd = EtcdCluster::start(3);
+    let hosts = [
+        host(&etcd, "host-1"),
+        host(&etcd, "host-2"),
+        host(&etcd, "host-3"),
+    ];
+    let apis: Vec<Api> = hosts.iter().map(Api::new).collect();
+    for h in &hosts {
+        until("ready", WAIT, || ready(h), |(s, _)| *s == 200).await;
+    }
+
+    // Registrations and health flips on every host, 90 in all; the leader dies after a third.
+    let mut expected: BTreeMap<String, &str> = BTreeMap::new();
+    for n in 0..90usize {
+        if n == 30 {
+            let l = leader(&etcd, 3).await;
+            etcd.kill(l);
+        }
+        let api = &apis[n % 3];
+        if n % 3 == 2 && n >= 3 {
+            // Flip the check of an instance this host registered three steps ago.
+            let id = format!("svc-{}", n - 3);
+            if let Some(state) = expected.get_mut(&id) {
+                let to = if *state == "passing" { "fail" } else { "pass" };
+                let resp = api
+                    .put_empty(&format!("/v1/agent/check/{to}/{id}-ttl"))
+                    .await;
+                assert_eq!(resp.status(), 200, "{to} {id}");
+                *state = if to == "fail" { "critical" } else { "passing" };
+            }
+        }
+        let id = format!("svc-{n}");
+        api.register(json!({
+            "ID": id, "Name": format!("svc{}", n % 7), "Address": format!("10.9.{}.{}", n / 200, n % 200 + 1),
+            "Port": 80, "Check": {"CheckID": format!("{id}-ttl"), "TTL": "600s", "Status": "passing"}
+        }))
+        .await;
+        expected.insert(id, "passing");
+    }
+
+    let state = converged(
+        &etcd,
+        &[
+            ("host-1", &hosts[0]),
+            ("host-2", &hosts[1]),
+            ("host-3", &hosts[2]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        state.len(),
+        90,
+        "every acknowledged registration is in etcd"
+    );
+    for ((_, id), instance) in &state {
+        assert_eq!(
+            instance.checks[0].status.as_str(),
+            expected[id.as_str()],
+            "the last acknowledged health of {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_etcd_down_dns_keeps_answering_and_nothing_is_lost_when_it_returns() {
+    let mut etcd = EtcdCluster::start(1);
+    let h1 = host(&etcd, "host-1");
+    let h2 = host(&etcd, "host-2");
+    let (api1, api2) = (Api::new(&h1), Api::new(&h2));
+    api1.register(json!({"ID": "web-1", "Name": "web", "Address": "10.1.0.1", "Port": 80}))
+        .await;
+    api2.register(json!({"ID": "db-1", "Name": "db", "Address": "10.2.0.1", "Port": 5432}))
+        .await;
+    converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+
+    etcd.kill(0);
+    // Readiness says what is wrong; DNS answers the last state, past the lease's life.
+    for h in [&h1, &h2] {
+        until(
+            "degraded",
+            WAIT,
+            || ready(h),
+            |(s, t)| *s == 200 && t.contains("degraded: etcd unreachable"),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, want) in [
+        ("web.mesh.internal", "10.1.0.1"),
+        ("db.mesh.internal", "10.2.0.1"),
+    ] {
+        assert_eq!(
+            a(&h2, name).await,
+            [want.parse::<IpAddr>().unwrap()],
+            "{name}"
+        );
+    }
+    assert_eq!(metric(&h2, "waymark_etcd_connected").await, 0.0);
+    // Local changes are accepted while etcd is away.
+    api1.register(json!({"ID": "web-2", "Name": "web", "Address": "10.1.0.2", "Port": 80}))
+        .await;
+    let resp = api2.put_empty("/v1/agent/service/deregister/db-1").await;
+    assert_eq!(resp.status(), 200);
+
+    etcd.restart_in_place(0);
+    let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+    let ids: Vec<&str> = state.keys().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["web-1", "web-2"], "nothing lost, nothing left behind");
+    for h in [&h1, &h2] {
+        until(
+            "ready again",
+            WAIT,
+            || ready(h),
+            |(s, t)| *s == 200 && t == "ready\n",
+        )
+        .await;
+        let mut web = a(h, "web.mesh.internal").await;
+        web.sort();
+        assert_eq!(web.len(), 2, "{web:?}");
+        assert!(a(h, "db.mesh.internal").await.is_empty());
+    }
+    assert_eq!(metric(&h2, "waymark_etcd_connected").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_cut_off_across_a_compaction_lists_again_and_converges() {
+    let mut etcd = EtcdCluster::start(3);
+    let h1 = host(&etcd, "host-1");
+    let h2 = host(&etcd, "host-2");
+    // host-3 reaches etcd only through member 3.
+    let h3 = host_via(&etcd.endpoint(2), "host-3");
+    let api1 = Api::new(&h1);
+    for id in ["a-1", "a-2"] {
+        api1.register(json!({"ID": id, "Name": "a", "Address": "10.3.0.1", "Port": 80}))
+            .await;
+    }
+    converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
+    let listed = metric(&h3, "waymark_etcd_listings_total").await;
+
+    etcd.kill(2);
+    until(
+        "host-3 cut off",
+        WAIT,
+        || ready(&h3),
+        |(_, t)| t.contains("degraded"),
+    )
+    .await;
+    assert_eq!(
+        api1.put_empty("/v1/agent/service/deregister/a-1")
+            .await
+            .status(),
+        200
+    );
+    api1.register(json!({"ID": "a-3", "Name": "a", "Address": "10.3.0.3", "Port": 80}))
+        .await;
+    until(
+        "host-2 sees a-1 go",
+        WAIT,
+        || in_mirror(&h2),
+        |m| m.len() == 2 && !m.contains_key(&("a".into(), "a-1".into())),
+    )
+    .await;
+    // The history host-3 would watch from is compacted away.
+    let live = EtcdConfig {
+        endpoints: (0..2).map(|i| etcd.endpoint(i)).collect(),
+        ..EtcdConfig::default()
+    };
+    let (mut c, _) = connect(&live, 0).await.unwrap();
+    let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
+    c.compact(rev, None).await.unwrap();
+
+    etcd.restart_in_place(2);
+    let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
+    let ids: Vec<&str> = state.keys().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["a-2", "a-3"]);
+    assert!(
+        metric(&h3, "waymark_etcd_listings_total").await > listed,
+        "host-3 listed again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_restarted_with_a_stale_data_dir_converges() {
+    let etcd = EtcdCluster::start(1);
+    let mut h1 = host(&etcd, "host-1");
+    let h2 = host(&etcd, "host-2");
+    let api1 = Api::new(&h1);
+    for id in ["x-1", "x-2"] {
+        api1.register(json!({"ID": id, "Name": "x", "Address": "10.4.0.1", "Port": 80}))
+            .await;
+    }
+    converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+    // A copy of host-1's data dir as it is now...
+    h1.stop();
+    let stale = tempfile::tempdir().unwrap();
+    copy_dir(&h1.data_dir, stale.path());
+    h1.restart_stopped();
+    // ...goes stale: x-2 leaves, x-3 comes.
+    assert_eq!(
+        api1.put_empty("/v1/agent/service/deregister/x-2")
+            .await
+            .status(),
+        200
+    );
+    api1.register(json!({"ID": "x-3", "Name": "x", "Address": "10.4.0.3", "Port": 80}))
+        .await;
+    converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+
+    // host-1 comes back with the old copy: what it holds is what every host answers.
+    h1.kill();
+    std::fs::remove_dir_all(&h1.data_dir).unwrap();
+    copy_dir(stale.path(), &h1.data_dir);
+    h1.restart_stopped();
+    let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+    let ids: Vec<&str> = state.keys().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["x-1", "x-2"]);
+    assert_eq!(api1.registered_ids().await, ["x-1", "x-2"]);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }

@@ -13,6 +13,9 @@ use super::ApiState;
 pub use waymark_shared::lifecycle::readiness::Readiness;
 
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    if let Some(link) = &state.etcd {
+        link.observe(&state.metrics.etcd);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -29,6 +29,8 @@ pub enum EtcdError {
     },
     #[error("etcd: {0}")]
     Client(#[from] etcd_client::Error),
+    #[error("etcd: {0}")]
+    Unreachable(String),
 }
 
 /// How to reach etcd and where the registry lives in it.
@@ -177,14 +179,25 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, EtcdError> {
     })
 }
 
-/// A client for the configured cluster. It does not wait for a member to answer: requests
-/// fail (and are retried by their callers) while none does.
-pub async fn connect(config: &EtcdConfig) -> Result<etcd_client::Client, EtcdError> {
+/// A client for one member of the cluster: the first that answers, trying them in turn from
+/// endpoint `start` (a caller whose member failed passes the next one). Returns the client
+/// and the index of its endpoint.
+///
+/// One member per client, not the client's own balancing over all of them: a balanced
+/// channel sends some requests to a member that is down, and they fail (connection refused)
+/// for as long as it stays down.
+pub async fn connect(
+    config: &EtcdConfig,
+    start: usize,
+) -> Result<(etcd_client::Client, usize), EtcdError> {
     let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(config.dial_timeout)
         .with_timeout(config.request_timeout)
-        .with_keep_alive(Duration::from_secs(5), config.dial_timeout)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive(config.dial_timeout, config.dial_timeout)
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the quorum fails requests and watches rather than serving
+        // an old state.
+        .with_require_leader(true);
     if let Some(user) = &config.username {
         let password = match (&config.password, &config.password_file) {
             (Some(p), _) => p.clone(),
@@ -201,9 +214,31 @@ pub async fn connect(config: &EtcdConfig) -> Result<etcd_client::Client, EtcdErr
         }
         options = options.with_tls(tls);
     }
-    // Connecting waits for nothing (a lazy channel), so a cluster that is down now is
-    // reached once it is up.
-    Ok(etcd_client::Client::connect(&config.endpoints, Some(options)).await?)
+    let n = config.endpoints.len().max(1);
+    let mut last = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let Some(endpoint) = config.endpoints.get(i) else {
+            break;
+        };
+        let tried = async {
+            let mut client =
+                etcd_client::Client::connect([endpoint.as_str()], Some(options.clone())).await?;
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        match tokio::time::timeout(config.dial_timeout + config.request_timeout, tried).await {
+            Ok(Ok(client)) => return Ok((client, i)),
+            Ok(Err(e)) => last = Some(EtcdError::Client(e)),
+            Err(_) => {
+                last = Some(EtcdError::Unreachable(format!(
+                    "{endpoint} did not answer within {:?}",
+                    config.dial_timeout + config.request_timeout
+                )))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| EtcdError::Unreachable("no endpoints".into())))
 }
 
 #[cfg(test)]

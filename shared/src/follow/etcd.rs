@@ -11,7 +11,7 @@
 //! alike, and followers of this mirror (the gateway, the forwarders) resume from it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,8 @@ type Owners = HashMap<(CompactString, CompactString), String>;
 
 pub struct EtcdFollower {
     config: EtcdConfig,
+    /// The endpoint the next session tries first.
+    member: AtomicUsize,
     layout: Layout,
     mirror: Arc<Mirror>,
     status: Arc<RegistryStatus>,
@@ -77,6 +79,8 @@ impl EtcdFollower {
         let layout = config.layout()?;
         Ok(EtcdFollower {
             config,
+            // Hosts spread over the members from the start.
+            member: AtomicUsize::new(std::process::id() as usize),
             layout,
             mirror,
             status,
@@ -121,7 +125,10 @@ impl EtcdFollower {
 
     /// One listing, then the watch until it fails.
     async fn follow(&self) -> Result<(), FollowError> {
-        let mut client = crate::etcd::connect(&self.config).await?;
+        let start = self.member.load(Ordering::Relaxed);
+        let (mut client, member) = crate::etcd::connect(&self.config, start).await?;
+        // The next session starts with the next member, whatever ends this one.
+        self.member.store(member + 1, Ordering::Relaxed);
         let prefix = self.layout.instances();
         let listing = client
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
