@@ -133,6 +133,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         let serving = Arc::new(Mirror::new(0));
         let (link, etcd_tasks) = crate::etcd::EtcdLink::start(
             &config.etcd,
+            config.vips.range,
+            config.panic_thresholds(),
             local.clone(),
             serving.clone(),
             ready.clone(),

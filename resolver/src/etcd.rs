@@ -11,19 +11,30 @@
 //! again when it is back, so an acknowledged registration is never lost whether etcd is up or
 //! not. What DNS and the API answer comes from etcd, through the follower
 //! ([`waymark_shared::follow::etcd`]), on this host as on every other.
+//!
+//! Before it writes an instance, the publisher makes sure its service, and each of its tags
+//! that can be a DNS label, has a VIP in etcd: where [`vip::place`] puts the name, allocated
+//! in a transaction that creates the VIP key and the address key together only if neither
+//! exists, so that hosts racing for one name or one address agree. VIPs carry no lease and
+//! stay with the service.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
-use waymark_shared::etcd::client::{self as etcd_client, GetOptions, PutOptions, Txn, TxnOp};
+use waymark_shared::etcd::client::{
+    self as etcd_client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use waymark_shared::etcd::keys::{encode_instance, Key, Layout};
 use waymark_shared::etcd::{EtcdConfig, EtcdError};
 use waymark_shared::follow::etcd::{EtcdFollower, FollowStats};
 use waymark_shared::follow::RegistryStatus;
 use waymark_shared::lifecycle::readiness::Readiness;
+use waymark_shared::vip::{self, VipRange};
+use waymark_shared::Instance;
 use waymark_shared::Mirror;
 
 /// etcd's default limit on operations in one transaction is 128.
@@ -83,8 +94,17 @@ impl PublishStatus {
 /// What this host has in etcd: the value under each of its keys.
 type Written = HashMap<String, Vec<u8>>;
 
+/// What a session knows of the VIPs in etcd: the VIP keys that exist and the addresses
+/// taken.
+#[derive(Default)]
+struct VipsKnown {
+    keys: HashSet<String>,
+    taken: HashSet<Ipv4Addr>,
+}
+
 pub struct Publisher {
     config: EtcdConfig,
+    range: VipRange,
     /// The endpoint the next session tries first.
     member: AtomicUsize,
     layout: Layout,
@@ -96,10 +116,12 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(
         config: EtcdConfig,
+        range: VipRange,
         local: Arc<Mirror>,
         status: Arc<PublishStatus>,
     ) -> Result<Publisher, EtcdError> {
         Ok(Publisher {
+            range,
             // Hosts spread over the members from the start.
             member: AtomicUsize::new(std::process::id() as usize),
             layout: config.layout()?,
@@ -157,7 +179,8 @@ impl Publisher {
         // Everything as of now; changes after it come through `changed`.
         let mut index = self.local.index();
         changed.borrow_and_update();
-        let mut written = self.full_sync(&mut client, lease).await?;
+        let mut vips = self.load_vips(&mut client).await?;
+        let mut written = self.full_sync(&mut client, lease, &mut vips).await?;
         self.status.syncs.fetch_add(1, Ordering::Relaxed);
         self.status.synced.store(true, Ordering::Release);
         tracing::info!(node = %self.node, lease, instances = written.len(), "etcd publisher: in sync");
@@ -176,12 +199,13 @@ impl Publisher {
                     let changes = self.local.changes_since(index);
                     index = changes.index;
                     if changes.reset {
-                        written = self.full_sync(&mut client, lease).await?;
+                        written = self.full_sync(&mut client, lease, &mut vips).await?;
                     } else {
                         let mut touched: Vec<CompactString> =
                             changes.services.iter().map(|v| v.name.clone()).collect();
                         touched.extend(changes.removed.iter().map(CompactString::from));
-                        self.sync_services(&mut client, lease, &touched, &mut written).await?;
+                        self.sync_services(&mut client, lease, &touched, &mut written, &mut vips)
+                            .await?;
                     }
                 }
                 _ = tick.tick() => {
@@ -202,21 +226,128 @@ impl Publisher {
 
     /// The keys and values the local registrations should have, for some services (all when
     /// `services` is `None`).
-    fn wanted(&self, services: Option<&[CompactString]>) -> Written {
+    fn wanted(&self, services: Option<&[CompactString]>) -> (Written, Vec<Arc<Instance>>) {
         let views = match services {
             None => self.local.services(),
             Some(names) => names.iter().filter_map(|n| self.local.service(n)).collect(),
         };
-        views
+        let instances: Vec<Arc<Instance>> = views
             .iter()
-            .flat_map(|v| v.instances.iter())
+            .flat_map(|v| v.instances.iter().cloned())
+            .collect();
+        let written = instances
+            .iter()
             .map(|i| {
                 (
                     self.layout.instance_key(&self.node, &i.service, &i.id),
                     encode_instance(i),
                 )
             })
-            .collect()
+            .collect();
+        (written, instances)
+    }
+
+    /// The VIP keys and taken addresses in etcd now.
+    async fn load_vips(&self, client: &mut etcd_client::Client) -> Result<VipsKnown, PublishError> {
+        let mut known = VipsKnown::default();
+        let keys = GetOptions::new().with_prefix().with_keys_only();
+        for kv in client.get(self.layout.vips(), Some(keys)).await?.kvs() {
+            if let Ok(k) = kv.key_str() {
+                known.keys.insert(k.to_string());
+            }
+        }
+        let addresses = client
+            .get(
+                self.layout.vip_addresses(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        for kv in addresses.kvs() {
+            let ip = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.rsplit('/').next()?.parse().ok());
+            if let Some(ip) = ip {
+                known.taken.insert(ip);
+            }
+        }
+        Ok(known)
+    }
+
+    /// Makes sure the service of each instance, and each of its tags that can be a DNS
+    /// label, has a VIP in etcd.
+    async fn ensure_vips(
+        &self,
+        client: &mut etcd_client::Client,
+        instances: &[Arc<Instance>],
+        known: &mut VipsKnown,
+    ) -> Result<(), PublishError> {
+        for i in instances {
+            let names = std::iter::once(None).chain(
+                i.tags
+                    .iter()
+                    .filter(|t| crate::dns::names::check_tag(t))
+                    .map(|t| Some(t.as_str())),
+            );
+            for tag in names {
+                let key = self.layout.vip_key(&i.service, tag);
+                if !known.keys.contains(&key) {
+                    self.allocate(client, &i.service, tag, &key, known).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates one VIP: at the name's place in the range, or the next address free there,
+    /// in a transaction that fails if another host made the key, or took the address, first.
+    async fn allocate(
+        &self,
+        client: &mut etcd_client::Client,
+        service: &str,
+        tag: Option<&str>,
+        key: &str,
+        known: &mut VipsKnown,
+    ) -> Result<(), PublishError> {
+        let name = vip::key(service, tag);
+        for _ in 0..self.range.capacity().min(1024) {
+            let Some(ip) = vip::place(&self.range, &name, |ip| known.taken.contains(&ip)) else {
+                break;
+            };
+            let address = self.layout.vip_address_key(ip);
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(key, CompareOp::Equal, 0),
+                    Compare::create_revision(address.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(key, ip.to_string(), None),
+                    TxnOp::put(address.as_str(), name.as_str(), None),
+                ])
+                .or_else([TxnOp::get(key, None)]);
+            let resp = client.txn(txn).await?;
+            if resp.succeeded() {
+                tracing::info!(name, %ip, "VIP allocated in etcd");
+                known.keys.insert(key.to_string());
+                known.taken.insert(ip);
+                return Ok(());
+            }
+            let exists = resp
+                .op_responses()
+                .into_iter()
+                .any(|r| matches!(r, TxnOpResponse::Get(g) if !g.kvs().is_empty()));
+            if exists {
+                // Another host allocated this name first.
+                known.keys.insert(key.to_string());
+                return Ok(());
+            }
+            // The address went to another name meanwhile: the next one.
+            known.taken.insert(ip);
+        }
+        tracing::warn!(name, range = %self.range, "no VIP left in the range for this name");
+        // Do not try again for every write of the service.
+        known.keys.insert(key.to_string());
+        Ok(())
     }
 
     /// Makes the node's keys in etcd equal to the local registrations.
@@ -224,6 +355,7 @@ impl Publisher {
         &self,
         client: &mut etcd_client::Client,
         lease: i64,
+        vips: &mut VipsKnown,
     ) -> Result<Written, PublishError> {
         let prefix = self.layout.node_instances(&self.node);
         let existing = client
@@ -241,7 +373,8 @@ impl Publisher {
                 }
             }
         }
-        let wanted = self.wanted(None);
+        let (wanted, instances) = self.wanted(None);
+        self.ensure_vips(client, &instances, vips).await?;
         let mut ops = Vec::new();
         for (key, value) in &wanted {
             if current.get(key) != Some(value) {
@@ -269,8 +402,10 @@ impl Publisher {
         lease: i64,
         services: &[CompactString],
         written: &mut Written,
+        vips: &mut VipsKnown,
     ) -> Result<(), PublishError> {
-        let wanted = self.wanted(Some(services));
+        let (wanted, instances) = self.wanted(Some(services));
+        self.ensure_vips(client, &instances, vips).await?;
         let lower: Vec<String> = services
             .iter()
             .map(|s| s.as_str().to_ascii_lowercase())
@@ -339,6 +474,8 @@ impl EtcdLink {
     /// `ready` waits for "etcd" until the first listing is in.
     pub fn start(
         config: &EtcdConfig,
+        range: VipRange,
+        thresholds: HashMap<String, f64>,
         local: Arc<Mirror>,
         serving: Arc<Mirror>,
         ready: Arc<Readiness>,
@@ -350,12 +487,13 @@ impl EtcdLink {
         let publish = Arc::new(PublishStatus::default());
         let follower = EtcdFollower::new(
             config.clone(),
+            thresholds,
             serving.clone(),
             follow.clone(),
             stats.clone(),
             Arc::new(move |_m: &Mirror| ready.done(READY)),
         )?;
-        let publisher = Publisher::new(config.clone(), local, publish.clone())?;
+        let publisher = Publisher::new(config.clone(), range, local, publish.clone())?;
         let tasks = vec![
             tokio::spawn({
                 let stop = stop.clone();

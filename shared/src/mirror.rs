@@ -221,6 +221,28 @@ impl Mirror {
         Some(index)
     }
 
+    /// Sets a service's attributes as the change the registry of record made at `index` (see
+    /// [`Mirror::upsert_at`]); nothing when the service does not exist or has exactly these.
+    /// Returns whether anything changed.
+    pub fn set_attrs_at(&self, index: u64, service: &str, attrs: ServiceAttrs) -> bool {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let key = key_of(service);
+        let Some(current) = self.services.get(&key).map(|s| s.view.clone()) else {
+            return false;
+        };
+        if current.attrs == attrs {
+            return false;
+        }
+        let index = index.max(self.index.load(Ordering::Acquire));
+        self.commit(
+            &mut log,
+            index,
+            key,
+            Some((current.name.clone(), current.instances.clone(), attrs)),
+        );
+        true
+    }
+
     /// Removes an instance. Returns the change index, or `None` if there was no such instance.
     pub fn remove(&self, service: &str, id: &str) -> Option<u64> {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());

@@ -25,14 +25,21 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// A resolver as host `name`, with etcd as its registry of record.
 fn host(etcd: &EtcdCluster, name: &str) -> Resolver {
+    host_with(&etcd.endpoints(), name, &[])
+}
+
+/// A resolver as host `name` that reaches etcd through `endpoints`, with more flags.
+fn host_with(endpoints: &str, name: &str, more: &[&str]) -> Resolver {
+    let mut extra_args: Vec<String> = vec![
+        "--etcd".into(),
+        endpoints.into(),
+        "--node-name".into(),
+        name.into(),
+    ];
+    extra_args.extend(more.iter().map(|s| s.to_string()));
     Resolver::with(Options {
         config: Some(format!("[etcd]\nlease_ttl = \"{LEASE}\"\n")),
-        extra_args: vec![
-            "--etcd".into(),
-            etcd.endpoints(),
-            "--node-name".into(),
-            name.into(),
-        ],
+        extra_args,
         ..Options::default()
     })
 }
@@ -62,7 +69,9 @@ async fn in_etcd(
         .map(|kv| {
             let key = layout.parse(kv.key()).expect("a key of the layout");
             let i = decode_instance(&key, kv.value()).expect("an instance");
-            let Key::Instance { node, .. } = key;
+            let Key::Instance { node, .. } = key else {
+                panic!("an instance key under instances/");
+            };
             ((i.service.to_string(), i.id.to_string()), (node, i))
         })
         .collect())
@@ -230,20 +239,6 @@ async fn a_registration_on_one_host_is_answered_everywhere_and_goes_with_its_hos
     converged(&etcd, &[("host-1", &h1), ("host-2", &h2), ("host-3", &h3)]).await;
 }
 
-/// A resolver as host `name` that reaches etcd only through `endpoints`.
-fn host_via(endpoints: &str, name: &str) -> Resolver {
-    Resolver::with(Options {
-        config: Some(format!("[etcd]\nlease_ttl = \"{LEASE}\"\n")),
-        extra_args: vec![
-            "--etcd".into(),
-            endpoints.into(),
-            "--node-name".into(),
-            name.into(),
-        ],
-        ..Options::default()
-    })
-}
-
 /// Which member leads the cluster now.
 async fn leader(etcd: &EtcdCluster, members: usize) -> usize {
     for i in 0..members {
@@ -409,7 +404,7 @@ async fn a_host_cut_off_across_a_compaction_lists_again_and_converges() {
     let h1 = host(&etcd, "host-1");
     let h2 = host(&etcd, "host-2");
     // host-3 reaches etcd only through member 3.
-    let h3 = host_via(&etcd.endpoint(2), "host-3");
+    let h3 = host_with(&etcd.endpoint(2), "host-3", &[]);
     let api1 = Api::new(&h1);
     for id in ["a-1", "a-2"] {
         api1.register(json!({"ID": id, "Name": "a", "Address": "10.3.0.1", "Port": 80}))
@@ -509,4 +504,99 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_host_answers_the_same_vips_allocated_once_in_etcd() {
+    let etcd = EtcdCluster::start(1);
+    // A range of six addresses: hosts that race for one must still agree.
+    let flags = ["--vip-answers", "all", "--vip-range", "127.77.0.0/29"];
+    let mut hosts = [
+        host_with(&etcd.endpoints(), "host-1", &flags),
+        host_with(&etcd.endpoints(), "host-2", &flags),
+        host_with(&etcd.endpoints(), "host-3", &flags),
+    ];
+    let apis: Vec<Api> = hosts.iter().map(Api::new).collect();
+    // At the same time on three hosts: payment with tag v1, payment with tag v2, orders.
+    let bodies = [
+        json!({"ID": "payment-1", "Name": "payment", "Tags": ["v1"], "Address": "10.5.0.1", "Port": 80}),
+        json!({"ID": "payment-2", "Name": "payment", "Tags": ["v2"], "Address": "10.5.0.2", "Port": 80}),
+        json!({"ID": "orders-1", "Name": "orders", "Address": "10.5.0.3", "Port": 80}),
+    ];
+    futures::future::join_all(apis.iter().zip(bodies).map(|(api, b)| api.register(b))).await;
+
+    let names = [
+        "payment.mesh.internal",
+        "v1.payment.mesh.internal",
+        "v2.payment.mesh.internal",
+        "orders.mesh.internal",
+    ];
+    let range = |ip: &IpAddr| ip.to_string().starts_with("127.77.0.");
+    let vips = until(
+        "VIPs answered",
+        WAIT,
+        || vip_answers(&hosts[0], &names),
+        |got| got.iter().all(|ips| ips.len() == 1 && range(&ips[0])),
+    )
+    .await;
+    let distinct: std::collections::BTreeSet<_> = vips.iter().map(|v| v[0]).collect();
+    assert_eq!(distinct.len(), 4, "one address per name: {vips:?}");
+    for h in &hosts[1..] {
+        until(
+            "the same VIPs on every host",
+            WAIT,
+            || vip_answers(h, &names),
+            |got| *got == vips,
+        )
+        .await;
+    }
+    // etcd holds each allocation once.
+    let config = EtcdConfig {
+        endpoints: vec![etcd.endpoint(0)],
+        ..EtcdConfig::default()
+    };
+    let (mut c, _) = connect(&config, 0).await.unwrap();
+    let keys = |prefix: &'static str| {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .unwrap();
+            r.kvs()
+                .iter()
+                .map(|kv| kv.key_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        keys("/waymark/vips/").await,
+        [
+            "/waymark/vips/orders",
+            "/waymark/vips/payment",
+            "/waymark/vips/payment/v1",
+            "/waymark/vips/payment/v2"
+        ]
+    );
+    assert_eq!(keys("/waymark/vip-addresses/").await.len(), 4);
+    let _ = c.status().await;
+
+    // A host that restarts answers them unchanged.
+    hosts[0].restart();
+    until(
+        "the same VIPs after a restart",
+        WAIT,
+        || vip_answers(&hosts[0], &names),
+        |got| *got == vips,
+    )
+    .await;
+}
+
+/// What host `r` answers for each name.
+async fn vip_answers(r: &Resolver, names: &[&str]) -> Vec<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for n in names {
+        out.push(a(r, n).await);
+    }
+    out
 }

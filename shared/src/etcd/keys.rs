@@ -4,6 +4,12 @@
 //! - `<prefix>instances/<node>/<service>/<id>`: one [`Instance`] as JSON, written by the host
 //!   (`node`) that registered it and runs its checks, attached to that host's lease, so that
 //!   it goes when the host does.
+//! - `<prefix>vips/<service>` and `<prefix>vips/<service>/<tag>`: the VIP of a service and of
+//!   a tag subset of it (names lowercased), as text; with
+//! - `<prefix>vip-addresses/<ip>`: the name that holds an address (`payment`, `v2.payment`).
+//!   Both are created in one transaction that succeeds only if neither exists, so that every
+//!   host agrees on every VIP and no address is handed out twice. They carry no lease: a
+//!   service keeps its VIPs whichever hosts come and go.
 //!
 //! Each segment is percent-encoded (`%`, `/`, and every byte outside printable ASCII), so
 //! that any node name, service name or instance ID makes exactly one key and reads back as
@@ -27,6 +33,13 @@ pub enum Key {
         service: String,
         id: String,
     },
+    /// A VIP: the service's own (`tag` none) or a tag subset's.
+    Vip {
+        service: String,
+        tag: Option<String>,
+    },
+    /// Which name holds an address (the VIP keys are what followers read).
+    VipAddress,
 }
 
 /// The key layout under one prefix.
@@ -69,11 +82,57 @@ impl Layout {
         )
     }
 
+    /// The prefix of every VIP key.
+    pub fn vips(&self) -> String {
+        format!("{}vips/", self.prefix)
+    }
+
+    /// The key of a service's VIP (`tag` none) or of a tag subset's.
+    pub fn vip_key(&self, service: &str, tag: Option<&str>) -> String {
+        let service = encode(&service.to_ascii_lowercase());
+        match tag {
+            None => format!("{}vips/{service}", self.prefix),
+            Some(t) => format!(
+                "{}vips/{service}/{}",
+                self.prefix,
+                encode(&t.to_ascii_lowercase())
+            ),
+        }
+    }
+
+    /// The prefix of every address key.
+    pub fn vip_addresses(&self) -> String {
+        format!("{}vip-addresses/", self.prefix)
+    }
+
+    pub fn vip_address_key(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("{}vip-addresses/{ip}", self.prefix)
+    }
+
     /// Reads a key back; `None` for keys outside the layout (other tools' keys under the
     /// prefix are left alone).
     pub fn parse(&self, key: &[u8]) -> Option<Key> {
         let key = std::str::from_utf8(key).ok()?;
         let rest = key.strip_prefix(&self.prefix)?;
+        if let Some(rest) = rest.strip_prefix("vips/") {
+            let mut parts = rest.split('/');
+            let service = decode(parts.next().filter(|s| !s.is_empty())?)?;
+            let tag = match parts.next() {
+                None => None,
+                Some(t) if !t.is_empty() => Some(decode(t)?),
+                Some(_) => return None,
+            };
+            if parts.next().is_some() {
+                return None;
+            }
+            return Some(Key::Vip { service, tag });
+        }
+        if let Some(ip) = rest.strip_prefix("vip-addresses/") {
+            return ip
+                .parse::<std::net::Ipv4Addr>()
+                .ok()
+                .map(|_| Key::VipAddress);
+        }
         let rest = rest.strip_prefix("instances/")?;
         let mut parts = rest.split('/');
         let (node, service, id) = (parts.next()?, parts.next()?, parts.next()?);
@@ -96,7 +155,9 @@ pub fn encode_instance(instance: &Instance) -> Vec<u8> {
 /// An instance from the value of its key, checked against what the key says it is.
 pub fn decode_instance(key: &Key, value: &[u8]) -> Result<Instance, String> {
     let instance: Instance = serde_json::from_slice(value).map_err(|e| e.to_string())?;
-    let Key::Instance { service, id, .. } = key;
+    let Key::Instance { service, id, .. } = key else {
+        return Err("not an instance key".into());
+    };
     if instance.service.as_str() != service || instance.id.as_str() != id {
         return Err(format!(
             "the value is instance {:?} of {:?}, the key says {id:?} of {service:?}",
@@ -198,6 +259,41 @@ mod tests {
             assert_eq!(l.parse(key.as_bytes()), None, "{key}");
         }
         assert_eq!(l.parse(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn vip_keys_read_back() {
+        let l = Layout::new("/w/").unwrap();
+        assert_eq!(l.vip_key("Payment", None), "/w/vips/payment");
+        assert_eq!(l.vip_key("payment", Some("V2")), "/w/vips/payment/v2");
+        assert_eq!(
+            l.parse(b"/w/vips/payment"),
+            Some(Key::Vip {
+                service: "payment".into(),
+                tag: None
+            })
+        );
+        assert_eq!(
+            l.parse(b"/w/vips/payment/v2"),
+            Some(Key::Vip {
+                service: "payment".into(),
+                tag: Some("v2".into())
+            })
+        );
+        let ip = "127.77.0.9".parse().unwrap();
+        assert_eq!(l.vip_address_key(ip), "/w/vip-addresses/127.77.0.9");
+        assert_eq!(
+            l.parse(l.vip_address_key(ip).as_bytes()),
+            Some(Key::VipAddress)
+        );
+        for bad in [
+            "/w/vips/",
+            "/w/vips/a/",
+            "/w/vips/a/b/c",
+            "/w/vip-addresses/x",
+        ] {
+            assert_eq!(l.parse(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Follows the registry in etcd into a local [`Mirror`].
 //!
-//! It lists every instance key at one revision, makes the mirror equal to that listing
+//! It lists every key of the registry (instances and VIPs) at one revision, makes the
+//! mirror equal to that listing
 //! (removals included: whatever the mirror holds that etcd does not is dropped), then watches
 //! the prefix from the next revision. A broken watch, a compacted revision (the watch is
 //! cancelled), a watch that stops showing progress, or an event that cannot be read starts
@@ -10,7 +11,8 @@
 //! The mirror's change index is etcd's revision: every host's mirror of one cluster counts
 //! alike, and followers of this mirror (the gateway, the forwarders) resume from it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +24,7 @@ use super::{OnChange, RegistryStatus};
 use crate::etcd::keys::{decode_instance, Key, Layout};
 use crate::etcd::{EtcdConfig, EtcdError};
 use crate::mirror::{Changes, ServiceView};
-use crate::{Instance, Mirror};
+use crate::{Instance, Mirror, ServiceAttrs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -57,8 +59,22 @@ pub struct FollowStats {
 /// longer owns the instance (another host registered the same ID since) removes nothing.
 type Owners = HashMap<(CompactString, CompactString), String>;
 
+/// The VIPs in etcd: by lowercased service, by tag (`""` for the service's own).
+type Vips = HashMap<CompactString, BTreeMap<CompactString, Ipv4Addr>>;
+
+/// What the follower knows beyond the mirror: who owns each instance, and the VIPs (kept
+/// for services that have no instance yet too).
+#[derive(Default)]
+struct Known {
+    owners: Owners,
+    vips: Vips,
+}
+
 pub struct EtcdFollower {
     config: EtcdConfig,
+    /// Panic thresholds by lowercased service name: the rest of a service's attributes,
+    /// which come from this host's config rather than from etcd.
+    thresholds: HashMap<String, f64>,
     /// The endpoint the next session tries first.
     member: AtomicUsize,
     layout: Layout,
@@ -71,6 +87,7 @@ pub struct EtcdFollower {
 impl EtcdFollower {
     pub fn new(
         config: EtcdConfig,
+        thresholds: HashMap<String, f64>,
         mirror: Arc<Mirror>,
         status: Arc<RegistryStatus>,
         stats: Arc<FollowStats>,
@@ -79,6 +96,7 @@ impl EtcdFollower {
         let layout = config.layout()?;
         Ok(EtcdFollower {
             config,
+            thresholds,
             // Hosts spread over the members from the start.
             member: AtomicUsize::new(std::process::id() as usize),
             layout,
@@ -129,35 +147,51 @@ impl EtcdFollower {
         let (mut client, member) = crate::etcd::connect(&self.config, start).await?;
         // The next session starts with the next member, whatever ends this one.
         self.member.store(member + 1, Ordering::Relaxed);
-        let prefix = self.layout.instances();
+        let prefix = self.layout.prefix().to_string();
         let listing = client
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
         let revision = listing.header().map_or(0, |h| h.revision());
-        let mut owners = Owners::new();
+        let mut known = Known::default();
         let mut wanted: HashMap<CompactString, Vec<Arc<Instance>>> = HashMap::new();
         for kv in listing.kvs() {
+            match self.layout.parse(kv.key()) {
+                Some(Key::Vip { service, tag }) => {
+                    if let Some(ip) = self.read_vip(kv.key(), kv.value()) {
+                        let tag = CompactString::from(tag.unwrap_or_default());
+                        known
+                            .vips
+                            .entry(lower(&service))
+                            .or_default()
+                            .insert(tag, ip);
+                    }
+                    continue;
+                }
+                Some(Key::Instance { .. }) => {}
+                Some(Key::VipAddress) | None => continue,
+            }
             let Some((node, instance)) = self.read(kv.key(), kv.value()) else {
                 continue;
             };
-            let key = (lower(&instance.service), instance.id.clone());
-            if let Some(previous) = owners.insert(key, node) {
+            let service = lower(&instance.service);
+            let list = wanted.entry(service.clone()).or_default();
+            if let Some(previous) = known.owners.insert((service, instance.id.clone()), node) {
                 tracing::warn!(service = %instance.service, id = %instance.id, %previous, "two hosts registered one instance ID; the last listed wins");
-                let list = wanted.entry(lower(&instance.service)).or_default();
                 list.retain(|i| i.id != instance.id);
             }
-            wanted
-                .entry(lower(&instance.service))
-                .or_default()
-                .push(Arc::new(instance));
+            list.push(Arc::new(instance));
         }
-        self.install(revision, wanted);
+        self.install(revision, wanted, &known.vips);
         self.stats.listings.fetch_add(1, Ordering::Relaxed);
         self.stats
             .revision
             .store(revision as u64, Ordering::Relaxed);
         self.status.ok();
-        tracing::info!(revision, instances = owners.len(), "etcd follower: listed");
+        tracing::info!(
+            revision,
+            instances = known.owners.len(),
+            "etcd follower: listed"
+        );
 
         let options = WatchOptions::new()
             .with_prefix()
@@ -185,8 +219,8 @@ impl EtcdFollower {
                         let Some(kv) = event.kv() else { continue };
                         let at = kv.mod_revision().max(0) as u64;
                         changed |= match event.event_type() {
-                            EventType::Put => self.put(&mut owners, at, kv.key(), kv.value()),
-                            EventType::Delete => self.delete(&mut owners, at, kv.key()),
+                            EventType::Put => self.put(&mut known, at, kv.key(), kv.value()),
+                            EventType::Delete => self.delete(&mut known, at, kv.key()),
                         };
                         self.stats.events.fetch_add(1, Ordering::Relaxed);
                     }
@@ -219,10 +253,10 @@ impl EtcdFollower {
     fn read(&self, key: &[u8], value: &[u8]) -> Option<(String, Instance)> {
         let parsed = self.layout.parse(key)?;
         match decode_instance(&parsed, value) {
-            Ok(instance) => {
-                let Key::Instance { node, .. } = parsed;
-                Some((node, instance))
-            }
+            Ok(instance) => match parsed {
+                Key::Instance { node, .. } => Some((node, instance)),
+                _ => None,
+            },
             Err(e) => {
                 self.stats.bad_values.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = %String::from_utf8_lossy(key), error = %e, "etcd follower: a value that does not read as an instance; left out");
@@ -232,17 +266,18 @@ impl EtcdFollower {
     }
 
     /// Makes the mirror equal to a listing, at its revision.
-    fn install(&self, revision: i64, wanted: HashMap<CompactString, Vec<Arc<Instance>>>) {
+    fn install(
+        &self,
+        revision: i64,
+        wanted: HashMap<CompactString, Vec<Arc<Instance>>>,
+        vips: &Vips,
+    ) {
         let index = (revision.max(0) as u64).max(self.mirror.index());
         let services = wanted
-            .into_values()
-            .filter_map(|instances| {
+            .into_iter()
+            .filter_map(|(key, instances)| {
                 let name = instances.first()?.service.clone();
-                let attrs = self
-                    .mirror
-                    .service(&name)
-                    .map(|v| v.attrs.clone())
-                    .unwrap_or_default();
+                let attrs = self.attrs(vips, &key);
                 Some(ServiceView {
                     name,
                     index,
@@ -260,27 +295,85 @@ impl EtcdFollower {
         (self.on_change)(&self.mirror);
     }
 
-    fn put(&self, owners: &mut Owners, at: u64, key: &[u8], value: &[u8]) -> bool {
-        let Some((node, instance)) = self.read(key, value) else {
-            return false;
-        };
-        owners.insert((lower(&instance.service), instance.id.clone()), node);
-        self.mirror.upsert_at(at, instance);
-        true
+    /// A service's attributes: its VIPs from etcd, its panic threshold from the config.
+    fn attrs(&self, vips: &Vips, service: &str) -> ServiceAttrs {
+        ServiceAttrs {
+            vips: vips.get(service).cloned().unwrap_or_default(),
+            panic_threshold: self.thresholds.get(service).copied().unwrap_or(0.0),
+        }
     }
 
-    fn delete(&self, owners: &mut Owners, at: u64, key: &[u8]) -> bool {
-        let Some(Key::Instance { node, service, id }) = self.layout.parse(key) else {
-            return false;
-        };
-        let owner = (lower(&service), CompactString::from(id.as_str()));
-        if owners.get(&owner) != Some(&node) {
-            // Another host owns this ID now (or nothing does): its key stays.
-            return false;
+    /// A VIP key's address; `None` (logged, counted) when the value is not one.
+    fn read_vip(&self, key: &[u8], value: &[u8]) -> Option<Ipv4Addr> {
+        let ip = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse().ok());
+        if ip.is_none() {
+            self.stats.bad_values.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key = %String::from_utf8_lossy(key), "etcd follower: a VIP key whose value is not an IPv4 address; left out");
         }
-        owners.remove(&owner);
-        self.mirror.remove_at(at, &service, &id);
-        true
+        ip
+    }
+
+    fn put(&self, known: &mut Known, at: u64, key: &[u8], value: &[u8]) -> bool {
+        match self.layout.parse(key) {
+            Some(Key::Vip { service, tag }) => {
+                let Some(ip) = self.read_vip(key, value) else {
+                    return false;
+                };
+                let service = lower(&service);
+                let tag = CompactString::from(tag.unwrap_or_default());
+                known
+                    .vips
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(tag, ip);
+                let attrs = self.attrs(&known.vips, &service);
+                self.mirror.set_attrs_at(at, &service, attrs)
+            }
+            Some(Key::Instance { .. }) => {
+                let Some((node, instance)) = self.read(key, value) else {
+                    return false;
+                };
+                let service = lower(&instance.service);
+                known
+                    .owners
+                    .insert((service.clone(), instance.id.clone()), node);
+                // A service new to the mirror starts with its attributes.
+                let attrs = self
+                    .mirror
+                    .service(&service)
+                    .is_none()
+                    .then(|| self.attrs(&known.vips, &service));
+                self.mirror.upsert_with_at(at, instance, attrs);
+                true
+            }
+            Some(Key::VipAddress) | None => false,
+        }
+    }
+
+    fn delete(&self, known: &mut Known, at: u64, key: &[u8]) -> bool {
+        match self.layout.parse(key) {
+            Some(Key::Instance { node, service, id }) => {
+                let owner = (lower(&service), CompactString::from(id.as_str()));
+                if known.owners.get(&owner) != Some(&node) {
+                    // Another host owns this ID now (or nothing does): its key stays.
+                    return false;
+                }
+                known.owners.remove(&owner);
+                self.mirror.remove_at(at, &service, &id);
+                true
+            }
+            Some(Key::Vip { service, tag }) => {
+                let service = lower(&service);
+                if let Some(map) = known.vips.get_mut(&service) {
+                    map.remove(tag.unwrap_or_default().as_str());
+                }
+                let attrs = self.attrs(&known.vips, &service);
+                self.mirror.set_attrs_at(at, &service, attrs)
+            }
+            Some(Key::VipAddress) | None => false,
+        }
     }
 }
 
