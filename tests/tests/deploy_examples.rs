@@ -334,3 +334,40 @@ fn forwarder_example_parses_and_matches_its_unit() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("announce.ttl must be at least 1s"));
 }
+
+#[test]
+fn etcd_example_config_parses_and_passes_check_config() {
+    let path = deploy("resolver-etcd.toml");
+    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    c.validate().unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.etcd.enabled());
+    assert_eq!(c.etcd.endpoints.len(), 3);
+    assert!(c.etcd.endpoints.iter().all(|e| e.starts_with("https://")));
+    assert!(c.etcd.ca_file.is_some() && c.etcd.cert_file.is_some() && c.etcd.key_file.is_some());
+    assert_eq!(c.etcd.prefix, "/waymark/");
+    assert_eq!(c.etcd.lease_ttl, Duration::from_secs(10));
+    assert_eq!(c.etcd.node_name, None, "each host takes its host name");
+    // The same DNS and API addresses as the single-host example, which the unit and the
+    // resolved drop-in expect.
+    let single = Config::load(&deploy("resolver.toml")).unwrap();
+    assert_eq!(c.dns.addr, single.dns.addr);
+    assert_eq!(c.api.addr, single.api.addr);
+    assert_eq!(c.store.data_dir, single.store.data_dir);
+    assert_eq!(c.vips.range, single.vips.range);
+
+    let out = run_resolver(
+        &["check-config", path.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .expect("check-config exits");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check-config failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[etcd]") && stdout.contains("lease_ttl = \"10s\""),
+        "{stdout}"
+    );
+}
