@@ -28,7 +28,7 @@ use compact_str::CompactString;
 use waymark_shared::etcd::client::{
     self as etcd_client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
-use waymark_shared::etcd::keys::{encode_instance, Key, Layout};
+use waymark_shared::etcd::keys::{encode_instance, Layout};
 use waymark_shared::etcd::{EtcdConfig, EtcdError};
 use waymark_shared::follow::etcd::{EtcdFollower, FollowStats};
 use waymark_shared::follow::RegistryStatus;
@@ -91,8 +91,42 @@ impl PublishStatus {
     }
 }
 
-/// What this host has in etcd: the value under each of its keys.
-type Written = HashMap<String, Vec<u8>>;
+/// What this host has in etcd: the value under each of its keys, and its keys by service
+/// (lowercased), so that a change to one service looks at that service's keys only.
+#[derive(Default)]
+struct Written {
+    values: HashMap<String, Vec<u8>>,
+    by_service: HashMap<String, HashSet<String>>,
+}
+
+impl Written {
+    fn insert(&mut self, service: &str, key: String, value: Vec<u8>) {
+        self.by_service
+            .entry(service.to_ascii_lowercase())
+            .or_default()
+            .insert(key.clone());
+        self.values.insert(key, value);
+    }
+
+    fn remove(&mut self, service: &str, key: &str) {
+        let service = service.to_ascii_lowercase();
+        if let Some(keys) = self.by_service.get_mut(&service) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_service.remove(&service);
+            }
+        }
+        self.values.remove(key);
+    }
+
+    fn get(&self, key: &str) -> Option<&Vec<u8>> {
+        self.values.get(key)
+    }
+
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+}
 
 /// What a session knows of the VIPs in etcd: the VIP keys that exist and the addresses
 /// taken.
@@ -235,15 +269,11 @@ impl Publisher {
             .iter()
             .flat_map(|v| v.instances.iter().cloned())
             .collect();
-        let written = instances
-            .iter()
-            .map(|i| {
-                (
-                    self.layout.instance_key(&self.node, &i.service, &i.id),
-                    encode_instance(i),
-                )
-            })
-            .collect();
+        let mut written = Written::default();
+        for i in &instances {
+            let key = self.layout.instance_key(&self.node, &i.service, &i.id);
+            written.insert(&i.service, key, encode_instance(i));
+        }
         (written, instances)
     }
 
@@ -361,7 +391,7 @@ impl Publisher {
         let existing = client
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
-        let mut current: Written = HashMap::new();
+        let mut current: HashMap<String, Vec<u8>> = HashMap::new();
         for kv in existing.kvs() {
             if let Ok(key) = kv.key_str() {
                 // Keys under another lease (a previous run's) are written again under this
@@ -376,7 +406,7 @@ impl Publisher {
         let (wanted, instances) = self.wanted(None);
         self.ensure_vips(client, &instances, vips).await?;
         let mut ops = Vec::new();
-        for (key, value) in &wanted {
+        for (key, value) in &wanted.values {
             if current.get(key) != Some(value) {
                 ops.push(TxnOp::put(
                     key.as_str(),
@@ -386,7 +416,7 @@ impl Publisher {
             }
         }
         for key in current.keys() {
-            if !wanted.contains_key(key) {
+            if !wanted.values.contains_key(key) {
                 ops.push(TxnOp::delete(key.as_str(), None));
             }
         }
@@ -406,37 +436,42 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let (wanted, instances) = self.wanted(Some(services));
         self.ensure_vips(client, &instances, vips).await?;
-        let lower: Vec<String> = services
-            .iter()
-            .map(|s| s.as_str().to_ascii_lowercase())
-            .collect();
         let mut ops = Vec::new();
         let mut gone = Vec::new();
-        for key in written.keys() {
-            let Some(Key::Instance { service, .. }) = self.layout.parse(key.as_bytes()) else {
+        for service in services {
+            let Some(keys) = written
+                .by_service
+                .get(service.as_str().to_ascii_lowercase().as_str())
+            else {
                 continue;
             };
-            if lower.contains(&service.to_ascii_lowercase()) && !wanted.contains_key(key) {
-                ops.push(TxnOp::delete(key.as_str(), None));
-                gone.push(key.clone());
+            for key in keys {
+                if !wanted.values.contains_key(key) {
+                    ops.push(TxnOp::delete(key.as_str(), None));
+                    gone.push((service.clone(), key.clone()));
+                }
             }
         }
         let mut put = Vec::new();
-        for (key, value) in wanted {
-            if written.get(&key) != Some(&value) {
+        for i in &instances {
+            let key = self.layout.instance_key(&self.node, &i.service, &i.id);
+            let value = &wanted.values[&key];
+            if written.get(&key) != Some(value) {
                 ops.push(TxnOp::put(
                     key.as_str(),
                     value.clone(),
                     Some(PutOptions::new().with_lease(lease)),
                 ));
-                put.push((key, value));
+                put.push((i.service.clone(), key, value.clone()));
             }
         }
         self.send(client, ops).await?;
-        for key in gone {
-            written.remove(&key);
+        for (service, key) in gone {
+            written.remove(&service, &key);
         }
-        written.extend(put);
+        for (service, key, value) in put {
+            written.insert(&service, key, value);
+        }
         Ok(())
     }
 
