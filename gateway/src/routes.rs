@@ -321,6 +321,7 @@ mod tests {
                 weight_warning: 1,
                 checks: vec![],
                 draining: false,
+                node: None,
             })],
             attrs: Default::default(),
         })

@@ -43,6 +43,7 @@ fn handler() -> Arc<Handler> {
                 weight_warning: 1,
                 checks: vec![],
                 draining: false,
+                node: None,
             });
         }
     }

@@ -80,6 +80,10 @@ pub struct Instance {
     /// Draining (maintenance mode, graceful shutdown): never answered, whatever its health.
     #[serde(default)]
     pub draining: bool,
+    /// The host (node) that registered it, when the registry knows (with etcd, the node
+    /// whose key holds it); the forwarders route to that host's forwarder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<CompactString>,
 }
 
 fn default_weight() -> u32 {
@@ -139,6 +143,7 @@ impl Instance {
             weight_warning: 1,
             checks: Vec::new(),
             draining: false,
+            node: None,
         }
     }
 
@@ -203,6 +208,7 @@ mod tests {
             weight_warning: 1,
             checks,
             draining,
+            node: None,
         }
     }
 

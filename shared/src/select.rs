@@ -96,6 +96,7 @@ mod tests {
                 notes: String::new(),
             }],
             draining,
+            node: None,
         }
     }
 

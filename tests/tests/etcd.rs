@@ -68,10 +68,11 @@ async fn in_etcd(
         .iter()
         .map(|kv| {
             let key = layout.parse(kv.key()).expect("a key of the layout");
-            let i = decode_instance(&key, kv.value()).expect("an instance");
+            let mut i = decode_instance(&key, kv.value()).expect("an instance");
             let Key::Instance { node, .. } = key else {
                 panic!("an instance key under instances/");
             };
+            i.node = Some(node.as_str().into());
             ((i.service.to_string(), i.id.to_string()), (node, i))
         })
         .collect())

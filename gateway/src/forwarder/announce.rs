@@ -234,6 +234,7 @@ mod tests {
             weight_warning: 1,
             checks: vec![],
             draining: false,
+            node: None,
         };
         let info = ForwarderInfo::from_instance(&inst).unwrap();
         assert_eq!(info.host, "host-a");

@@ -341,6 +341,7 @@ mod tests {
             weight_warning: 1,
             checks: vec![],
             draining: false,
+            node: None,
         })
     }
 

@@ -1,10 +1,12 @@
 //! Where an instance is, as the forwarder sees it, and who may call this host's instances:
 //! pure decisions over the registry's state, rebuilt on every change.
 //!
-//! - **Outbound** ([`Routes::route`]): an instance at an address of this host (or loopback)
-//!   is called directly; one at an address that another host's forwarder announced is
-//!   called through that forwarder, over the mTLS tunnel; one at an address no forwarder
-//!   announced (a host without a forwarder) is called directly and counted as unmeshed.
+//! - **Outbound** ([`Routes::route`]): an instance that the registry says a host registered
+//!   (with etcd, every instance has its node) is on that host; any other is on the host
+//!   whose forwarder announced its address. One on this host (or at a loopback address) is
+//!   called directly; one on another host with a forwarder is called through that forwarder,
+//!   over the mTLS tunnel; one on a host without a forwarder is called directly and counted
+//!   as unmeshed.
 //! - **Inbound** ([`Routes::admit`]): another host's forwarder may open a stream only to an
 //!   instance registered at an address of this host, and, when the instance's service has a
 //!   policy, only when the calling host is allowed by it. So the inbound listener is never an
@@ -34,6 +36,8 @@ pub enum Route {
 pub struct Routes {
     own: HashSet<IpAddr>,
     peers: HashMap<IpAddr, Peer>,
+    /// Instances whose node the registry names: their route, by address.
+    by_node: HashMap<SocketAddr, Route>,
     /// This host's instances: address → service.
     local_targets: HashMap<SocketAddr, String>,
     /// Per service (lowercase): the hosts allowed to call its instances here.
@@ -59,6 +63,15 @@ impl Routes {
             .collect();
         forwarders.sort_by(|a, b| a.host.cmp(&b.host));
         let mut peers = HashMap::new();
+        let mut peer_hosts: HashMap<String, Peer> = HashMap::new();
+        for f in &forwarders {
+            peer_hosts
+                .entry(f.host.to_ascii_lowercase())
+                .or_insert_with(|| Peer {
+                    host: f.host.clone(),
+                    addr: f.inbound,
+                });
+        }
         for f in forwarders {
             for a in &f.addresses {
                 if own.contains(a) || a.is_loopback() {
@@ -70,9 +83,25 @@ impl Routes {
                 });
             }
         }
+        let mut by_node = HashMap::new();
+        for i in services.iter().flat_map(|s| s.instances.iter()) {
+            let (Some(node), Some(ip)) = (&i.node, i.ip()) else {
+                continue;
+            };
+            let route = if node.eq_ignore_ascii_case(own_host) {
+                Route::Local
+            } else {
+                match peer_hosts.get(node.as_str().to_ascii_lowercase().as_str()) {
+                    Some(p) => Route::Peer(p.clone()),
+                    None => Route::Unmeshed,
+                }
+            };
+            by_node.insert(SocketAddr::new(ip, i.port), route);
+        }
         let mut routes = Routes {
             own,
             peers,
+            by_node,
             local_targets: HashMap::new(),
             allow: allow
                 .iter()
@@ -82,18 +111,21 @@ impl Routes {
         for s in services {
             for i in &s.instances {
                 let Some(ip) = i.ip() else { continue };
-                if routes.route(ip) == Route::Local {
-                    routes
-                        .local_targets
-                        .insert(SocketAddr::new(ip, i.port), s.name.to_string());
+                let target = SocketAddr::new(ip, i.port);
+                if routes.route(target) == Route::Local {
+                    routes.local_targets.insert(target, s.name.to_string());
                 }
             }
         }
         routes
     }
 
-    /// How to reach an instance at `ip`.
-    pub fn route(&self, ip: IpAddr) -> Route {
+    /// How to reach the instance at `target`.
+    pub fn route(&self, target: SocketAddr) -> Route {
+        if let Some(route) = self.by_node.get(&target) {
+            return route.clone();
+        }
+        let ip = target.ip();
         if ip.is_loopback() || self.own.contains(&ip) {
             return Route::Local;
         }
@@ -137,6 +169,12 @@ mod tests {
         Instance::new(service, id, addr, port)
     }
 
+    fn on_node(service: &str, id: &str, addr: &str, port: u16, node: &str) -> Instance {
+        let mut i = instance(service, id, addr, port);
+        i.node = Some(node.into());
+        i
+    }
+
     fn forwarder(host: &str, addr: &str, others: &str) -> Instance {
         let mut i = instance(SERVICE, &format!("{SERVICE}-{host}"), addr, 15008);
         i.meta.insert(META_HOST.into(), host.into());
@@ -173,6 +211,15 @@ mod tests {
                 ],
             ),
             view("ledger", vec![instance("ledger", "l-a", "10.0.0.1", 7000)]),
+            // With etcd the registry names each instance's node: that wins over addresses.
+            view(
+                "search",
+                vec![
+                    on_node("search", "s-b", "10.9.0.5", 9200, "host-b"),
+                    on_node("search", "s-a", "10.9.0.6", 9200, "HOST-A"),
+                    on_node("search", "s-x", "10.0.0.2", 9200, "host-x"),
+                ],
+            ),
         ];
         let allow = allow
             .iter()
@@ -200,7 +247,17 @@ mod tests {
             ("10.0.0.9", Route::Unmeshed),
         ];
         for (ip, want) in cases {
-            assert_eq!(t.route(ip.parse().unwrap()), want, "{ip}");
+            let target = SocketAddr::new(ip.parse().unwrap(), 9000);
+            assert_eq!(t.route(target), want, "{ip}");
+        }
+        let by_node = [
+            ("10.9.0.5:9200", peer("host-b", "10.0.0.2:15008")),
+            ("10.9.0.6:9200", Route::Local),
+            // host-x has no forwarder, whoever else has the address.
+            ("10.0.0.2:9200", Route::Unmeshed),
+        ];
+        for (target, want) in by_node {
+            assert_eq!(t.route(target.parse().unwrap()), want, "{target}");
         }
     }
 
@@ -229,5 +286,8 @@ mod tests {
             t.local_service("127.0.0.1:9001".parse().unwrap()),
             Some("payment")
         );
+        // Registered by this host, at an address it did not announce: still its own.
+        assert!(t.admit("10.9.0.6:9200".parse().unwrap(), "host-b").is_ok());
+        assert!(t.admit("10.9.0.5:9200".parse().unwrap(), "host-c").is_err());
     }
 }

@@ -189,7 +189,7 @@ impl Upstreams {
 
     /// Connects to the instance at `addr`, the way its route says.
     pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, UpstreamError> {
-        let route = self.routes.load().route(addr.ip());
+        let route = self.routes.load().route(addr);
         match route {
             Route::Peer(peer) if self.mesh => {
                 let Some(pool) = self.tunnels.get() else {

@@ -267,10 +267,16 @@ pub fn agent_service(i: &Instance, dc: &str) -> Value {
     })
 }
 
+/// The node an instance is on: the host that registered it when the registry knows (with
+/// etcd, each host is a node), else this one.
+fn node_of<'a>(i: &'a Instance, node: &'a Node) -> &'a str {
+    i.node.as_deref().unwrap_or(node.name)
+}
+
 /// A check in Consul's shape.
 pub fn check(c: &CheckView, i: &Instance, node: &Node) -> Value {
     json!({
-        "Node": node.name,
+        "Node": node_of(i, node),
         "CheckID": c.id,
         "Name": c.name,
         "Status": c.status.as_str(),
@@ -289,7 +295,7 @@ pub fn health_entry(i: &Instance, node: &Node) -> Value {
     json!({
         "Node": {
             "ID": "",
-            "Node": node.name,
+            "Node": node_of(i, node),
             "Address": node.address,
             "Datacenter": node.datacenter,
             "TaggedAddresses": {},
@@ -304,7 +310,7 @@ pub fn health_entry(i: &Instance, node: &Node) -> Value {
 pub fn catalog_entry(i: &Instance, node: &Node) -> Value {
     json!({
         "ID": "",
-        "Node": node.name,
+        "Node": node_of(i, node),
         "Address": node.address,
         "Datacenter": node.datacenter,
         "ServiceID": i.id,

@@ -554,6 +554,7 @@ mod tests {
                 notes: String::new(),
             }],
             draining: false,
+            node: None,
         }
     }
 

@@ -814,6 +814,7 @@ impl Registry {
             weight_warning: def.weights.warning,
             checks,
             draining: maintenance.is_some(),
+            node: None,
         }
     }
 

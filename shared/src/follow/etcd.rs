@@ -253,8 +253,11 @@ impl EtcdFollower {
     fn read(&self, key: &[u8], value: &[u8]) -> Option<(String, Instance)> {
         let parsed = self.layout.parse(key)?;
         match decode_instance(&parsed, value) {
-            Ok(instance) => match parsed {
-                Key::Instance { node, .. } => Some((node, instance)),
+            Ok(mut instance) => match parsed {
+                Key::Instance { node, .. } => {
+                    instance.node = Some(node.as_str().into());
+                    Some((node, instance))
+                }
                 _ => None,
             },
             Err(e) => {
