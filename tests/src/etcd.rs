@@ -40,6 +40,8 @@ struct Member {
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// The command members run under (`nsenter` into a host's namespaces), if any.
+    wrapper: Vec<String>,
 }
 
 const START: Duration = Duration::from_secs(30);
@@ -57,6 +59,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             dir,
             members: Vec::new(),
+            wrapper: Vec::new(),
         };
         // Members of a new cluster wait for each other: start them all, then read each one's
         // client address.
@@ -68,7 +71,7 @@ impl EtcdCluster {
                     name.clone(),
                     initial.clone(),
                 );
-                move || spawn_member(&dir, &name, &initial, "new", 0)
+                move || spawn_member(&dir, &name, &initial, "new", "127.0.0.1:0", &[])
             }));
         }
         for (name, t) in names.iter().zip(starting) {
@@ -80,6 +83,29 @@ impl EtcdCluster {
             });
         }
         cluster
+    }
+
+    /// One member serving clients on `client` (a fixed address inside a host's network
+    /// namespace), run under `wrapper` (`Hosts::wrapper`).
+    pub fn start_on(wrapper: Vec<String>, client: SocketAddr) -> EtcdCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (proc, bound) = spawn_member(
+            dir.path(),
+            "n1",
+            "n1=unix://n1:1",
+            "new",
+            &client.to_string(),
+            &wrapper,
+        );
+        EtcdCluster {
+            dir,
+            members: vec![Member {
+                name: "n1".into(),
+                proc: Some(proc),
+                client: bound,
+            }],
+            wrapper,
+        }
     }
 
     /// Every member's client URL, comma-separated (what `--etcd` takes).
@@ -120,7 +146,8 @@ impl EtcdCluster {
             &m.name,
             &initial,
             "existing",
-            m.client.port(),
+            &m.client.to_string(),
+            &self.wrapper,
         );
         assert_eq!(client, m.client);
         self.members[i].proc = Some(proc);
@@ -143,11 +170,19 @@ fn spawn_member(
     name: &str,
     initial: &str,
     state: &str,
-    port: u16,
+    client: &str,
+    wrapper: &[String],
 ) -> (Proc, SocketAddr) {
     let peer = format!("unix://{name}:1");
-    let client = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new("sh");
+    let client = format!("http://{client}");
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg("sh");
+            c
+        }
+        None => Command::new("sh"),
+    };
     // etcd logs to stderr; the harness reads what a process announces on stdout.
     cmd.current_dir(dir)
         .args(["-c", "exec \"$0\" \"$@\" 2>&1"])

@@ -470,7 +470,7 @@ async fn a_host_restarted_with_a_stale_data_dir_converges() {
     // A copy of host-1's data dir as it is now...
     h1.stop();
     let stale = tempfile::tempdir().unwrap();
-    copy_dir(&h1.data_dir, stale.path());
+    waymark_e2e::copy_dir(&h1.data_dir, stale.path());
     h1.restart_stopped();
     // ...goes stale: x-2 leaves, x-3 comes.
     assert_eq!(
@@ -486,25 +486,12 @@ async fn a_host_restarted_with_a_stale_data_dir_converges() {
     // host-1 comes back with the old copy: what it holds is what every host answers.
     h1.kill();
     std::fs::remove_dir_all(&h1.data_dir).unwrap();
-    copy_dir(stale.path(), &h1.data_dir);
+    waymark_e2e::copy_dir(stale.path(), &h1.data_dir);
     h1.restart_stopped();
     let state = converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
     let ids: Vec<&str> = state.keys().map(|(_, id)| id.as_str()).collect();
     assert_eq!(ids, ["x-1", "x-2"]);
     assert_eq!(api1.registered_ids().await, ["x-1", "x-2"]);
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use waymark_e2e::etcd::EtcdCluster;
 use waymark_e2e::hosts::{host_addr, Hosts};
 use waymark_e2e::process::Proc;
 use waymark_e2e::{Options, Resolver};
@@ -655,4 +656,115 @@ fn a_jvm_that_caches_dns_forever_keeps_calling_while_every_instance_is_replaced(
         );
     }
     drop(b2);
+}
+
+/// With etcd as the registry of record, each host runs its own resolver (all holding one
+/// mesh CA) and its forwarder follows that local resolver, as on one machine. A caller on h3
+/// reaches `payment` on h1 and h2 by name through its own host's resolver and forwarder;
+/// each call goes through the forwarder of the host that registered the instance (known
+/// from etcd), even at an address that host's forwarder never announced.
+#[test]
+fn with_etcd_each_host_follows_its_own_resolver_and_calls_go_to_the_registering_host() {
+    let Some(hosts) = Hosts::new(&["h1", "h2", "h3"]) else {
+        return;
+    };
+    let etcd = EtcdCluster::start_on(hosts.wrapper(0), SocketAddr::new(host_addr(1).into(), 2379));
+    // One CA for the mesh, made once and copied into every host's data dir.
+    let ca = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new(waymark_e2e::resolver_bin())
+        .args(["ca", "init", "--data-dir"])
+        .arg(ca.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let token = std::fs::read_to_string(ca.path().join("ca/join-token")).unwrap();
+    let resolvers: Vec<Resolver> = (0..3)
+        .map(|i| {
+            let data = hosts.dir().join(format!("h{}-data", i + 1));
+            waymark_e2e::copy_dir(&ca.path().join("ca"), &data.join("ca"));
+            let addr = host_addr(i + 1);
+            Resolver::with(Options {
+                wrapper: hosts.wrapper(i),
+                dns_addr: Some(SocketAddr::new(addr.into(), 53)),
+                http_addr: Some(SocketAddr::new(addr.into(), 8500)),
+                data_dir: Some(data),
+                extra_args: vec![
+                    "--etcd".into(),
+                    etcd.endpoints(),
+                    "--node-name".into(),
+                    format!("h{}", i + 1),
+                    "--vip-answers".into(),
+                    "all".into(),
+                ],
+                config: Some("[dns]\nlocal_clients = [\"10.77.0.0/24\", \"127.0.0.0/8\"]\n".into()),
+                ..Options::default()
+            })
+        })
+        .collect();
+
+    // payment-1 on h1 at a second address of h1, which h1's forwarder does not announce;
+    // payment-2 on h2. Each registers with its own host's resolver.
+    let extra = std::net::Ipv4Addr::new(10, 77, 0, 21);
+    hosts.sh(0, &format!("ip addr add {extra}/24 dev eth0"));
+    let p1 = SocketAddr::new(extra.into(), 9000);
+    let p2 = SocketAddr::new(host_addr(2).into(), 9000);
+    let _b1 = backend(&hosts, 0, p1, "payment-1");
+    let _b2 = backend(&hosts, 1, p2, "payment-2");
+    let http = r#"{"waymark-protocol":"http"}"#;
+    register_as(
+        &hosts,
+        0,
+        resolvers[0].http,
+        "payment",
+        "payment-1",
+        p1,
+        http,
+    );
+    register_as(
+        &hosts,
+        1,
+        resolvers[1].http,
+        "payment",
+        "payment-2",
+        p2,
+        http,
+    );
+    let token = token.trim();
+    let _f1 = forwarder(&hosts, 0, resolvers[0].http, token, "");
+    let _f2 = forwarder(&hosts, 1, resolvers[1].http, token, "");
+    let (f3, a3) = forwarder(&hosts, 2, resolvers[2].http, token, "");
+
+    // h3 asks its own resolver.
+    hosts.set_nameserver(2, host_addr(3));
+    let seen = hosts.sh(
+        2,
+        "for n in $(seq 1 100); do getent ahostsv4 payment.mesh.internal >/dev/null && break; sleep 0.1; done; \
+         for i in $(seq 1 30); do curl -sf --max-time 5 http://payment.mesh.internal:9000/ || echo FAILED; echo; done",
+    );
+    assert!(
+        !seen.contains("FAILED"),
+        "{seen}\nh3's forwarder:\n{}",
+        f3.log()
+    );
+    for id in ["payment-1", "payment-2"] {
+        assert!(
+            seen.contains(&format!("\"id\":\"{id}\"")),
+            "{id} called: {seen}"
+        );
+    }
+    for peer in ["h1", "h2"] {
+        let ok = metric(
+            &hosts,
+            2,
+            a3,
+            &format!("waymark_forwarder_peer_streams_total{{host=\"{peer}\",result=\"ok\"}}"),
+        );
+        assert!(ok >= 1.0, "calls through {peer}'s forwarder: {ok}");
+    }
+    assert_eq!(
+        metric(&hosts, 2, a3, "waymark_forwarder_unmeshed_connects_total"),
+        0.0,
+        "no call left the mesh"
+    );
+    drop(resolvers);
 }
