@@ -385,7 +385,7 @@ report() {
     echo "- layout: two hosts (network namespaces A and B, veth pairs on a bridge in a third); the registry, the instances (gw_backend for HTTP, line_echo for TCP), forwarder B and HAProxy B on B; forwarder A, HAProxy A and the load generator on A"
     echo "- waymark: caller → VIP → forwarder A → mTLS tunnel (HTTP/2 CONNECT, one pooled connection) → forwarder B → instance; haproxy: caller → HAProxy A (127.0.0.1) → TLS 1.3 with client certificates (ECDSA P-256) → HAProxy B → instance (HTTP: A in http mode with server connection reuse, B in tcp mode; TCP: both tcp mode); both proxies $THREADS threads, no logging"
     echo "- load generator: $pinned; latency from each request's intended send time (coordinated-omission corrected); $DURATION s measured after a $WARMUP s warm-up, $ROUNDS rounds visiting every target in turn; the round with the median p50 shown (every round's p50 in the last column); added = median over rounds of (target − direct in that round)"
-    echo "- CPU/req: user+system time of both proxies together (for direct: the instance's own), warm-up included, per request completed"
+    echo "- CPU/req: user+system time of both proxies together (for direct: the instance's own), warm-up included, per request completed; errors: failed or unanswered requests (requests still unsent when the window closed, after a stall, are warned about on stderr)"
     echo "- tunnel streams opened by forwarder A over the run: $streams"
     echo
     local phase title name p50 p99 p999 rps cpu errors lag99 a50 a99
