@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 use waymark_shared::etcd::client::{
-    self as etcd_client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    self as etcd_client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use waymark_shared::etcd::keys::{encode_instance, Layout};
-use waymark_shared::etcd::{EtcdConfig, EtcdError};
+use waymark_shared::etcd::{list_prefix, EtcdConfig, EtcdError};
 use waymark_shared::follow::etcd::{EtcdFollower, FollowStats};
 use waymark_shared::follow::RegistryStatus;
 use waymark_shared::lifecycle::readiness::Readiness;
@@ -280,19 +280,14 @@ impl Publisher {
     /// The VIP keys and taken addresses in etcd now.
     async fn load_vips(&self, client: &mut etcd_client::Client) -> Result<VipsKnown, PublishError> {
         let mut known = VipsKnown::default();
-        let keys = GetOptions::new().with_prefix().with_keys_only();
-        for kv in client.get(self.layout.vips(), Some(keys)).await?.kvs() {
+        let (_, keys) = list_prefix(client, &self.layout.vips(), true).await?;
+        for kv in &keys {
             if let Ok(k) = kv.key_str() {
                 known.keys.insert(k.to_string());
             }
         }
-        let addresses = client
-            .get(
-                self.layout.vip_addresses(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await?;
-        for kv in addresses.kvs() {
+        let (_, addresses) = list_prefix(client, &self.layout.vip_addresses(), true).await?;
+        for kv in &addresses {
             let ip = kv
                 .key_str()
                 .ok()
@@ -388,11 +383,9 @@ impl Publisher {
         vips: &mut VipsKnown,
     ) -> Result<Written, PublishError> {
         let prefix = self.layout.node_instances(&self.node);
-        let existing = client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await?;
+        let (_, existing) = list_prefix(client, &prefix, false).await?;
         let mut current: HashMap<String, Vec<u8>> = HashMap::new();
-        for kv in existing.kvs() {
+        for kv in &existing {
             if let Ok(key) = kv.key_str() {
                 // Keys under another lease (a previous run's) are written again under this
                 // one, even when the value is the same.

@@ -241,9 +241,73 @@ pub async fn connect(
     Err(last.unwrap_or_else(|| EtcdError::Unreachable("no endpoints".into())))
 }
 
+/// Keys read per request when listing a prefix: far below gRPC's 4 MiB message limit for
+/// instances of a few hundred bytes.
+const PAGE: i64 = 2000;
+
+/// Every key under `prefix` (with values unless `keys_only`), at one revision, read in pages
+/// so that no answer outgrows gRPC's message limit however many there are. Returns the
+/// revision and the keys, in key order.
+pub async fn list_prefix(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    keys_only: bool,
+) -> Result<(i64, Vec<etcd_client::KeyValue>), EtcdError> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut out = Vec::new();
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = etcd_client::GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        if keys_only {
+            options = options.with_keys_only();
+        }
+        let mut page = client.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        let more = page.more();
+        let kvs = page.take_kvs();
+        let Some(last) = kvs.last() else { break };
+        // The next page starts just after the last key of this one.
+        from = last.key().to_vec();
+        from.push(0);
+        out.extend(kvs);
+        if !more {
+            break;
+        }
+    }
+    Ok((revision, out))
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_ends_just_after_its_last_key() {
+        assert_eq!(prefix_end(b"/waymark/"), b"/waymark0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 
     fn valid() -> EtcdConfig {
         EtcdConfig {

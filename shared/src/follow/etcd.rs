@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 
 use super::{OnChange, RegistryStatus};
 use crate::etcd::keys::{decode_instance, Key, Layout};
@@ -148,13 +148,10 @@ impl EtcdFollower {
         // The next session starts with the next member, whatever ends this one.
         self.member.store(member + 1, Ordering::Relaxed);
         let prefix = self.layout.prefix().to_string();
-        let listing = client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        let revision = listing.header().map_or(0, |h| h.revision());
+        let (revision, kvs) = crate::etcd::list_prefix(&mut client, &prefix, false).await?;
         let mut known = Known::default();
         let mut wanted: HashMap<CompactString, Vec<Arc<Instance>>> = HashMap::new();
-        for kv in listing.kvs() {
+        for kv in &kvs {
             match self.layout.parse(kv.key()) {
                 Some(Key::Vip { service, tag }) => {
                     if let Some(ip) = self.read_vip(kv.key(), kv.value()) {
