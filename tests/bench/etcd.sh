@@ -219,6 +219,9 @@ print(f"{preload['instances']:,} instances in etcd (written in {preload['seconds
 print(f"## DNS while {churn} changes a second flow\n")
 print("dnsperf at saturation against one resolver pinned to one core (dnsperf on the other), "
       f"{services} services × 3 instances, the query mix of `tests/bench/dns.sh`.\n")
+print("Host B alone is pinned: etcd's three members, host A and the churn generator run unpinned on "
+      "the same two cores, so in the churn rows they take CPU from host B that a real mesh (etcd on "
+      "its own machines) would not; CPU per 1,000 queries shows what answering costs host B.\n")
 print("| resolver | queries/s | CPU ms per 1,000 queries | vs embedded, same load |\n|---|---|---|---|")
 by = {r["label"]: r for r in rows}
 hz = os.sysconf("SC_CLK_TCK")
