@@ -132,9 +132,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let (mirror, etcd) = if config.etcd.enabled() {
         let serving = Arc::new(Mirror::new(0));
         let (link, etcd_tasks) = crate::etcd::EtcdLink::start(
-            &config.etcd,
-            config.vips.range,
-            config.panic_thresholds(),
+            &config,
             local.clone(),
             serving.clone(),
             ready.clone(),

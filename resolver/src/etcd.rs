@@ -30,7 +30,7 @@ use waymark_shared::etcd::client::{
 };
 use waymark_shared::etcd::keys::{encode_instance, Layout};
 use waymark_shared::etcd::{list_prefix, EtcdConfig, EtcdError};
-use waymark_shared::follow::etcd::{EtcdFollower, FollowStats};
+use waymark_shared::follow::etcd::{load_snapshot, EtcdFollower, FollowStats};
 use waymark_shared::follow::RegistryStatus;
 use waymark_shared::lifecycle::readiness::Readiness;
 use waymark_shared::vip::{self, VipRange};
@@ -490,6 +490,8 @@ impl Publisher {
 /// The resolver's link to etcd: the follower that feeds what DNS and the API answer, and the
 /// publisher that writes this host's registrations.
 pub struct EtcdLink {
+    /// The revision of the saved mirror loaded at start, if one was.
+    pub loaded: Option<u64>,
     pub follow: Arc<RegistryStatus>,
     pub stats: Arc<FollowStats>,
     pub publish: Arc<PublishStatus>,
@@ -498,18 +500,26 @@ pub struct EtcdLink {
 }
 
 impl EtcdLink {
-    /// Starts following etcd into `serving` and publishing `local` to it, until `stop`.
-    /// `ready` waits for "etcd" until the first listing is in.
+    /// Starts following etcd (`resolver.etcd`) into `serving` and publishing `local` to it,
+    /// until `stop`. The mirror is saved in the data dir and, when a saved one is there, put back first: then
+    /// DNS answers it at once. Otherwise `ready` waits for "etcd" until the first listing.
     pub fn start(
-        config: &EtcdConfig,
-        range: VipRange,
-        thresholds: HashMap<String, f64>,
+        resolver: &crate::config::Config,
         local: Arc<Mirror>,
         serving: Arc<Mirror>,
         ready: Arc<Readiness>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(EtcdLink, Vec<tokio::task::JoinHandle<()>>), EtcdError> {
-        ready.waiting_for(READY);
+        let config = &resolver.etcd;
+        let (range, thresholds) = (resolver.vips.range, resolver.panic_thresholds());
+        let snapshot = resolver.store.data_dir.join(SNAPSHOT);
+        let loaded = load_snapshot(&snapshot, &serving);
+        match loaded {
+            Some(revision) => {
+                tracing::info!(revision, path = %snapshot.display(), "answering the saved etcd mirror until etcd answers")
+            }
+            None => ready.waiting_for(READY),
+        }
         let follow = Arc::new(RegistryStatus::default());
         let stats = Arc::new(FollowStats::default());
         let publish = Arc::new(PublishStatus::default());
@@ -520,7 +530,8 @@ impl EtcdLink {
             follow.clone(),
             stats.clone(),
             Arc::new(move |_m: &Mirror| ready.done(READY)),
-        )?;
+        )?
+        .with_snapshot(snapshot);
         let publisher = Publisher::new(config.clone(), range, local, publish.clone())?;
         let tasks = vec![
             tokio::spawn({
@@ -530,6 +541,7 @@ impl EtcdLink {
             tokio::spawn(async move { publisher.run(stop).await }),
         ];
         let link = EtcdLink {
+            loaded,
             follow,
             stats,
             publish,
@@ -562,7 +574,14 @@ impl EtcdLink {
     /// What is wrong with the link, if anything: DNS keeps answering the last state it had.
     pub fn degraded(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.follow.synced() && !self.follow.connected() {
+        if !self.follow.synced() {
+            if let Some(revision) = self.loaded {
+                out.push(format!(
+                    "etcd not reached since the start ({}): answering the mirror saved at revision {revision}",
+                    self.follow.last_error().unwrap_or_default()
+                ));
+            }
+        } else if !self.follow.connected() {
             let age = self.follow.since_last_ok().map_or(String::new(), |d| {
                 format!(", last heard {:.1}s ago", d.as_secs_f64())
             });
@@ -583,3 +602,6 @@ impl EtcdLink {
 
 /// What readiness waits for until the first listing is in.
 const READY: &str = "etcd";
+
+/// The saved mirror, in the data dir.
+const SNAPSHOT: &str = "etcd-mirror.json";

@@ -588,3 +588,63 @@ async fn vip_answers(r: &Resolver, names: &[&str]) -> Vec<Vec<IpAddr>> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_restarted_while_etcd_is_down_answers_the_state_it_saved() {
+    let mut etcd = EtcdCluster::start(1);
+    let h1 = host(&etcd, "host-1");
+    // Progress every 400 ms: the mirror is saved within 2 s of a change.
+    let mut h2 = Resolver::with(Options {
+        config: Some(format!(
+            "[etcd]\nlease_ttl = \"{LEASE}\"\nprogress_interval = \"400ms\"\n"
+        )),
+        extra_args: vec![
+            "--etcd".into(),
+            etcd.endpoints(),
+            "--node-name".into(),
+            "host-2".into(),
+        ],
+        ..Options::default()
+    });
+    Api::new(&h1)
+        .register(json!({"ID": "web-1", "Name": "web", "Address": "10.1.0.1", "Port": 80}))
+        .await;
+    let want = vec!["10.1.0.1".parse::<IpAddr>().unwrap()];
+    until(
+        "web on host-2",
+        WAIT,
+        || a(&h2, "web.mesh.internal"),
+        |ips| *ips == want,
+    )
+    .await;
+    let saved = h2.data_dir.join("etcd-mirror.json");
+    until(
+        "host-2 saved its mirror",
+        WAIT,
+        || async { std::fs::read_to_string(&saved).unwrap_or_default() },
+        |text| text.contains("web-1"),
+    )
+    .await;
+
+    // etcd goes, then host-2 restarts: it answers what it saved, and says so.
+    etcd.kill(0);
+    h2.kill();
+    h2.restart_stopped();
+    assert_eq!(a(&h2, "web.mesh.internal").await, want);
+    let (status, text) = ready(&h2).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("answering the mirror saved at revision"),
+        "{text}"
+    );
+
+    etcd.restart_in_place(0);
+    until(
+        "ready, etcd back",
+        WAIT,
+        || ready(&h2),
+        |(s, t)| *s == 200 && t == "ready\n",
+    )
+    .await;
+    converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+}

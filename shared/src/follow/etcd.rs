@@ -10,9 +10,15 @@
 //!
 //! The mirror's change index is etcd's revision: every host's mirror of one cluster counts
 //! alike, and followers of this mirror (the gateway, the forwarders) resume from it.
+//!
+//! With a snapshot file ([`EtcdFollower::with_snapshot`]), the mirror is saved after every
+//! listing and, when it changed, every five progress intervals, and [`load_snapshot`] puts
+//! it back at start: a host restarted while etcd is away answers the last state it saw
+//! rather than nothing, until etcd answers again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,9 +88,59 @@ pub struct EtcdFollower {
     status: Arc<RegistryStatus>,
     stats: Arc<FollowStats>,
     on_change: OnChange,
+    /// Where the mirror is saved, if anywhere.
+    snapshot: Option<PathBuf>,
+}
+
+/// Puts a saved mirror back (see [`EtcdFollower::with_snapshot`]); its revision, or `None`
+/// when there is none or it cannot be read (then the mirror waits for etcd, and why is
+/// logged).
+pub fn load_snapshot(path: &Path, mirror: &Mirror) -> Option<u64> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved etcd mirror");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Changes>(&bytes) {
+        Ok(changes) => {
+            mirror.apply(&changes);
+            Some(changes.index)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the saved etcd mirror does not read; ignored");
+            None
+        }
+    }
 }
 
 impl EtcdFollower {
+    /// Saves the mirror to `path` as it follows (see the module's docs).
+    pub fn with_snapshot(mut self, path: PathBuf) -> Self {
+        self.snapshot = Some(path);
+        self
+    }
+
+    /// Writes the mirror to the snapshot file, off the async threads.
+    async fn save(&self) {
+        let Some(path) = self.snapshot.clone() else {
+            return;
+        };
+        let changes = self.mirror.changes_since(0);
+        let saved = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&changes).map_err(std::io::Error::other)?;
+            crate::files::write_atomic(&path, &bytes, 0o600)
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the etcd mirror"),
+            Err(e) => tracing::warn!(error = %e, "saving the etcd mirror failed"),
+        }
+    }
+
     pub fn new(
         config: EtcdConfig,
         thresholds: HashMap<String, f64>,
@@ -104,6 +160,7 @@ impl EtcdFollower {
             status,
             stats,
             on_change,
+            snapshot: None,
         })
     }
 
@@ -179,6 +236,8 @@ impl EtcdFollower {
             list.push(Arc::new(instance));
         }
         self.install(revision, wanted, &known.vips);
+        self.save().await;
+        let mut saved = (Instant::now(), self.mirror.index());
         self.stats.listings.fetch_add(1, Ordering::Relaxed);
         self.stats
             .revision
@@ -240,6 +299,10 @@ impl EtcdFollower {
                         return Err(FollowError::Stuck(silent));
                     }
                     stream.request_progress().await?;
+                    if saved.1 != self.mirror.index() && saved.0.elapsed() >= every * 5 {
+                        self.save().await;
+                        saved = (Instant::now(), self.mirror.index());
+                    }
                 }
             }
         }
