@@ -339,3 +339,73 @@ async fn admin_endpoints() {
         assert!(metrics.contains(family), "missing {family}:\n{metrics}");
     }
 }
+
+/// Several `tag` parameters must all match, on the health and catalog endpoints (Consul's
+/// rule; Prometheus's Consul discovery sends one per configured tag).
+#[tokio::test]
+async fn every_tag_parameter_must_match() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    for (id, tags) in [
+        ("x-ab", vec!["a", "b"]),
+        ("x-a", vec!["a"]),
+        ("x-b", vec!["b"]),
+    ] {
+        api.register(
+            json!({"ID": id, "Name": "x", "Address": "10.0.0.1", "Port": 80, "Tags": tags}),
+        )
+        .await;
+    }
+    for path in ["/v1/health/service/x", "/v1/catalog/service/x"] {
+        for (query, want) in [
+            ("?tag=a&tag=b", vec!["x-ab"]),
+            ("?tag=a", vec!["x-a", "x-ab"]),
+            ("?tag=b&tag=a", vec!["x-ab"]),
+            ("?tag=a&tag=c", vec![]),
+            ("", vec!["x-a", "x-ab", "x-b"]),
+        ] {
+            let v: Value = api
+                .get(&format!("{path}{query}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            let mut ids: Vec<&str> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    e["Service"]["ID"]
+                        .as_str()
+                        .or(e["ServiceID"].as_str())
+                        .unwrap()
+                })
+                .collect();
+            ids.sort();
+            assert_eq!(ids, want, "{path}{query}");
+        }
+    }
+}
+
+/// `GET /v1/agent/self`, which Consul clients read first (Prometheus takes the datacenter
+/// from it).
+#[tokio::test]
+async fn agent_self_names_the_datacenter_and_the_node() {
+    let r = Resolver::start();
+    let v: Value = Api::new(&r)
+        .get("/v1/agent/self")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["Config"]["Datacenter"], "dc1", "{v}");
+    assert_eq!(v["Config"]["NodeName"], "waymark", "{v}");
+    assert!(
+        v["Config"]["Version"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("1.")),
+        "{v}"
+    );
+    assert_eq!(v["Member"]["Name"], "waymark", "{v}");
+    assert_eq!(v["Member"]["Status"], 1, "{v}");
+}

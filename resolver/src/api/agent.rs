@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::response::Response;
 use serde_json::{json, Value};
 use waymark_shared::{Health, Instance};
@@ -220,16 +220,27 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// Every value of a query parameter that may be repeated (`?tag=a&tag=b`), in order:
+/// `Query` into a map keeps only the last.
+pub fn all_values(raw: Option<&str>, key: &str) -> Vec<String> {
+    form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+        .filter(|(k, v)| k == key && !v.is_empty())
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
 pub async fn health_service(
     State(state): State<Arc<ApiState>>,
     Path(name): Path<String>,
     Query(q): Params,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let passing = flag(&q, "passing")?;
     service_entries(
         &state,
         &name,
         &q,
+        &all_values(raw.as_deref(), "tag"),
         |i| !passing || (!i.draining && i.health() == Health::Passing),
         consul::health_entry,
     )
@@ -240,21 +251,23 @@ pub async fn catalog_service(
     State(state): State<Arc<ApiState>>,
     Path(name): Path<String>,
     Query(q): Params,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    service_entries(&state, &name, &q, |_| true, consul::catalog_entry).await
+    let tags = all_values(raw.as_deref(), "tag");
+    service_entries(&state, &name, &q, &tags, |_| true, consul::catalog_entry).await
 }
 
-/// A blocking query over one service's instances (with the `tag` filter and `keep`),
-/// each rendered by `render`.
+/// A blocking query over one service's instances (those with every tag in `tags`, and
+/// `keep`), each rendered by `render`.
 async fn service_entries(
     state: &ApiState,
     name: &str,
     q: &HashMap<String, String>,
+    tags: &[String],
     keep: impl Fn(&Instance) -> bool,
     render: impl Fn(&Instance, &Node) -> Value,
 ) -> Result<Response, ApiError> {
     let blocking = Blocking::parse(q, state.config.api.max_wait)?;
-    let tag = q.get("tag").filter(|t| !t.is_empty());
     let index = blocking
         .wait(&state.mirror, &state.drain, || service_index(state, name))
         .await;
@@ -265,7 +278,7 @@ async fn service_entries(
         .map(|view| {
             view.instances
                 .iter()
-                .filter(|i| tag.is_none_or(|t| i.has_tag(t)) && keep(i))
+                .filter(|i| tags.iter().all(|t| i.has_tag(t)) && keep(i))
                 .map(|i| render(i, &node))
                 .collect()
         })
@@ -273,7 +286,58 @@ async fn service_entries(
     Ok(with_index(&Value::Array(entries), index))
 }
 
+/// `GET /v1/agent/self`: what Consul clients read first (Prometheus's Consul discovery takes
+/// the datacenter from it, and retries forever without it): the agent's config and member.
+pub async fn agent_self(State(state): State<Arc<ApiState>>) -> Response {
+    let api = &state.config.api;
+    let node = state
+        .etcd
+        .as_ref()
+        .map_or_else(|| api.node_name.clone(), |l| l.node.clone());
+    json_body(&json!({
+        "Config": {
+            "Datacenter": api.datacenter,
+            "NodeName": node,
+            "NodeID": "",
+            "Server": true,
+            "Revision": "",
+            "Version": CONSUL_API_VERSION,
+        },
+        "Member": {
+            "Name": node,
+            "Addr": api.node_address,
+            "Port": api.addr.port(),
+            "Tags": {"dc": api.datacenter, "role": "consul", "build": CONSUL_API_VERSION},
+            "Status": 1,
+        },
+        "Meta": {"waymark-version": env!("CARGO_PKG_VERSION")},
+    }))
+}
+
+/// The Consul version whose API this one answers as, for clients that check it.
+const CONSUL_API_VERSION: &str = "1.15.0";
+
 /// Some clients check for a leader before anything else; the embedded registry is its own.
 pub async fn leader(State(state): State<Arc<ApiState>>) -> Response {
     json_body(&json!(state.config.api.addr.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_values;
+
+    #[test]
+    fn repeated_parameters_are_all_kept() {
+        let cases: [(Option<&str>, Vec<&str>); 6] = [
+            (None, vec![]),
+            (Some(""), vec![]),
+            (Some("tag=a"), vec!["a"]),
+            (Some("tag=a&passing&tag=b"), vec!["a", "b"]),
+            (Some("tag=&tag=v%2F1&tags=x"), vec!["v/1"]),
+            (Some("index=3&wait=1s"), vec![]),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(all_values(raw, "tag"), want, "{raw:?}");
+        }
+    }
 }

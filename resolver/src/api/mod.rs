@@ -193,6 +193,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             put(|s, p, q| agent::heartbeat(Health::Critical, s, p, q)),
         )
         .route("/v1/agent/check/update/{*id}", put(agent::check_update))
+        .route("/v1/agent/self", get(agent::agent_self))
         .route("/v1/agent/services", get(agent::services))
         .route("/v1/agent/checks", get(agent::checks))
         .route("/v1/catalog/services", get(agent::catalog_services))
