@@ -409,3 +409,78 @@ async fn agent_self_names_the_datacenter_and_the_node() {
     assert_eq!(v["Member"]["Name"], "waymark", "{v}");
     assert_eq!(v["Member"]["Status"], 1, "{v}");
 }
+
+/// The agent's load-balancer health endpoints (200 passing, 429 warning, 503 critical or in
+/// maintenance; `?format=text` for the word alone), one registration by ID, the datacenters,
+/// and the leader headers Consul sends on reads.
+#[tokio::test]
+async fn agent_health_endpoints_answer_as_consul_does() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    for id in ["web-1", "web-2"] {
+        api.register(json!({
+            "ID": id, "Name": "web", "Address": "10.0.0.1", "Port": 80,
+            "Check": {"CheckID": format!("{id}-ttl"), "TTL": "60s", "Status": "passing"}
+        }))
+        .await;
+    }
+    let status = |path: &str| {
+        let url = api.url(path);
+        let client = api.client.clone();
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (code, body) = status("/v1/agent/health/service/name/web").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v[0]["AggregatedStatus"], "passing");
+    assert_eq!(v[0]["Service"]["Service"], "web");
+
+    api.put_empty("/v1/agent/check/warn/web-2-ttl").await;
+    assert_eq!(
+        status("/v1/agent/health/service/name/web?format=text").await,
+        (429, "warning".into())
+    );
+    api.put_empty("/v1/agent/check/fail/web-2-ttl").await;
+    assert_eq!(
+        status("/v1/agent/health/service/name/web?format=text").await,
+        (503, "critical".into())
+    );
+    assert_eq!(
+        status("/v1/agent/health/service/id/web-1?format=text").await,
+        (200, "passing".into())
+    );
+    let (code, body) = status("/v1/agent/health/service/id/web-2").await;
+    assert_eq!(code, 503);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["AggregatedStatus"], "critical", "{v}");
+    assert_eq!(v["Checks"][0]["Status"], "critical", "{v}");
+    api.put_empty("/v1/agent/service/maintenance/web-1?enable=true")
+        .await;
+    assert_eq!(
+        status("/v1/agent/health/service/id/web-1?format=text").await,
+        (503, "maintenance".into())
+    );
+    assert_eq!(status("/v1/agent/health/service/id/nope").await.0, 404);
+    assert_eq!(status("/v1/agent/health/service/name/nope").await.0, 404);
+
+    let (code, body) = status("/v1/agent/service/web-1").await;
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["ID"].as_str(), v["Service"].as_str()),
+        (Some("web-1"), Some("web"))
+    );
+    assert_eq!(status("/v1/agent/service/nope").await.0, 404);
+    assert_eq!(
+        status("/v1/catalog/datacenters").await,
+        (200, "[\"dc1\"]".into())
+    );
+
+    let resp = api.get("/v1/health/service/web").await;
+    assert_eq!(resp.headers()["x-consul-knownleader"], "true");
+    assert_eq!(resp.headers()["x-consul-lastcontact"], "0");
+}

@@ -314,6 +314,113 @@ pub async fn agent_self(State(state): State<Arc<ApiState>>) -> Response {
     }))
 }
 
+/// `GET /v1/catalog/datacenters`: this one.
+pub async fn datacenters(State(state): State<Arc<ApiState>>) -> Response {
+    json_body(&json!([state.config.api.datacenter]))
+}
+
+/// A registration of this host by ID, from the registry's own mirror.
+fn local_instance(state: &ApiState, id: &str) -> Option<Arc<Instance>> {
+    state
+        .local
+        .services()
+        .iter()
+        .flat_map(|v| v.instances.iter())
+        .find(|i| i.id == id)
+        .cloned()
+}
+
+/// `GET /v1/agent/service/<id>`: one registration of this host; 404 when there is none.
+pub async fn agent_service(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let i = local_instance(&state, &id)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown service ID {id:?}")))?;
+    Ok(with_index(
+        &consul::agent_service(&i, &state.config.api.datacenter),
+        state.local.index(),
+    ))
+}
+
+/// The aggregated status of instances as Consul's agent health endpoints answer it:
+/// maintenance (draining) first, then the worst check, and the HTTP status that goes with
+/// it (200 passing, 429 warning, 503 critical).
+pub fn aggregated(instances: &[&Instance]) -> (&'static str, u16) {
+    if instances.iter().any(|i| i.draining) {
+        return ("maintenance", 503);
+    }
+    match instances.iter().map(|i| i.health()).max() {
+        Some(Health::Critical) => ("critical", 503),
+        Some(Health::Warning) => ("warning", 429),
+        _ => ("passing", 200),
+    }
+}
+
+/// One entry of the agent health endpoints.
+fn agent_health_entry(i: &Instance, state: &ApiState) -> Value {
+    let node = node(state);
+    let checks: Vec<Value> = i
+        .checks
+        .iter()
+        .map(|c| consul::check(c, i, &node))
+        .collect();
+    json!({
+        "AggregatedStatus": aggregated(&[i]).0,
+        "Service": consul::agent_service(i, &state.config.api.datacenter),
+        "Checks": checks,
+    })
+}
+
+/// The answer of an agent health endpoint: JSON, or with `?format=text` the status word.
+fn agent_health_answer(body: Value, status: (&'static str, u16), text: bool) -> Response {
+    let mut resp = if text {
+        Response::new(Body::from(status.0))
+    } else {
+        json_body(&body)
+    };
+    *resp.status_mut() = axum::http::StatusCode::from_u16(status.1).expect("a valid status");
+    resp
+}
+
+/// `GET /v1/agent/health/service/name/<name>`: this host's instances of a service and their
+/// aggregated status, for load balancers; 404 when it has none.
+pub async fn agent_health_by_name(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let view = state
+        .local
+        .service(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown service name {name:?}")))?;
+    let instances: Vec<&Instance> = view.instances.iter().map(|i| &**i).collect();
+    let body = Value::Array(
+        instances
+            .iter()
+            .map(|i| agent_health_entry(i, &state))
+            .collect(),
+    );
+    let text = q.get("format").is_some_and(|f| f == "text");
+    Ok(agent_health_answer(body, aggregated(&instances), text))
+}
+
+/// `GET /v1/agent/health/service/id/<id>`: one instance of this host and its status.
+pub async fn agent_health_by_id(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let i = local_instance(&state, &id)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown service ID {id:?}")))?;
+    let text = q.get("format").is_some_and(|f| f == "text");
+    Ok(agent_health_answer(
+        agent_health_entry(&i, &state),
+        aggregated(&[&i]),
+        text,
+    ))
+}
+
 /// The Consul version whose API this one answers as, for clients that check it.
 const CONSUL_API_VERSION: &str = "1.15.0";
 
@@ -324,7 +431,45 @@ pub async fn leader(State(state): State<Arc<ApiState>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::all_values;
+    use super::{aggregated, all_values};
+    use waymark_shared::{CheckView, Health, Instance};
+
+    #[test]
+    fn aggregated_status_is_the_worst_with_maintenance_first() {
+        let with = |status: Option<Health>, draining: bool| {
+            let mut i = Instance::new("s", "s-1", "10.0.0.1", 80);
+            if let Some(status) = status {
+                i.checks.push(CheckView {
+                    id: "c".into(),
+                    name: "c".into(),
+                    kind: "ttl".into(),
+                    status,
+                    output: String::new(),
+                    notes: String::new(),
+                });
+            }
+            i.draining = draining;
+            i
+        };
+        let (pass, warn, crit, none, drain) = (
+            with(Some(Health::Passing), false),
+            with(Some(Health::Warning), false),
+            with(Some(Health::Critical), false),
+            with(None, false),
+            with(Some(Health::Passing), true),
+        );
+        let cases: [(Vec<&Instance>, (&str, u16)); 6] = [
+            (vec![&pass], ("passing", 200)),
+            (vec![&none], ("passing", 200)),
+            (vec![&pass, &warn], ("warning", 429)),
+            (vec![&warn, &crit], ("critical", 503)),
+            (vec![&pass, &drain], ("maintenance", 503)),
+            (vec![], ("passing", 200)),
+        ];
+        for (instances, want) in cases {
+            assert_eq!(aggregated(&instances), want);
+        }
+    }
 
     #[test]
     fn repeated_parameters_are_all_kept() {

@@ -145,11 +145,17 @@ pub fn encoded_with_index(json: bytes::Bytes, index: u64) -> Response {
     )
 }
 
+/// Every indexed read says, as Consul's do, that the registry it answers from has a leader
+/// and was heard from just now (the embedded registry is its own leader; with etcd, the
+/// mirror's age is in `/metrics` and readiness).
 fn indexed(mut resp: Response, index: u64) -> Response {
-    resp.headers_mut().insert(
+    let headers = resp.headers_mut();
+    headers.insert(
         "X-Consul-Index",
         HeaderValue::from_str(&index.max(1).to_string()).expect("digits"),
     );
+    headers.insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    headers.insert("X-Consul-LastContact", HeaderValue::from_static("0"));
     resp
 }
 
@@ -194,6 +200,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/agent/check/update/{*id}", put(agent::check_update))
         .route("/v1/agent/self", get(agent::agent_self))
+        .route("/v1/agent/service/{id}", get(agent::agent_service))
+        .route(
+            "/v1/agent/health/service/name/{name}",
+            get(agent::agent_health_by_name),
+        )
+        .route(
+            "/v1/agent/health/service/id/{id}",
+            get(agent::agent_health_by_id),
+        )
+        .route("/v1/catalog/datacenters", get(agent::datacenters))
         .route("/v1/agent/services", get(agent::services))
         .route("/v1/agent/checks", get(agent::checks))
         .route("/v1/catalog/services", get(agent::catalog_services))
