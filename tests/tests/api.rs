@@ -484,3 +484,56 @@ async fn agent_health_endpoints_answer_as_consul_does() {
     assert_eq!(resp.headers()["x-consul-knownleader"], "true");
     assert_eq!(resp.headers()["x-consul-lastcontact"], "0");
 }
+
+/// `/v1/health/checks/<service>` and `/v1/health/state/<state>`: checks by service and by
+/// state, as Consul lists them; an unknown state is a 400 that says what is expected.
+#[tokio::test]
+async fn checks_by_service_and_by_state() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    for (id, name) in [("web-1", "web"), ("web-2", "web"), ("db-1", "db")] {
+        api.register(json!({
+            "ID": id, "Name": name, "Address": "10.0.0.1", "Port": 80,
+            "Check": {"CheckID": format!("{id}-ttl"), "TTL": "60s", "Status": "passing"}
+        }))
+        .await;
+    }
+    api.put_empty("/v1/agent/check/fail/web-2-ttl").await;
+    let ids = |v: Value| {
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["CheckID"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let api = &api;
+    let get = |path: &'static str| async move {
+        let resp = api.get(path).await;
+        assert!(resp.headers().contains_key("x-consul-index"), "{path}");
+        resp.json::<Value>().await.unwrap()
+    };
+    assert_eq!(
+        ids(get("/v1/health/checks/web").await),
+        ["web-1-ttl", "web-2-ttl"]
+    );
+    assert_eq!(
+        ids(get("/v1/health/checks/nope").await),
+        Vec::<String>::new()
+    );
+    assert_eq!(ids(get("/v1/health/state/critical").await), ["web-2-ttl"]);
+    assert_eq!(
+        ids(get("/v1/health/state/passing").await),
+        ["db-1-ttl", "web-1-ttl"]
+    );
+    assert_eq!(ids(get("/v1/health/state/any").await).len(), 3);
+    let bad = api.get("/v1/health/state/sideways").await;
+    assert_eq!(bad.status(), 400);
+    assert!(bad
+        .text()
+        .await
+        .unwrap()
+        .contains("expected passing, warning, critical or any"));
+}

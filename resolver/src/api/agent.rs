@@ -203,6 +203,63 @@ pub async fn catalog_services(
 
 /// The index a query about one service reports: the service's last change, or the global
 /// index when the service does not exist.
+/// `GET /v1/health/checks/<service>`: every check of the service's instances (blocking).
+pub async fn health_checks(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
+    let index = blocking
+        .wait(&state.mirror, &state.drain, || service_index(&state, &name))
+        .await;
+    let node = node(&state);
+    let checks: Vec<Value> = state
+        .mirror
+        .service(&name)
+        .map(|view| {
+            view.instances
+                .iter()
+                .flat_map(|i| i.checks.iter().map(|c| consul::check(c, i, &node)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(with_index(&Value::Array(checks), index))
+}
+
+/// `GET /v1/health/state/<state>`: every check in that state (`passing`, `warning`,
+/// `critical`, or `any`), of every service (blocking).
+pub async fn health_state(
+    State(state): State<Arc<ApiState>>,
+    Path(wanted): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let filter = match wanted.as_str() {
+        "any" => None,
+        s => Some(Health::parse(s).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "state {s:?}: expected passing, warning, critical or any"
+            ))
+        })?),
+    };
+    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
+    let index = blocking
+        .wait(&state.mirror, &state.drain, || state.mirror.index())
+        .await;
+    let node = node(&state);
+    let mut checks = Vec::new();
+    for view in state.mirror.services() {
+        for i in &view.instances {
+            for c in &i.checks {
+                if filter.is_none_or(|f| c.status == f) {
+                    checks.push(consul::check(c, i, &node));
+                }
+            }
+        }
+    }
+    Ok(with_index(&Value::Array(checks), index))
+}
+
 fn service_index(state: &ApiState, name: &str) -> u64 {
     state
         .mirror

@@ -215,6 +215,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/catalog/services", get(agent::catalog_services))
         .route("/v1/catalog/service/{name}", get(agent::catalog_service))
         .route("/v1/health/service/{name}", get(agent::health_service))
+        .route("/v1/health/checks/{name}", get(agent::health_checks))
+        .route("/v1/health/state/{state}", get(agent::health_state))
         .route("/v1/status/leader", get(agent::leader))
         .route("/v1/waymark/changes", get(stream::changes))
         .route("/v1/waymark/events", get(stream::events))
