@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -139,8 +139,7 @@ struct VipsKnown {
 pub struct Publisher {
     config: EtcdConfig,
     range: VipRange,
-    /// The endpoint the next session tries first.
-    member: AtomicUsize,
+    members: waymark_shared::etcd::Members,
     layout: Layout,
     node: String,
     local: Arc<Mirror>,
@@ -156,8 +155,7 @@ impl Publisher {
     ) -> Result<Publisher, EtcdError> {
         Ok(Publisher {
             range,
-            // Hosts spread over the members from the start.
-            member: AtomicUsize::new(std::process::id() as usize),
+            members: Default::default(),
             layout: config.layout()?,
             node: config.node(),
             config,
@@ -168,44 +166,22 @@ impl Publisher {
 
     /// Publishes until `stop` turns true; then revokes nothing (a restart writes the same
     /// keys again, and a host that is gone for good leaves when its lease expires).
-    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            let started = Instant::now();
-            let e = tokio::select! {
-                r = self.session() => match r {
-                    Ok(()) => return,
-                    Err(e) => e,
-                },
-                _ = stop.changed() => return,
-            };
+    pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        let failed = |e: &PublishError| {
             if self.status.synced() {
                 tracing::warn!(error = %e, node = %self.node, "etcd publisher: lost etcd; registrations are kept here and written again when it is back");
             } else {
                 tracing::debug!(error = %e, "etcd publisher: still failing");
             }
-            self.status.failed(&e);
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.changed() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
+            self.status.failed(e);
+        };
+        waymark_shared::etcd::run_sessions(stop, || self.session(), failed).await;
     }
 
     /// One lease: grant it, sync everything, then write changes and keep it alive until
     /// something fails.
     async fn session(&self) -> Result<(), PublishError> {
-        let start = self.member.load(Ordering::Relaxed);
-        let (mut client, member) = waymark_shared::etcd::connect(&self.config, start).await?;
-        // The next session starts with the next member, whatever ends this one.
-        self.member.store(member + 1, Ordering::Relaxed);
+        let mut client = self.members.connect(&self.config).await?;
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut alive) = client.lease_keep_alive(lease).await?;

@@ -241,6 +241,64 @@ pub async fn connect(
     Err(last.unwrap_or_else(|| EtcdError::Unreachable("no endpoints".into())))
 }
 
+/// Which member the next session tries first: the one after the member the last session
+/// used, whatever ended it. Hosts start at different members, to spread over the cluster.
+#[derive(Debug)]
+pub struct Members(std::sync::atomic::AtomicUsize);
+
+impl Default for Members {
+    fn default() -> Self {
+        Members(std::sync::atomic::AtomicUsize::new(
+            std::process::id() as usize
+        ))
+    }
+}
+
+impl Members {
+    /// A client for the first member that answers, from the next one in turn ([`connect`]).
+    pub async fn connect(&self, config: &EtcdConfig) -> Result<etcd_client::Client, EtcdError> {
+        use std::sync::atomic::Ordering;
+        let (client, used) = connect(config, self.0.load(Ordering::Relaxed)).await?;
+        self.0.store(used + 1, Ordering::Relaxed);
+        Ok(client)
+    }
+}
+
+/// Runs `session` again and again until `stop` turns true (or a session ends without an
+/// error), telling `failed` of each error: at once after a session that ran over ten
+/// seconds, else after a backoff from 100 ms doubling up to 2 s.
+pub async fn run_sessions<E, Fut>(
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut session: impl FnMut() -> Fut,
+    mut failed: impl FnMut(&E),
+) where
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let e = tokio::select! {
+            r = session() => match r {
+                Ok(()) => return,
+                Err(e) => e,
+            },
+            _ = stop.changed() => return,
+        };
+        failed(&e);
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Keys read per request when listing a prefix: far below gRPC's 4 MiB message limit for
 /// instances of a few hundred bytes.
 const PAGE: i64 = 2000;

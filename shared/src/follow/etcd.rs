@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,8 +81,7 @@ pub struct EtcdFollower {
     /// Panic thresholds by lowercased service name: the rest of a service's attributes,
     /// which come from this host's config rather than from etcd.
     thresholds: HashMap<String, f64>,
-    /// The endpoint the next session tries first.
-    member: AtomicUsize,
+    members: crate::etcd::Members,
     layout: Layout,
     mirror: Arc<Mirror>,
     status: Arc<RegistryStatus>,
@@ -153,8 +152,7 @@ impl EtcdFollower {
         Ok(EtcdFollower {
             config,
             thresholds,
-            // Hosts spread over the members from the start.
-            member: AtomicUsize::new(std::process::id() as usize),
+            members: Default::default(),
             layout,
             mirror,
             status,
@@ -165,45 +163,21 @@ impl EtcdFollower {
     }
 
     /// Follows etcd until `stop` turns true.
-    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            let started = Instant::now();
-            let result = tokio::select! {
-                r = self.follow() => r,
-                _ = stop.changed() => return,
-            };
-            let e = match result {
-                Ok(()) => return,
-                Err(e) => e,
-            };
+    pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        let failed = |e: &FollowError| {
             if self.status.connected() {
                 tracing::warn!(error = %e, "etcd follower: serving the last good state; starting again");
             } else {
                 tracing::debug!(error = %e, "etcd follower: still failing");
             }
-            self.status.failed(&e);
-            // A watch that ran a while starts again at once; repeated failures back off.
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.changed() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
+            self.status.failed(e);
+        };
+        crate::etcd::run_sessions(stop, || self.follow(), failed).await;
     }
 
     /// One listing, then the watch until it fails.
     async fn follow(&self) -> Result<(), FollowError> {
-        let start = self.member.load(Ordering::Relaxed);
-        let (mut client, member) = crate::etcd::connect(&self.config, start).await?;
-        // The next session starts with the next member, whatever ends this one.
-        self.member.store(member + 1, Ordering::Relaxed);
+        let mut client = self.members.connect(&self.config).await?;
         let prefix = self.layout.prefix().to_string();
         let (revision, kvs) = crate::etcd::list_prefix(&mut client, &prefix, false).await?;
         let mut known = Known::default();
