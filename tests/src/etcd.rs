@@ -152,16 +152,6 @@ impl EtcdCluster {
         assert_eq!(client, m.client);
         self.members[i].proc = Some(proc);
     }
-
-    /// A member's log so far.
-    pub fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(
-            self.dir
-                .path()
-                .join(format!("{}.log", self.members[i].name)),
-        )
-        .unwrap_or_default()
-    }
 }
 
 /// Starts one member and returns it with its client address.
