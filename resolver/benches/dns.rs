@@ -44,11 +44,15 @@ fn handler() -> Arc<Handler> {
                 checks: vec![],
                 draining: false,
                 node: None,
+                create_index: 0,
+                modify_index: 0,
+                extra: None,
             });
         }
     }
     Arc::new(Handler {
         zone: Zone::new("mesh.internal", 5, 5, None),
+        consul: None,
         mirror,
         forwarder: Forwarder::new(
             vec![],

@@ -275,6 +275,21 @@ async fn start_dns(
             config.dns.negative_ttl,
             ns_address,
         ),
+        consul: config.dns.consul_names.then(|| dns::consul::ConsulNames {
+            zone: Zone::new(
+                &config.dns.consul_domain,
+                config.dns.ttl,
+                config.dns.negative_ttl,
+                ns_address,
+            ),
+            datacenter: config.api.datacenter.to_ascii_lowercase(),
+            node_name: if config.etcd.enabled() {
+                config.etcd.node()
+            } else {
+                config.api.node_name.clone()
+            },
+            node_address: config.api.node_address.clone(),
+        }),
         mirror,
         forwarder: Forwarder::new(
             upstreams.clone(),

@@ -101,6 +101,11 @@ pub struct DnsConfig {
     pub udp_recv_buffer: usize,
     /// Encoded UDP replies kept in the answer cache; 0 turns the cache off.
     pub answer_cache_entries: usize,
+    /// Also answer Consul's names (`<service>.service[.<dc>].<consul_domain>`, tags, RFC 2782
+    /// SRV, `<node>.node`) from the same registry; the datacenter is `api.datacenter`.
+    pub consul_names: bool,
+    /// The domain of Consul's names.
+    pub consul_domain: String,
 }
 
 impl DnsConfig {
@@ -142,6 +147,8 @@ impl Default for DnsConfig {
             udp_workers: 0,
             udp_recv_buffer: 4 << 20,
             answer_cache_entries: 250_000,
+            consul_names: false,
+            consul_domain: "consul".into(),
         }
     }
 }
@@ -163,6 +170,11 @@ pub struct ApiConfig {
     pub node_address: String,
     /// The node name shown in Consul-style answers.
     pub node_name: String,
+    /// This node's metadata in Consul-style answers (Consul's `node_meta`), which
+    /// `?node-meta=key:value` filters on.
+    pub node_meta: std::collections::BTreeMap<String, String>,
+    /// The datacenter this registry is; a query for another (`?dc=`) is refused as Consul
+    /// refuses an unknown one.
     pub datacenter: String,
     /// Longest `wait` a blocking query may ask for.
     #[serde(with = "dur")]
@@ -190,6 +202,7 @@ impl Default for ApiConfig {
             max_body_bytes: 1 << 20,
             node_address: "127.0.0.1".into(),
             node_name: "waymark".into(),
+            node_meta: Default::default(),
             datacenter: "dc1".into(),
             max_wait: Duration::from_secs(600),
             header_read_timeout: Duration::from_secs(10),
@@ -384,6 +397,32 @@ impl Config {
                 "dns.zone {:?} is not a valid DNS name",
                 self.dns.zone
             ));
+        }
+        if self.dns.consul_names {
+            let domain = self.dns.consul_domain.trim_end_matches('.');
+            let parsed = hickory_proto::rr::Name::from_ascii(domain);
+            let Ok(parsed) = parsed.map(|n| n.to_lowercase()) else {
+                return bad(format!(
+                    "dns.consul_domain {:?} is not a valid DNS name",
+                    self.dns.consul_domain
+                ));
+            };
+            let zone = hickory_proto::rr::Name::from_ascii(zone)
+                .map(|n| n.to_lowercase())
+                .expect("checked above");
+            if domain.is_empty() || parsed.zone_of(&zone) || zone.zone_of(&parsed) {
+                return bad(format!(
+                    "dns.consul_domain {:?} must be a domain of its own, apart from dns.zone {:?}",
+                    self.dns.consul_domain, self.dns.zone
+                ));
+            }
+            if self.api.datacenter.is_empty() || !crate::dns::names::check_tag(&self.api.datacenter)
+            {
+                return bad(format!(
+                    "api.datacenter {:?} must be a DNS label for Consul's names (letters, digits, '-')",
+                    self.api.datacenter
+                ));
+            }
         }
         if self.dns.ttl > 86_400 {
             return bad(format!("dns.ttl {} is over a day", self.dns.ttl));

@@ -12,6 +12,7 @@
 //! - [`dns`]: the DNS server: answers for the zone, forwarding for the rest.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`ca`]: the mesh certificate authority that signs forwarders' certificates.
+//! - [`nodes`]: the nodes Consul's API and DNS names show, computed from the registry.
 
 pub mod api;
 pub mod app;
@@ -22,6 +23,7 @@ pub mod demo;
 pub mod dns;
 pub mod etcd;
 pub mod metrics;
+pub mod nodes;
 pub mod registry;
 pub mod services_file;
 pub mod store;

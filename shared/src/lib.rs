@@ -31,4 +31,4 @@ pub mod telemetry;
 pub mod vip;
 
 pub use mirror::{Changes, Freshness, Mirror, ServiceView};
-pub use model::{CheckView, Health, Instance, ServiceAttrs};
+pub use model::{CheckView, Extra, Health, Instance, ServiceAttrs, TaggedAddress};

@@ -298,10 +298,24 @@ impl Mirror {
             (None, None) => ServiceAttrs::default(),
         };
         let same_attrs = current.as_ref().is_some_and(|v| v.attrs == attrs);
+        let mut instance = instance;
         match instances.iter_mut().find(|i| i.id == instance.id) {
-            Some(existing) if **existing == instance && same_attrs => return false,
-            Some(existing) => *existing = Arc::new(instance),
-            None => instances.push(Arc::new(instance)),
+            Some(existing) if existing.same_as(&instance) => {
+                if same_attrs {
+                    return false;
+                }
+                // Only the service's attributes changed: the instance keeps its indexes.
+            }
+            Some(existing) => {
+                instance.create_index = existing.create_index;
+                instance.modify_index = index;
+                *existing = Arc::new(instance);
+            }
+            None => {
+                instance.create_index = index;
+                instance.modify_index = index;
+                instances.push(Arc::new(instance));
+            }
         }
         let name = current
             .map(|v| v.name.clone())

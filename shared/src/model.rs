@@ -84,6 +84,48 @@ pub struct Instance {
     /// whose key holds it); the forwarders route to that host's forwarder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<CompactString>,
+    /// The change index at which the instance first appeared in this mirror (Consul's
+    /// `CreateIndex`); set by the mirror, 0 before.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub create_index: u64,
+    /// The change index of the instance's last change (Consul's `ModifyIndex`: watchers
+    /// key on it); set by the mirror, 0 before.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub modify_index: u64,
+    /// What few registrations carry (Consul's tagged addresses, tag override, an external
+    /// node's address and metadata): boxed, so that the common instance stays small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The rarely set parts of a registration, kept and returned as registered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extra {
+    /// Consul's service `TaggedAddresses`: `lan`, `wan`, `lan_ipv4`... to an address and port.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tagged_addresses: BTreeMap<String, TaggedAddress>,
+    /// Consul's `EnableTagOverride`: kept and returned (Waymark has no anti-entropy to apply
+    /// it to).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_tag_override: bool,
+    /// For an instance registered through the catalog on an external node: that node's
+    /// address (empty: this host's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_address: String,
+    /// That node's metadata (Consul's `NodeMeta`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_meta: BTreeMap<String, String>,
+}
+
+/// One of a service's tagged addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedAddress {
+    pub address: String,
+    pub port: u16,
+}
+
+fn is_zero_u64(x: &u64) -> bool {
+    *x == 0
 }
 
 fn default_weight() -> u32 {
@@ -144,7 +186,48 @@ impl Instance {
             checks: Vec::new(),
             draining: false,
             node: None,
+            create_index: 0,
+            modify_index: 0,
+            extra: None,
         }
+    }
+
+    /// The service's tagged addresses (none for most).
+    pub fn tagged_addresses(&self) -> Option<&BTreeMap<String, TaggedAddress>> {
+        self.extra.as_ref().map(|e| &e.tagged_addresses)
+    }
+
+    /// Whether two states of an instance say the same thing, whatever their change indexes.
+    pub fn same_as(&self, other: &Instance) -> bool {
+        // Destructured, so that a new field cannot be forgotten here.
+        let Instance {
+            id,
+            service,
+            address,
+            port,
+            tags,
+            meta,
+            weight_passing,
+            weight_warning,
+            checks,
+            draining,
+            node,
+            create_index: _,
+            modify_index: _,
+            extra,
+        } = self;
+        *id == other.id
+            && *service == other.service
+            && *address == other.address
+            && *port == other.port
+            && *tags == other.tags
+            && *meta == other.meta
+            && *weight_passing == other.weight_passing
+            && *weight_warning == other.weight_warning
+            && *checks == other.checks
+            && *draining == other.draining
+            && *node == other.node
+            && *extra == other.extra
     }
 
     /// The instance's health: the worst of its checks, passing when it has none.
@@ -209,6 +292,9 @@ mod tests {
             checks,
             draining,
             node: None,
+            create_index: 0,
+            modify_index: 0,
+            extra: None,
         }
     }
 

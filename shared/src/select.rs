@@ -97,6 +97,9 @@ mod tests {
             }],
             draining,
             node: None,
+            create_index: 0,
+            modify_index: 0,
+            extra: None,
         }
     }
 

@@ -3,9 +3,11 @@
 #
 #   python-consul -> tests/clients/.deps/python-consul   (module `consul`)
 #   py-consul     -> tests/clients/.deps/py-consul       (module `consul`, too)
-#   npm consul    -> tests/clients/node_modules          (from package.json / package-lock.json)
+#   python-consul2 -> tests/clients/.deps/python-consul2 (module `consul`, too)
+#   consulate-fork -> tests/clients/.deps/consulate-fork (module `consulate`)
+#   npm consul, @creditkarma/consul-client -> tests/clients/node_modules (package-lock.json)
 #
-# Both Python libraries provide the module `consul`, so each goes into its own
+# Three of the Python libraries provide the module `consul`, so each goes into its own
 # directory and a test picks one with PYTHONPATH. Idempotent: a directory whose
 # stamp matches the pinned specs is left alone. Needs no stdin; safe for CI.
 set -euo pipefail
@@ -18,6 +20,8 @@ PYTHON="${PYTHON:-python3}"
 COMMON=(requests==2.34.2 urllib3==2.8.0 idna==3.20 charset-normalizer==3.5.2 certifi==2026.10.18)
 PY_PYTHON_CONSUL=(python-consul==1.1.0 six==1.17.0 "${COMMON[@]}")
 PY_PY_CONSUL=(py-consul==1.8.0 "${COMMON[@]}")
+PY_PYTHON_CONSUL2=(python-consul2==0.1.5 six==1.17.0 "${COMMON[@]}")
+PY_CONSULATE=(consulate-fork==0.7.1 "${COMMON[@]}")
 
 log() { echo "[clients/install] $*"; }
 
@@ -25,8 +29,8 @@ need() {
     command -v "$1" >/dev/null 2>&1 || { echo "[clients/install] error: '$1' not found on PATH" >&2; exit 1; }
 }
 
-install_py() { # name specs...
-    local name="$1"; shift
+install_py() { # name module specs...
+    local name="$1" module="$2"; shift 2
     local dir="$DEPS/$name" stamp want
     stamp="$dir/.waymark-stamp"
     want="$("$PYTHON" --version 2>&1) | $*"
@@ -43,7 +47,8 @@ install_py() { # name specs...
     mv "$dir.tmp" "$dir"
     printf '%s' "$want" > "$stamp"
     # Check that the module imports from exactly this directory.
-    PYTHONPATH="$dir" "$PYTHON" -c "import consul, sys; assert consul.__file__.startswith('$dir'), consul.__file__; print('[clients/install] $name: consul module at', consul.__file__)"
+    # (found, not imported: consulate-fork needs a shim on Python 3.10+, see catalog_py.py)
+    PYTHONPATH="$dir" "$PYTHON" -c "import importlib.util as u; f = u.find_spec('$module').origin; assert f.startswith('$dir'), f; print('[clients/install] $name: $module module at', f)"
 }
 
 install_node() {
@@ -51,7 +56,8 @@ install_node() {
     need npm
     local stamp="$HERE/node_modules/.waymark-stamp" want
     want="$(cat "$HERE/package.json" "$HERE/package-lock.json" 2>/dev/null | cksum)"
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$HERE/node_modules/consul/package.json" ]]; then
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$HERE/node_modules/consul/package.json" \
+        && -f "$HERE/node_modules/@creditkarma/consul-client/package.json" ]]; then
         log "npm consul: up to date ($HERE/node_modules)"
         return
     fi
@@ -66,7 +72,9 @@ install_node() {
 }
 
 need "$PYTHON"
-install_py python-consul "${PY_PYTHON_CONSUL[@]}"
-install_py py-consul "${PY_PY_CONSUL[@]}"
+install_py python-consul consul "${PY_PYTHON_CONSUL[@]}"
+install_py py-consul consul "${PY_PY_CONSUL[@]}"
+install_py python-consul2 consul "${PY_PYTHON_CONSUL2[@]}"
+install_py consulate-fork consulate "${PY_CONSULATE[@]}"
 install_node
 log "done"

@@ -1,5 +1,6 @@
-//! Real Consul client libraries register with Waymark unchanged: PyPI `python-consul` and
-//! `py-consul`, and npm `consul`, each driving a resolver through its public API (scripts in
+//! Real Consul client libraries work with Waymark unchanged: PyPI `python-consul`,
+//! `py-consul`, `python-consul2` and `consulate-fork`, npm `consul` and `@creditkarma/consul-client`,
+//! each driving a resolver through its public API (scripts in
 //! tests/clients/, installed by tests/clients/install.sh, which .ci/run runs).
 
 use std::path::Path;
@@ -87,4 +88,42 @@ fn node_consul_registers_unchanged() {
         "npm consul is missing: run `bash tests/clients/install.sh` (.ci/run does)"
     );
     run_client("node", "consul_node.js", &[], None);
+}
+
+/// PyPI `python-consul2`: catalog, health, nodes, status, a blocking query, an external
+/// service through the catalog, and an unsupported endpoint that fails loudly.
+#[test]
+fn python_consul2_reads_the_catalog_and_registers_external_services() {
+    let deps = root().join("tests/clients/.deps/python-consul2");
+    run_client(
+        "python3",
+        "catalog_py.py",
+        &["--lib", "python-consul2"],
+        Some(&deps),
+    );
+}
+
+/// PyPI `consulate-fork` (consulate's maintained fork): the same walk through.
+#[test]
+fn consulate_reads_the_catalog_and_registers_external_services() {
+    let deps = root().join("tests/clients/.deps/consulate-fork");
+    run_client(
+        "python3",
+        "catalog_py.py",
+        &["--lib", "consulate-fork"],
+        Some(&deps),
+    );
+}
+
+/// npm `@creditkarma/consul-client`: catalog registration, and `watchAddress` firing on a
+/// change (it keys on `ModifyIndex`).
+#[test]
+fn creditkarma_consul_client_watches_an_address_change() {
+    assert!(
+        root()
+            .join("tests/clients/node_modules/@creditkarma/consul-client")
+            .exists(),
+        "@creditkarma/consul-client is missing: run `bash tests/clients/install.sh` (.ci/run does)"
+    );
+    run_client("node", "creditkarma.js", &[], None);
 }

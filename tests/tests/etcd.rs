@@ -78,7 +78,8 @@ async fn in_etcd(
         .collect())
 }
 
-/// Every instance host `r`'s mirror holds (its change stream from the start).
+/// Every instance host `r`'s mirror holds (its change stream from the start), without its
+/// change indexes.
 async fn in_mirror(r: &Resolver) -> BTreeMap<(String, String), Instance> {
     let changes: Changes = reqwest::get(r.url("/v1/waymark/changes?index=0"))
         .await
@@ -90,7 +91,15 @@ async fn in_mirror(r: &Resolver) -> BTreeMap<(String, String), Instance> {
         .services
         .iter()
         .flat_map(|v| v.instances.iter())
-        .map(|i| ((i.service.to_string(), i.id.to_string()), (**i).clone()))
+        .map(|i| {
+            // Change indexes are each mirror's own (etcd's revisions here): not compared.
+            let i = Instance {
+                create_index: 0,
+                modify_index: 0,
+                ..(**i).clone()
+            };
+            ((i.service.to_string(), i.id.to_string()), i)
+        })
         .collect()
 }
 

@@ -235,6 +235,9 @@ mod tests {
             checks: vec![],
             draining: false,
             node: None,
+            create_index: 0,
+            modify_index: 0,
+            extra: None,
         };
         let info = ForwarderInfo::from_instance(&inst).unwrap();
         assert_eq!(info.host, "host-a");

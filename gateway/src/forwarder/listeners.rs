@@ -342,6 +342,9 @@ mod tests {
             checks: vec![],
             draining: false,
             node: None,
+            create_index: 0,
+            modify_index: 0,
+            extra: None,
         })
     }
 

@@ -1,7 +1,7 @@
 //! The Consul-compatible handlers: agent registration and checks, catalog and health reads,
 //! with blocking queries. Writes return once durable; reads come from the mirror.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -10,20 +10,15 @@ use axum::response::Response;
 use serde_json::{json, Value};
 use waymark_shared::{Health, Instance};
 
-use super::consul::{self, Node};
+use super::catalog::this_node;
+use super::consul;
 use super::encoded::Kind;
-use super::{encoded_with_index, json_body, read_body, with_index, ApiError, ApiState, Blocking};
+use super::query::ReadQuery;
+use super::{encoded_with_index, json_body, read_body, with_index, ApiError, ApiState};
+use crate::nodes;
 use crate::store::Source;
 
 type Params = Query<HashMap<String, String>>;
-
-fn node(state: &ApiState) -> Node<'_> {
-    Node {
-        name: &state.config.api.node_name,
-        address: &state.config.api.node_address,
-        datacenter: &state.config.api.datacenter,
-    }
-}
 
 fn empty_ok() -> Response {
     Response::new(Body::empty())
@@ -143,237 +138,147 @@ pub async fn check_update(
     ttl(&state, &id, status, field("output").map(str::to_string)).await
 }
 
-pub async fn services(State(state): State<Arc<ApiState>>) -> Response {
-    let index = state.local.index();
-    let st = state.clone();
-    let json = state
-        .encoded
-        .get(Kind::AgentServices, index, move || {
-            let dc = &st.config.api.datacenter;
-            let mut out = serde_json::Map::new();
-            for view in st.local.services() {
-                for i in &view.instances {
-                    out.insert(i.id.to_string(), consul::agent_service(i, dc));
-                }
-            }
-            serde_json::to_vec(&Value::Object(out)).unwrap_or_default()
-        })
-        .await;
-    encoded_with_index(json, index)
-}
-
-pub async fn checks(State(state): State<Arc<ApiState>>) -> Response {
-    let index = state.local.index();
-    let st = state.clone();
-    let json = state
-        .encoded
-        .get(Kind::AgentChecks, index, move || {
-            let views = st.local.services();
-            let instances = views.iter().flat_map(|v| v.instances.iter().map(|i| &**i));
-            serde_json::to_vec(&consul::agent_checks(instances, &node(&st))).unwrap_or_default()
-        })
-        .await;
-    encoded_with_index(json, index)
-}
-
-pub async fn catalog_services(
-    State(state): State<Arc<ApiState>>,
-    Query(q): Params,
-) -> Result<Response, ApiError> {
-    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
-    let index = blocking
-        .wait(&state.mirror, &state.drain, || state.mirror.index())
-        .await;
-    let st = state.clone();
-    let json = state
-        .encoded
-        .get(Kind::CatalogServices, index, move || {
-            let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for view in st.mirror.services() {
-                let tags = out.entry(view.name.to_string()).or_default();
-                for i in &view.instances {
-                    tags.extend(i.tags.iter().cloned());
-                }
-            }
-            serde_json::to_vec(&out).unwrap_or_default()
-        })
-        .await;
-    Ok(encoded_with_index(json, index))
-}
-
-/// The index a query about one service reports: the service's last change, or the global
-/// index when the service does not exist.
-/// `GET /v1/health/checks/<service>`: every check of the service's instances (blocking).
-pub async fn health_checks(
-    State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-    Query(q): Params,
-) -> Result<Response, ApiError> {
-    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
-    let index = blocking
-        .wait(&state.mirror, &state.drain, || service_index(&state, &name))
-        .await;
-    let node = node(&state);
-    let checks: Vec<Value> = state
-        .mirror
-        .service(&name)
-        .map(|view| {
-            view.instances
-                .iter()
-                .flat_map(|i| i.checks.iter().map(|c| consul::check(c, i, &node)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(with_index(&Value::Array(checks), index))
-}
-
-/// `GET /v1/health/state/<state>`: every check in that state (`passing`, `warning`,
-/// `critical`, or `any`), of every service (blocking).
-pub async fn health_state(
-    State(state): State<Arc<ApiState>>,
-    Path(wanted): Path<String>,
-    Query(q): Params,
-) -> Result<Response, ApiError> {
-    let filter = match wanted.as_str() {
-        "any" => None,
-        s => Some(Health::parse(s).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "state {s:?}: expected passing, warning, critical or any"
-            ))
-        })?),
-    };
-    let blocking = Blocking::parse(&q, state.config.api.max_wait)?;
-    let index = blocking
-        .wait(&state.mirror, &state.drain, || state.mirror.index())
-        .await;
-    let node = node(&state);
-    let mut checks = Vec::new();
-    for view in state.mirror.services() {
-        for i in &view.instances {
-            for c in &i.checks {
-                if filter.is_none_or(|f| c.status == f) {
-                    checks.push(consul::check(c, i, &node));
-                }
-            }
-        }
-    }
-    Ok(with_index(&Value::Array(checks), index))
-}
-
-fn service_index(state: &ApiState, name: &str) -> u64 {
+/// This host's own registrations (not the external services the catalog registered).
+fn agent_instances(state: &ApiState) -> Vec<Arc<Instance>> {
     state
-        .mirror
-        .service(name)
-        .map(|v| v.index)
-        .unwrap_or_else(|| state.mirror.index())
-}
-
-fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
-    match q.get(name).map(String::as_str) {
-        None => Ok(false),
-        Some("") => Ok(true),
-        Some(s) => consul::parse_bool(s)
-            .ok_or_else(|| ApiError::BadRequest(format!("{name} {s:?} is not a boolean"))),
-    }
-}
-
-/// Every value of a query parameter that may be repeated (`?tag=a&tag=b`), in order:
-/// `Query` into a map keeps only the last.
-pub fn all_values(raw: Option<&str>, key: &str) -> Vec<String> {
-    form_urlencoded::parse(raw.unwrap_or("").as_bytes())
-        .filter(|(k, v)| k == key && !v.is_empty())
-        .map(|(_, v)| v.into_owned())
+        .local
+        .services()
+        .iter()
+        .flat_map(|v| v.instances.iter())
+        .filter(|i| i.node.is_none())
+        .cloned()
         .collect()
 }
 
-pub async fn health_service(
+/// `GET /v1/agent/services`: this host's registrations by ID (`filter` applies).
+pub async fn services(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-    Query(q): Params,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let passing = flag(&q, "passing")?;
-    service_entries(
-        &state,
-        &name,
-        &q,
-        &all_values(raw.as_deref(), "tag"),
-        |i| !passing || (!i.draining && i.health() == Health::Passing),
-        consul::health_entry,
-    )
-    .await
+    let q = ReadQuery::parse(raw.as_deref(), &state.config)?;
+    let dc = state.config.api.datacenter.clone();
+    q.check_filter(&consul::agent_service(&consul::template_instance(), &dc))?;
+    let index = state.local.index();
+    let render = move |instances: Vec<Arc<Instance>>, keep: &dyn Fn(&Value) -> bool| {
+        let mut out = serde_json::Map::new();
+        for i in instances {
+            let entry = consul::agent_service(&i, &dc);
+            if keep(&entry) {
+                out.insert(i.id.to_string(), entry);
+            }
+        }
+        Value::Object(out)
+    };
+    if q.filter.is_none() {
+        let st = state.clone();
+        let json = state
+            .encoded
+            .get(Kind::AgentServices, index, move || {
+                serde_json::to_vec(&render(agent_instances(&st), &|_| true)).unwrap_or_default()
+            })
+            .await;
+        return Ok(encoded_with_index(json, index));
+    }
+    let out = render(agent_instances(&state), &|e| q.keep(e, &BTreeMap::new()));
+    Ok(with_index(&out, index))
 }
 
-pub async fn catalog_service(
+/// `GET /v1/agent/checks`: this host's checks by ID (`filter` applies).
+pub async fn checks(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-    Query(q): Params,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let tags = all_values(raw.as_deref(), "tag");
-    service_entries(&state, &name, &q, &tags, |_| true, consul::catalog_entry).await
+    let q = ReadQuery::parse(raw.as_deref(), &state.config)?;
+    let template = consul::template_instance();
+    q.check_filter(&consul::check(
+        &template.checks[0],
+        &template,
+        &consul::template_node(),
+    ))?;
+    let index = state.local.index();
+    if q.filter.is_none() {
+        let st = state.clone();
+        let json = state
+            .encoded
+            .get(Kind::AgentChecks, index, move || {
+                let instances = agent_instances(&st);
+                let checks = consul::agent_checks(instances.iter().map(|i| &**i), &this_node(&st));
+                serde_json::to_vec(&checks).unwrap_or_default()
+            })
+            .await;
+        return Ok(encoded_with_index(json, index));
+    }
+    let node = this_node(&state);
+    let mut out = serde_json::Map::new();
+    for i in agent_instances(&state) {
+        for c in &i.checks {
+            let entry = consul::check(c, &i, &node);
+            if q.keep(&entry, &BTreeMap::new()) {
+                out.insert(c.id.clone(), entry);
+            }
+        }
+    }
+    Ok(with_index(&Value::Object(out), index))
 }
 
-/// A blocking query over one service's instances (those with every tag in `tags`, and
-/// `keep`), each rendered by `render`.
-async fn service_entries(
-    state: &ApiState,
-    name: &str,
-    q: &HashMap<String, String>,
-    tags: &[String],
-    keep: impl Fn(&Instance) -> bool,
-    render: impl Fn(&Instance, &Node) -> Value,
-) -> Result<Response, ApiError> {
-    let blocking = Blocking::parse(q, state.config.api.max_wait)?;
-    let index = blocking
-        .wait(&state.mirror, &state.drain, || service_index(state, name))
-        .await;
-    let node = node(state);
-    let entries: Vec<Value> = state
-        .mirror
-        .service(name)
-        .map(|view| {
-            view.instances
-                .iter()
-                .filter(|i| tags.iter().all(|t| i.has_tag(t)) && keep(i))
-                .map(|i| render(i, &node))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(with_index(&Value::Array(entries), index))
+/// A member as `/v1/agent/members` and `/v1/agent/self` show it.
+fn member(state: &ApiState, name: &str, address: &str) -> Value {
+    let api = &state.config.api;
+    json!({
+        "Name": name,
+        "Addr": address,
+        "Port": api.addr.port(),
+        "Tags": {"dc": api.datacenter, "role": "consul", "build": CONSUL_API_VERSION},
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    })
 }
 
 /// `GET /v1/agent/self`: what Consul clients read first (Prometheus's Consul discovery takes
 /// the datacenter from it, and retries forever without it): the agent's config and member.
 pub async fn agent_self(State(state): State<Arc<ApiState>>) -> Response {
     let api = &state.config.api;
-    let node = state
-        .etcd
-        .as_ref()
-        .map_or_else(|| api.node_name.clone(), |l| l.node.clone());
+    let node = this_node(&state);
     json_body(&json!({
         "Config": {
             "Datacenter": api.datacenter,
-            "NodeName": node,
+            "NodeName": node.name,
             "NodeID": "",
             "Server": true,
             "Revision": "",
             "Version": CONSUL_API_VERSION,
         },
-        "Member": {
-            "Name": node,
-            "Addr": api.node_address,
-            "Port": api.addr.port(),
-            "Tags": {"dc": api.datacenter, "role": "consul", "build": CONSUL_API_VERSION},
-            "Status": 1,
-        },
-        "Meta": {"waymark-version": env!("CARGO_PKG_VERSION")},
+        "Member": member(&state, node.name, node.address),
+        "Meta": node.meta,
     }))
 }
 
-/// `GET /v1/catalog/datacenters`: this one.
-pub async fn datacenters(State(state): State<Arc<ApiState>>) -> Response {
-    json_body(&json!([state.config.api.datacenter]))
+/// `GET /v1/agent/members`: the Waymark hosts (with etcd, every host that registered
+/// instances; alone, this one), each as a live member.
+pub async fn members(State(state): State<Arc<ApiState>>) -> Response {
+    let node = this_node(&state);
+    let this = nodes::This {
+        name: node.name,
+        address: node.address,
+        meta: node.meta,
+    };
+    let instances: Vec<Arc<Instance>> = state
+        .mirror
+        .services()
+        .iter()
+        .flat_map(|v| v.instances.iter().cloned())
+        .collect();
+    let members: Vec<Value> = nodes::nodes(instances.iter().map(|i| &**i), &this)
+        .iter()
+        .filter(|n| n.host)
+        .map(|n| member(&state, &n.name, &n.address))
+        .collect();
+    json_body(&Value::Array(members))
 }
 
 /// A registration of this host by ID, from the registry's own mirror.
@@ -416,7 +321,7 @@ pub fn aggregated(instances: &[&Instance]) -> (&'static str, u16) {
 
 /// One entry of the agent health endpoints.
 fn agent_health_entry(i: &Instance, state: &ApiState) -> Value {
-    let node = node(state);
+    let node = this_node(state);
     let checks: Vec<Value> = i
         .checks
         .iter()
@@ -486,9 +391,14 @@ pub async fn leader(State(state): State<Arc<ApiState>>) -> Response {
     json_body(&json!(state.config.api.addr.to_string()))
 }
 
+/// `GET /v1/status/peers`: the registry's servers: this one.
+pub async fn peers(State(state): State<Arc<ApiState>>) -> Response {
+    json_body(&json!([state.config.api.addr.to_string()]))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{aggregated, all_values};
+    use super::aggregated;
     use waymark_shared::{CheckView, Health, Instance};
 
     #[test]
@@ -525,21 +435,6 @@ mod tests {
         ];
         for (instances, want) in cases {
             assert_eq!(aggregated(&instances), want);
-        }
-    }
-
-    #[test]
-    fn repeated_parameters_are_all_kept() {
-        let cases: [(Option<&str>, Vec<&str>); 6] = [
-            (None, vec![]),
-            (Some(""), vec![]),
-            (Some("tag=a"), vec!["a"]),
-            (Some("tag=a&passing&tag=b"), vec!["a", "b"]),
-            (Some("tag=&tag=v%2F1&tags=x"), vec!["v/1"]),
-            (Some("index=3&wait=1s"), vec![]),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(all_values(raw, "tag"), want, "{raw:?}");
         }
     }
 }

@@ -1,17 +1,17 @@
 //! Consul's JSON, both ways: registration bodies in (keys in any letter case, `Check` or
 //! `Checks`, snake_case or CamelCase), and the shapes Consul clients expect out.
 //!
-//! Parsing is lenient where Consul is (unknown keys such as `EnableTagOverride` or `Connect`
-//! are ignored) and strict about the fields Waymark uses: a wrong type is an error that names
-//! the field.
+//! Parsing is lenient where Consul is (unknown keys are ignored) and strict about the fields
+//! Waymark uses: a wrong type is an error that names the field. Connect registrations
+//! (proxies, sidecars, native) are refused: the mesh is the per-host forwarder.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use waymark_shared::{CheckView, Health, Instance};
+use waymark_shared::{CheckView, Health, Instance, TaggedAddress};
 
-use crate::registry::def::{CheckDef, ServiceDef, Weights};
+use crate::registry::def::{CheckDef, ExternalNode, ServiceDef, Weights};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
@@ -98,11 +98,16 @@ impl<'a> Obj<'a> {
 /// Parses a `PUT /v1/agent/service/register` body.
 pub fn parse_service(body: &[u8]) -> Result<ServiceDef, ParseError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
-    let o = Obj::new("", &value)?;
+    service_obj(&Obj::new("", &value)?, "name", "Name")
+}
+
+/// A service definition from an object whose name is under `key` (`Name` for the agent,
+/// `Service` in a catalog registration).
+fn service_obj(o: &Obj, key: &str, shown: &str) -> Result<ServiceDef, ParseError> {
     let name = o
-        .string("name", "Name")?
+        .string(key, shown)?
         .filter(|n| !n.trim().is_empty())
-        .ok_or_else(|| ParseError::Field("Name is required".into()))?;
+        .ok_or_else(|| o.err(shown, "is required"))?;
     let tags = match o.get("tags") {
         None => Vec::new(),
         Some(Value::Array(items)) => items
@@ -112,15 +117,7 @@ pub fn parse_service(body: &[u8]) -> Result<ServiceDef, ParseError> {
             .ok_or_else(|| o.err("Tags", "must be a list of strings"))?,
         Some(_) => return Err(o.err("Tags", "must be a list of strings")),
     };
-    let meta = match o.get("meta") {
-        None => BTreeMap::new(),
-        Some(Value::Object(m)) => m
-            .iter()
-            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-            .collect::<Option<BTreeMap<_, _>>>()
-            .ok_or_else(|| o.err("Meta", "values must be strings"))?,
-        Some(_) => return Err(o.err("Meta", "must be an object of strings")),
-    };
+    let meta = string_map(o, "meta", "Meta")?;
     let weights = match o.get("weights") {
         None => Weights::default(),
         Some(w) => {
@@ -144,6 +141,7 @@ pub fn parse_service(body: &[u8]) -> Result<ServiceDef, ParseError> {
         }
         Some(_) => return Err(o.err("Checks", "must be a list of checks")),
     }
+    refuse_connect(o)?;
     Ok(ServiceDef {
         name: name.into(),
         id: o.string("id", "ID")?.unwrap_or_default().into(),
@@ -153,7 +151,167 @@ pub fn parse_service(body: &[u8]) -> Result<ServiceDef, ParseError> {
         meta,
         weights,
         checks,
+        tagged_addresses: tagged_addresses(o)?,
+        enable_tag_override: o
+            .bool("enabletagoverride", "EnableTagOverride")?
+            .unwrap_or(false),
+        external_node: None,
     })
+}
+
+/// A `PUT /v1/catalog/register` body: a service on a node (Waymark keeps nodes only through
+/// their services), and checks whose status the registration sets.
+#[derive(Debug, PartialEq)]
+pub struct CatalogRegistration {
+    pub node: ExternalNode,
+    pub service: Option<ServiceDef>,
+    /// Each check and the service ID it names (empty: a node check).
+    pub checks: Vec<(CheckDef, String)>,
+}
+
+/// Parses a `PUT /v1/catalog/register` body.
+pub fn parse_catalog_register(body: &[u8]) -> Result<CatalogRegistration, ParseError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
+    let o = Obj::new("", &value)?;
+    let node = node_obj(&o)?;
+    let service = match o.get("service") {
+        None => None,
+        Some(v) => Some(service_obj(&Obj::new("Service", v)?, "service", "Service")?),
+    };
+    let mut checks = Vec::new();
+    if let Some(c) = o.get("check") {
+        checks.push(catalog_check("Check", c)?);
+    }
+    match o.get("checks") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, c) in items.iter().enumerate() {
+                checks.push(catalog_check(&format!("Checks[{i}]"), c)?);
+            }
+        }
+        Some(_) => return Err(o.err("Checks", "must be a list of checks")),
+    }
+    Ok(CatalogRegistration {
+        node: ExternalNode {
+            address: o.string("address", "Address")?.unwrap_or_default(),
+            meta: string_map(&o, "nodemeta", "NodeMeta")?,
+            ..node
+        },
+        service,
+        checks,
+    })
+}
+
+/// A `PUT /v1/catalog/deregister` body: a node, and a service or a check on it (neither: the
+/// whole node).
+#[derive(Debug, PartialEq)]
+pub struct CatalogDeregistration {
+    pub node: String,
+    pub service_id: Option<String>,
+    pub check_id: Option<String>,
+}
+
+/// Parses a `PUT /v1/catalog/deregister` body.
+pub fn parse_catalog_deregister(body: &[u8]) -> Result<CatalogDeregistration, ParseError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
+    let o = Obj::new("", &value)?;
+    Ok(CatalogDeregistration {
+        node: node_obj(&o)?.name.to_string(),
+        service_id: o
+            .string("serviceid", "ServiceID")?
+            .filter(|s| !s.is_empty()),
+        check_id: o.string("checkid", "CheckID")?.filter(|s| !s.is_empty()),
+    })
+}
+
+fn node_obj(o: &Obj) -> Result<ExternalNode, ParseError> {
+    let name = o
+        .string("node", "Node")?
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| o.err("Node", "is required"))?;
+    Ok(ExternalNode {
+        name: name.trim().into(),
+        ..ExternalNode::default()
+    })
+}
+
+fn string_map(o: &Obj, key: &str, shown: &str) -> Result<BTreeMap<String, String>, ParseError> {
+    match o.get(key) {
+        None => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+            .collect::<Option<BTreeMap<_, _>>>()
+            .ok_or_else(|| o.err(shown, "values must be strings")),
+        Some(_) => Err(o.err(shown, "must be an object of strings")),
+    }
+}
+
+/// A catalog check: its status is what the registration says (an external monitor keeps it
+/// up to date); its `Definition` is for that monitor and is not run here.
+fn catalog_check(path: &str, value: &Value) -> Result<(CheckDef, String), ParseError> {
+    let o = Obj::new(path, value)?;
+    let status = match o.string("status", "Status")?.filter(|s| !s.is_empty()) {
+        None => Health::Critical,
+        Some(s) => Health::parse(&s)
+            .ok_or_else(|| o.err("Status", "must be passing, warning or critical"))?,
+    };
+    let def = CheckDef {
+        id: o
+            .string("checkid", "CheckID")?
+            .or(o.string("id", "ID")?)
+            .unwrap_or_default(),
+        name: o.string("name", "Name")?.unwrap_or_default(),
+        status: Some(status),
+        notes: o.string("notes", "Notes")?.unwrap_or_default(),
+        output: o.string("output", "Output")?.unwrap_or_default(),
+        external: true,
+        ..CheckDef::default()
+    };
+    Ok((def, o.string("serviceid", "ServiceID")?.unwrap_or_default()))
+}
+
+/// Consul Connect's registrations (a proxy, a sidecar, a Connect-native service) are refused
+/// rather than stored as plain services that would then be answered without their proxy.
+fn refuse_connect(o: &Obj) -> Result<(), ParseError> {
+    const WHY: &str = "Waymark's mesh is the per-host forwarder, which needs no proxy \
+        registration: register the service itself";
+    match o.string("kind", "Kind")?.as_deref() {
+        None | Some("") | Some("typical") => {}
+        Some(kind) => return Err(o.err("Kind", &format!("{kind:?} is not supported: {WHY}"))),
+    }
+    if o.get("proxy").is_some() {
+        return Err(o.err("Proxy", &format!("is not supported: {WHY}")));
+    }
+    if let Some(connect) = o.get("connect") {
+        let c = Obj::new("Connect", connect)?;
+        if c.get("sidecarservice").is_some() || c.bool("native", "Native")? == Some(true) {
+            return Err(o.err("Connect", &format!("is not supported: {WHY}")));
+        }
+    }
+    Ok(())
+}
+
+/// `TaggedAddresses`: `{"lan": {"Address": "10.0.0.1", "Port": 80}, ...}`.
+fn tagged_addresses(o: &Obj) -> Result<BTreeMap<String, TaggedAddress>, ParseError> {
+    let Some(value) = o.get("taggedaddresses") else {
+        return Ok(BTreeMap::new());
+    };
+    let Value::Object(map) = value else {
+        return Err(o.err("TaggedAddresses", "must be an object"));
+    };
+    let mut out = BTreeMap::new();
+    for (tag, a) in map {
+        let a = Obj::new(&format!("TaggedAddresses.{tag}"), a)?;
+        out.insert(
+            tag.clone(),
+            TaggedAddress {
+                address: a.string("address", "Address")?.unwrap_or_default(),
+                port: a.uint("port", "Port", u16::MAX as u64)?.unwrap_or(0) as u16,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Parses a `PUT /v1/agent/check/register` body: the check and the service it belongs to.
@@ -232,6 +390,7 @@ fn parse_check_obj(path: &str, value: &Value) -> Result<(CheckDef, Option<String
             .map(|n| n as u32),
         status,
         notes: o.string("notes", "Notes")?.unwrap_or_default(),
+        ..CheckDef::default()
     };
     Ok((def, o.string("serviceid", "ServiceID")?))
 }
@@ -245,14 +404,77 @@ pub fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// Node details shown in Consul-shaped answers.
+/// Node details shown in Consul-shaped answers: this host's.
 pub struct Node<'a> {
     pub name: &'a str,
     pub address: &'a str,
     pub datacenter: &'a str,
+    pub meta: &'a BTreeMap<String, String>,
 }
 
-/// An entry of `GET /v1/agent/services`.
+/// The node an instance is on: the host that registered it when the registry knows (with
+/// etcd, each host is a node; a catalog registration names its node), else this one.
+pub fn node_of<'a>(i: &'a Instance, node: &'a Node) -> &'a str {
+    i.node.as_deref().unwrap_or(node.name)
+}
+
+/// That node's address: an external node's as registered, else this host's.
+pub fn node_address_of<'a>(i: &'a Instance, node: &'a Node) -> &'a str {
+    match &i.extra {
+        Some(e) if !e.node_address.is_empty() => &e.node_address,
+        _ => node.address,
+    }
+}
+
+/// That node's metadata.
+pub fn node_meta_of<'a>(i: &'a Instance, node: &'a Node) -> &'a BTreeMap<String, String> {
+    match &i.extra {
+        Some(e) if i.node.is_some() => &e.node_meta,
+        _ => node.meta,
+    }
+}
+
+/// A node's `TaggedAddresses` as Consul fills them by default.
+fn node_tagged(address: &str) -> Value {
+    json!({"lan": address, "lan_ipv4": address, "wan": address, "wan_ipv4": address})
+}
+
+/// A service's `TaggedAddresses`.
+fn service_tagged(i: &Instance) -> Value {
+    let mut out = Map::new();
+    if let Some(tagged) = i.tagged_addresses() {
+        for (tag, a) in tagged {
+            out.insert(tag.clone(), json!({"Address": a.address, "Port": a.port}));
+        }
+    }
+    Value::Object(out)
+}
+
+fn tag_override(i: &Instance) -> bool {
+    i.extra.as_ref().is_some_and(|e| e.enable_tag_override)
+}
+
+/// A node entry (`/v1/catalog/nodes`, `/v1/catalog/node/<n>`, health entries' `Node`).
+pub fn node_entry(
+    name: &str,
+    address: &str,
+    meta: &BTreeMap<String, String>,
+    dc: &str,
+    index: u64,
+) -> Value {
+    json!({
+        "ID": "",
+        "Node": name,
+        "Address": address,
+        "Datacenter": dc,
+        "TaggedAddresses": node_tagged(address),
+        "Meta": meta,
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    })
+}
+
+/// An entry of `GET /v1/agent/services`, and a health entry's `Service`.
 pub fn agent_service(i: &Instance, dc: &str) -> Value {
     json!({
         "ID": i.id,
@@ -261,16 +483,13 @@ pub fn agent_service(i: &Instance, dc: &str) -> Value {
         "Meta": i.meta,
         "Port": i.port,
         "Address": i.address,
+        "TaggedAddresses": service_tagged(i),
         "Weights": {"Passing": i.weight_passing, "Warning": i.weight_warning},
-        "EnableTagOverride": false,
+        "EnableTagOverride": tag_override(i),
         "Datacenter": dc,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
     })
-}
-
-/// The node an instance is on: the host that registered it when the registry knows (with
-/// etcd, each host is a node), else this one.
-fn node_of<'a>(i: &'a Instance, node: &'a Node) -> &'a str {
-    i.node.as_deref().unwrap_or(node.name)
 }
 
 /// A check in Consul's shape.
@@ -286,6 +505,8 @@ pub fn check(c: &CheckView, i: &Instance, node: &Node) -> Value {
         "ServiceName": i.service,
         "ServiceTags": i.tags,
         "Type": c.kind,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
     })
 }
 
@@ -293,14 +514,13 @@ pub fn check(c: &CheckView, i: &Instance, node: &Node) -> Value {
 pub fn health_entry(i: &Instance, node: &Node) -> Value {
     let checks: Vec<Value> = i.checks.iter().map(|c| check(c, i, node)).collect();
     json!({
-        "Node": {
-            "ID": "",
-            "Node": node_of(i, node),
-            "Address": node.address,
-            "Datacenter": node.datacenter,
-            "TaggedAddresses": {},
-            "Meta": {},
-        },
+        "Node": node_entry(
+            node_of(i, node),
+            node_address_of(i, node),
+            node_meta_of(i, node),
+            node.datacenter,
+            i.create_index,
+        ),
         "Service": agent_service(i, node.datacenter),
         "Checks": checks,
     })
@@ -308,18 +528,57 @@ pub fn health_entry(i: &Instance, node: &Node) -> Value {
 
 /// An entry of `GET /v1/catalog/service/<name>`.
 pub fn catalog_entry(i: &Instance, node: &Node) -> Value {
+    let address = node_address_of(i, node);
     json!({
         "ID": "",
         "Node": node_of(i, node),
-        "Address": node.address,
+        "Address": address,
         "Datacenter": node.datacenter,
+        "TaggedAddresses": node_tagged(address),
+        "NodeMeta": node_meta_of(i, node),
         "ServiceID": i.id,
         "ServiceName": i.service,
         "ServiceAddress": i.address,
         "ServicePort": i.port,
         "ServiceTags": i.tags,
         "ServiceMeta": i.meta,
+        "ServiceTaggedAddresses": service_tagged(i),
+        "ServiceWeights": {"Passing": i.weight_passing, "Warning": i.weight_warning},
+        "ServiceEnableTagOverride": tag_override(i),
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
     })
+}
+
+/// An instance with every field an entry shows (one check, a tagged address, a node), to
+/// check filter selectors against the shape of an endpoint's entries.
+pub fn template_instance() -> Instance {
+    let mut i = Instance::new("s", "s-1", "10.0.0.1", 80);
+    // A map of tagged addresses, each an address and a port (the filter's `"*"` shape).
+    i.extra = Some(Box::new(waymark_shared::Extra {
+        tagged_addresses: BTreeMap::from([("*".to_string(), TaggedAddress::default())]),
+        ..Default::default()
+    }));
+    i.checks.push(CheckView {
+        id: "c".into(),
+        name: "c".into(),
+        kind: "ttl".into(),
+        status: Health::Passing,
+        output: String::new(),
+        notes: String::new(),
+    });
+    i
+}
+
+/// A node with every field an entry shows; its metadata is a map (any key).
+pub fn template_node() -> Node<'static> {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    Node {
+        name: "n",
+        address: "10.0.0.1",
+        datacenter: "dc1",
+        meta: &EMPTY,
+    }
 }
 
 /// Every check of every instance, keyed by check ID (`GET /v1/agent/checks`).

@@ -3,7 +3,11 @@
 //! admin endpoints (`/metrics`, `/healthz/live`, `/healthz/ready`).
 //!
 //! - [`consul`]: Consul's JSON shapes, parsed and produced (pure).
-//! - [`agent`]: the Consul-compatible handlers.
+//! - [`agent`]: the Consul-compatible agent handlers (this host's registrations).
+//! - [`catalog`]: the catalog and health reads, and catalog registration.
+//! - [`query`]: the parameters every read shares (blocking, tags, node-meta, filter, dc,
+//!   consistency).
+//! - [`filter`]: Consul's filter language.
 //! - [`stream`]: the change stream (long-poll and server-sent events).
 //! - [`admin`]: metrics, liveness and readiness.
 //! - [`serve`]: the connections: caps, timeouts, drain.
@@ -12,9 +16,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod catalog;
 pub mod consul;
 pub mod encoded;
+pub mod filter;
 pub mod mesh;
+pub mod query;
 pub mod serve;
 pub mod stream;
 
@@ -72,6 +79,12 @@ pub enum ApiError {
     BodyTimeout(Duration),
     #[error("{0}")]
     Internal(String),
+    /// Consul's answer to a `dc` it does not know.
+    #[error("No path to datacenter {0:?}: this registry is one datacenter")]
+    NoDatacenter(String),
+    /// An endpoint of Consul's API that Waymark does not implement.
+    #[error("{0} is not supported by Waymark (see the README's API table)")]
+    Unsupported(String),
 }
 
 impl From<RegistryError> for ApiError {
@@ -105,8 +118,10 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NoDatacenter(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         };
-        if status.is_server_error() {
+        if matches!(self, ApiError::Internal(_)) {
             tracing::error!(error = %self, "API request failed");
         }
         (status, json_body(&json!({ "error": self.to_string() }))).into_response()
@@ -209,15 +224,26 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/agent/health/service/id/{id}",
             get(agent::agent_health_by_id),
         )
-        .route("/v1/catalog/datacenters", get(agent::datacenters))
+        .route("/v1/agent/members", get(agent::members))
         .route("/v1/agent/services", get(agent::services))
         .route("/v1/agent/checks", get(agent::checks))
-        .route("/v1/catalog/services", get(agent::catalog_services))
-        .route("/v1/catalog/service/{name}", get(agent::catalog_service))
-        .route("/v1/health/service/{name}", get(agent::health_service))
-        .route("/v1/health/checks/{name}", get(agent::health_checks))
-        .route("/v1/health/state/{state}", get(agent::health_state))
+        .route("/v1/catalog/register", put(catalog::catalog_register))
+        .route("/v1/catalog/deregister", put(catalog::catalog_deregister))
+        .route("/v1/catalog/datacenters", get(catalog::datacenters))
+        .route("/v1/catalog/nodes", get(catalog::catalog_nodes))
+        .route("/v1/catalog/node/{name}", get(catalog::catalog_node))
+        .route(
+            "/v1/catalog/node-services/{name}",
+            get(catalog::catalog_node_services),
+        )
+        .route("/v1/catalog/services", get(catalog::catalog_services))
+        .route("/v1/catalog/service/{name}", get(catalog::catalog_service))
+        .route("/v1/health/service/{name}", get(catalog::health_service))
+        .route("/v1/health/checks/{name}", get(catalog::health_checks))
+        .route("/v1/health/state/{state}", get(catalog::health_state))
+        .route("/v1/health/node/{name}", get(catalog::health_node))
         .route("/v1/status/leader", get(agent::leader))
+        .route("/v1/status/peers", get(agent::peers))
         .route("/v1/waymark/changes", get(stream::changes))
         .route("/v1/waymark/events", get(stream::events))
         .layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -235,7 +261,64 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("no such endpoint: {method} {}", uri.path()))
+    let path = uri.path();
+    match unsupported(path) {
+        Some(what) => ApiError::Unsupported(format!("{method} {path}: {what}")),
+        None => ApiError::NotFound(format!("no such endpoint: {method} {path}")),
+    }
+}
+
+/// The parts of Consul's API that Waymark does not implement, by path prefix.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("/v1/kv", "Consul's key/value store"),
+    ("/v1/txn", "Consul's transactions"),
+    ("/v1/session", "Consul's sessions"),
+    ("/v1/event", "Consul's events"),
+    ("/v1/query", "Consul's prepared queries"),
+    (
+        "/v1/acl",
+        "Consul's ACL system (Waymark has one bearer token: api.token)",
+    ),
+    (
+        "/v1/connect",
+        "Consul Connect (Waymark's mesh is the per-host forwarder)",
+    ),
+    (
+        "/v1/agent/connect",
+        "Consul Connect (Waymark's mesh is the per-host forwarder)",
+    ),
+    ("/v1/config", "Consul's configuration entries"),
+    ("/v1/discovery-chain", "Consul's discovery chains"),
+    ("/v1/coordinate", "Consul's network coordinates"),
+    ("/v1/operator", "Consul's operator endpoints"),
+    (
+        "/v1/snapshot",
+        "Consul's snapshots (the store's files are the backup)",
+    ),
+    ("/v1/peering", "Consul's cluster peering"),
+    ("/v1/namespace", "Consul Enterprise's namespaces"),
+    ("/v1/partition", "Consul Enterprise's admin partitions"),
+    ("/v1/agent/token", "Consul's ACL tokens"),
+    ("/v1/agent/join", "Consul's gossip membership"),
+    ("/v1/agent/leave", "Consul's gossip membership"),
+    ("/v1/agent/force-leave", "Consul's gossip membership"),
+    (
+        "/v1/agent/check/ttl",
+        "the deprecated TTL path: use /v1/agent/check/pass|warn|fail",
+    ),
+    ("/v1/internal", "Consul's internal UI endpoints"),
+];
+
+/// What a path of Consul's API that Waymark does not implement is.
+fn unsupported(path: &str) -> Option<&'static str> {
+    UNSUPPORTED
+        .iter()
+        .find(|(prefix, _)| {
+            path.strip_prefix(prefix).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')
+            })
+        })
+        .map(|(_, what)| *what)
 }
 
 /// Guards writes (and, with `token_for_reads`, reads) with the configured token, if any.
@@ -365,7 +448,10 @@ impl Blocking {
         drain: &waymark_shared::lifecycle::drain::Watch,
         current: impl Fn() -> u64,
     ) -> u64 {
-        if self.index == 0 || self.index > mirror.index() || drain.is_draining() {
+        // Indexes are reported as at least 1 (Consul's rule), so an empty registry's 1 is a
+        // current index, not one from the future.
+        let current = || current().max(1);
+        if self.index == 0 || self.index > mirror.index().max(1) || drain.is_draining() {
             return current();
         }
         let mut rx = mirror.subscribe();

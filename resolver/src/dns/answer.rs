@@ -105,7 +105,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn records(answers: Vec<Record>, additionals: Vec<Vec<Record>>) -> Answer {
+    pub(super) fn records(answers: Vec<Record>, additionals: Vec<Vec<Record>>) -> Answer {
         Answer {
             rcode: ResponseCode::NoError,
             answers,
@@ -116,7 +116,7 @@ impl Answer {
         }
     }
 
-    fn negative(zone: &Zone, serial: u64, rcode: ResponseCode) -> Answer {
+    pub(super) fn negative(zone: &Zone, serial: u64, rcode: ResponseCode) -> Answer {
         Answer {
             rcode,
             answers: Vec::new(),
@@ -128,7 +128,7 @@ impl Answer {
     }
 
     /// A refusal: no records at all.
-    fn refused() -> Answer {
+    pub(super) fn refused() -> Answer {
         Answer {
             rcode: ResponseCode::Refused,
             answers: Vec::new(),
@@ -139,8 +139,14 @@ impl Answer {
         }
     }
 
-    fn from(mut self, source: Source) -> Answer {
+    pub(super) fn from(mut self, source: Source) -> Answer {
         self.source = source;
+        self
+    }
+
+    /// An answer no cached copy may serve (its source does not track what it reads).
+    pub(super) fn uncacheable(mut self) -> Answer {
+        self.cacheable = false;
         self
     }
 
@@ -282,7 +288,7 @@ pub fn answer(
 }
 
 /// The zone apex: its SOA and NS, both for ANY.
-fn apex(zone: &Zone, serial: u64, qtype: RecordType) -> Answer {
+pub(super) fn apex(zone: &Zone, serial: u64, qtype: RecordType) -> Answer {
     let ns = || {
         Record::from_rdata(
             zone.origin.clone(),
@@ -441,7 +447,7 @@ fn target_of(inst: &Instance) -> Option<Target> {
 }
 
 /// A host name (as [`names::check_address`] returns it) as a fully qualified name.
-fn host_name(host: &str) -> Option<Name> {
+pub(super) fn host_name(host: &str) -> Option<Name> {
     let mut name = Name::from_ascii(host).ok()?;
     name.set_fqdn(true);
     Some(name)
@@ -515,7 +521,7 @@ fn instance_name(zone: &Zone, service: &str, id: &str) -> Name {
     .unwrap_or_else(|_| zone.origin.clone())
 }
 
-fn address_record(name: &Name, ip: IpAddr, ttl: u32) -> Record {
+pub(super) fn address_record(name: &Name, ip: IpAddr, ttl: u32) -> Record {
     let rdata = match ip {
         IpAddr::V4(v4) => RData::A(A(v4)),
         IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
@@ -555,6 +561,9 @@ mod tests {
             }],
             draining: false,
             node: None,
+            create_index: 0,
+            modify_index: 0,
+            extra: None,
         }
     }
 

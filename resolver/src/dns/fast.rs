@@ -48,6 +48,8 @@ pub struct FastPath {
     handler: Arc<Handler>,
     /// The zone's origin, lowercased wire form.
     origin: Vec<u8>,
+    /// The Consul domain's, when its names are answered.
+    consul_origin: Option<Vec<u8>>,
     cache: AnswerCache,
     our_edns: Edns,
     /// `dns_queries{proto="udp",outcome}` for answer, nodata, nxdomain and refused.
@@ -76,8 +78,15 @@ impl FastPath {
         };
         let mut our_edns = Edns::new();
         our_edns.set_max_payload(handler.max_udp_payload);
+        let consul_origin = handler.consul.as_ref().map(|c| {
+            c.zone
+                .origin
+                .to_bytes()
+                .expect("a valid domain name encodes")
+        });
         FastPath {
             origin,
+            consul_origin,
             cache: AnswerCache::new(cache_capacity),
             our_edns,
             outcomes: [
@@ -104,7 +113,12 @@ impl FastPath {
         let Some(query) = wire::parse_query(packet, &mut scratch.key) else {
             return Verdict::Slow;
         };
-        if !scratch.key.is_under(&self.origin) {
+        if !scratch.key.is_under(&self.origin)
+            && !self
+                .consul_origin
+                .as_ref()
+                .is_some_and(|o| scratch.key.is_under(o))
+        {
             return Verdict::Slow;
         }
         let handler = &self.handler;

@@ -1,6 +1,7 @@
 //! DNS: the mesh zone answered from the registry mirror, everything else forwarded.
 //!
 //! - [`answer`]: the pure decision — which records a query gets, from a mirror snapshot.
+//! - [`consul`]: Consul's names (`<service>.service.consul`...), translated to the zone's.
 //! - [`fit`]: sizing a reply to the client's payload limit (truncation).
 //! - [`forward`]: relaying names outside the zone to upstream resolvers.
 //! - [`names`]: how registrations become names, and which ones DNS can answer.
@@ -18,6 +19,7 @@
 pub mod answer;
 pub mod batch;
 pub mod cache;
+pub mod consul;
 pub mod fast;
 pub mod fit;
 pub mod forward;

@@ -35,6 +35,8 @@ pub struct ZoneReply {
 /// Everything a query needs.
 pub struct Handler {
     pub zone: Zone,
+    /// Consul's names, when they are answered too.
+    pub consul: Option<super::consul::ConsulNames>,
     pub mirror: Arc<Mirror>,
     pub forwarder: Forwarder,
     /// Who gets VIP answers.
@@ -50,6 +52,12 @@ pub struct Handler {
 }
 
 impl Handler {
+    /// Whether a (lowercased) name is answered here rather than forwarded: the zone's, or
+    /// Consul's when those are on.
+    pub fn serves(&self, name: &Name) -> bool {
+        self.zone.contains(name) || self.consul.as_ref().is_some_and(|c| c.contains(name))
+    }
+
     /// Whether `client` is one of the local clients.
     pub fn is_local(&self, client: IpAddr) -> bool {
         let client = match client {
@@ -182,7 +190,7 @@ impl Handler {
         };
         let query = info.query;
         let qname = query.name().to_lowercase();
-        let in_zone = self.zone.contains(&qname);
+        let in_zone = self.serves(&qname);
         if !in_zone {
             return self
                 .forward(request, query.query_class(), response, &our_edns)
@@ -234,14 +242,25 @@ impl Handler {
         recursion_available: bool,
         vip_ttl: Option<u32>,
     ) -> ZoneReply {
-        let answer = answer::answer(
-            &self.zone,
-            &self.mirror,
-            qname,
-            query.query_type(),
-            &mut fastrand::Rng::new(),
-            vip_ttl,
-        );
+        let rng = &mut fastrand::Rng::new();
+        let answer = match &self.consul {
+            Some(consul) if consul.contains(qname) => consul.answer(
+                &self.zone,
+                &self.mirror,
+                qname,
+                query.query_type(),
+                rng,
+                vip_ttl,
+            ),
+            _ => answer::answer(
+                &self.zone,
+                &self.mirror,
+                qname,
+                query.query_type(),
+                rng,
+                vip_ttl,
+            ),
+        };
         let outcome = answer.outcome();
         let source = answer.source.clone();
         let cacheable = answer.cacheable;

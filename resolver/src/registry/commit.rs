@@ -47,7 +47,8 @@ impl Undo {
 /// What the mirror gets once the change is durable.
 pub(super) enum Publish {
     Upsert {
-        instance: Instance,
+        /// Boxed: an instance is large beside the other variants.
+        instance: Box<Instance>,
         /// The service the instance left, when it moved.
         moved_from: Option<CompactString>,
         /// The service's attributes as of this change.
@@ -94,7 +95,7 @@ impl Registry {
                         self.mirror.remove_at(change.index, &old, &instance.id);
                     }
                     self.mirror
-                        .upsert_with_at(change.index, instance, Some(attrs));
+                        .upsert_with_at(change.index, *instance, Some(attrs));
                 }
                 Publish::Remove { service, id } => {
                     self.mirror.remove_at(change.index, &service, &id)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
-use waymark_shared::Health;
+use waymark_shared::{Health, TaggedAddress};
 
 use super::RegistryError;
 use crate::dns::names;
@@ -32,6 +32,28 @@ pub struct ServiceDef {
     pub weights: Weights,
     #[serde(default, rename = "check")]
     pub checks: Vec<CheckDef>,
+    /// Consul's `TaggedAddresses` (`lan`, `wan`...), kept and returned.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tagged_addresses: BTreeMap<String, TaggedAddress>,
+    /// Consul's `EnableTagOverride`, kept and returned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_tag_override: bool,
+    /// Set for a service registered through the catalog on a node other than this host (an
+    /// external service, as Consul's ESM and `@creditkarma/consul-client` register them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_node: Option<ExternalNode>,
+}
+
+/// A node that is not a Waymark host, as a catalog registration names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalNode {
+    pub name: CompactString,
+    /// The node's address: the service's when it has none of its own.
+    #[serde(default)]
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,9 +107,16 @@ pub struct CheckDef {
     pub failures_before_critical: Option<u32>,
     #[serde(default)]
     pub successes_before_passing: Option<u32>,
-    /// Status until the check first runs.
+    /// Status until the check first runs (for an `external` check: its status).
     #[serde(default)]
     pub status: Option<Health>,
+    /// A check that runs nowhere here: its status is what the registration says (Consul's
+    /// catalog checks, which an external monitor such as ESM keeps up to date).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external: bool,
+    /// An `external` check's output, as registered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
     #[serde(default)]
     pub notes: String,
 }
@@ -95,9 +124,18 @@ pub struct CheckDef {
 /// What a check probes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CheckKind {
-    Http { url: String, method: String },
-    Tcp { addr: String },
-    Ttl { ttl: Duration },
+    Http {
+        url: String,
+        method: String,
+    },
+    Tcp {
+        addr: String,
+    },
+    Ttl {
+        ttl: Duration,
+    },
+    /// Set from outside (a catalog registration); never probed.
+    External,
 }
 
 impl CheckKind {
@@ -106,6 +144,7 @@ impl CheckKind {
             CheckKind::Http { .. } => "http",
             CheckKind::Tcp { .. } => "tcp",
             CheckKind::Ttl { .. } => "ttl",
+            CheckKind::External => "external",
         }
     }
 }
@@ -117,6 +156,15 @@ impl CheckDef {
             .iter()
             .filter(|b| **b)
             .count();
+        if self.external {
+            return match set {
+                0 => Ok(CheckKind::External),
+                _ => Err(RegistryError::Invalid(format!(
+                    "check {:?} is set from outside: it cannot also have HTTP, TCP or TTL",
+                    self.id
+                ))),
+            };
+        }
         if set != 1 {
             return Err(RegistryError::Invalid(format!(
                 "check {:?} must have exactly one of HTTP, TCP or TTL",
@@ -185,6 +233,22 @@ impl ServiceDef {
         if !self.address.is_empty() {
             names::check_address(&self.address)?;
         }
+        for (tag, a) in &self.tagged_addresses {
+            if tag.is_empty() || a.address.is_empty() {
+                return Err(RegistryError::Invalid(format!(
+                    "tagged address {tag:?}: a tag and an address are required"
+                )));
+            }
+            names::check_address(&a.address)?;
+        }
+        if let Some(node) = &self.external_node {
+            if node.name.trim().is_empty() {
+                return Err(RegistryError::Invalid("missing Node name".into()));
+            }
+            if !node.address.is_empty() {
+                names::check_address(&node.address)?;
+            }
+        }
         let several = self.checks.len() > 1;
         for (n, check) in self.checks.iter_mut().enumerate() {
             if check.id.is_empty() {
@@ -242,6 +306,9 @@ mod tests {
             meta: BTreeMap::new(),
             weights: Weights::default(),
             checks: vec![],
+            tagged_addresses: BTreeMap::new(),
+            enable_tag_override: false,
+            external_node: None,
         }
     }
 

@@ -166,6 +166,10 @@ pub async fn run_probe(
             }
         }
         CheckKind::Ttl { .. } => (Health::Critical, "TTL checks are not probed".into()),
+        CheckKind::External => (
+            Health::Critical,
+            "checks set from outside are not probed".into(),
+        ),
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use waymark_shared::vip::VipRange;
-use waymark_shared::{CheckView, Health, Instance, Mirror, ServiceAttrs};
+use waymark_shared::{CheckView, Extra, Health, Instance, Mirror, ServiceAttrs};
 
 use crate::config::HealthConfig;
 use crate::dns::names::{self, NameError};
@@ -261,14 +261,20 @@ impl Registry {
                 .checks
                 .iter()
                 .map(|c| {
-                    let carried = old.and_then(|o| o.stored.checks.iter().find(|s| s.id == c.id));
+                    // A check set from outside takes the status it is registered with.
+                    let carried = old
+                        .filter(|_| !c.external)
+                        .and_then(|o| o.stored.checks.iter().find(|s| s.id == c.id));
                     StoredCheck {
                         id: c.id.clone(),
                         status: carried.map_or_else(
                             || c.status.unwrap_or(self.settings.health.initial_status),
                             |s| s.status,
                         ),
-                        output: carried.map(|s| s.output.clone()).unwrap_or_default(),
+                        output: match carried {
+                            Some(s) => s.output.clone(),
+                            None => c.output.clone(),
+                        },
                     }
                 })
                 .collect();
@@ -313,7 +319,7 @@ impl Registry {
                     &mut inner,
                     Undo::Replace { id, before },
                     Publish::Upsert {
-                        instance,
+                        instance: Box::new(instance),
                         moved_from,
                         attrs,
                     },
@@ -637,6 +643,7 @@ impl Registry {
         }
         let tasks = checks
             .iter()
+            .filter(|c| c.kind != CheckKind::External)
             .map(|c| {
                 health::spawn(
                     &self.runtime,
@@ -733,7 +740,7 @@ impl Registry {
             inner,
             Undo::States { id, before },
             Publish::Upsert {
-                instance,
+                instance: Box::new(instance),
                 moved_from: None,
                 attrs,
             },
@@ -803,7 +810,11 @@ impl Registry {
             id: def.id.clone(),
             service: def.name.clone(),
             address: if def.address.is_empty() {
-                self.settings.node_address.as_str().into()
+                // Consul's rule: a service without an address is at its node's.
+                match &def.external_node {
+                    Some(n) if !n.address.is_empty() => n.address.as_str().into(),
+                    _ => self.settings.node_address.as_str().into(),
+                }
             } else {
                 def.address.clone()
             },
@@ -814,7 +825,10 @@ impl Registry {
             weight_warning: def.weights.warning,
             checks,
             draining: maintenance.is_some(),
-            node: None,
+            node: def.external_node.as_ref().map(|n| n.name.clone()),
+            create_index: 0,
+            modify_index: 0,
+            extra: extra(def),
         }
     }
 
@@ -882,6 +896,18 @@ impl Registry {
 /// What a write that changed nothing waits for.
 struct Waits {
     flush: bool,
+}
+
+/// The rarely set parts of a definition, when it has any.
+fn extra(def: &ServiceDef) -> Option<Box<Extra>> {
+    let node = def.external_node.as_ref();
+    let extra = Extra {
+        tagged_addresses: def.tagged_addresses.clone(),
+        enable_tag_override: def.enable_tag_override,
+        node_address: node.map(|n| n.address.clone()).unwrap_or_default(),
+        node_meta: node.map(|n| n.meta.clone()).unwrap_or_default(),
+    };
+    (extra != Extra::default()).then(|| Box::new(extra))
 }
 
 fn find_check<'a>(

@@ -16,6 +16,9 @@ fn def(n: usize) -> ServiceDef {
         ]),
         weights: def::Weights::default(),
         checks: vec![],
+        tagged_addresses: BTreeMap::new(),
+        enable_tag_override: false,
+        external_node: None,
     }
 }
 

@@ -149,7 +149,13 @@ impl Layout {
 
 /// An instance as the value of its key.
 pub fn encode_instance(instance: &Instance) -> Vec<u8> {
-    serde_json::to_vec(instance).expect("an instance always serializes")
+    // Change indexes are each mirror's own: etcd's revisions give the followers theirs.
+    let instance = Instance {
+        create_index: 0,
+        modify_index: 0,
+        ..instance.clone()
+    };
+    serde_json::to_vec(&instance).expect("an instance always serializes")
 }
 
 /// An instance from the value of its key, checked against what the key says it is.
