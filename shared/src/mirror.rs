@@ -312,8 +312,13 @@ impl Mirror {
                 *existing = Arc::new(instance);
             }
             None => {
-                instance.create_index = index;
-                instance.modify_index = index;
+                // Indexes the source gives (a registry restoring its state) are kept.
+                if instance.create_index == 0 {
+                    instance.create_index = index;
+                }
+                if instance.modify_index == 0 {
+                    instance.modify_index = index;
+                }
                 instances.push(Arc::new(instance));
             }
         }

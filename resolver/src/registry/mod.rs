@@ -115,8 +115,10 @@ struct Reg {
     /// One per check of the definition, in its order.
     checks: Vec<CheckState>,
     tasks: Vec<AbortHandle>,
-    /// The index of the last change queued for this registration.
+    /// The index of the last change queued for this registration (Consul's `ModifyIndex`).
     last_change: u64,
+    /// The index of the change that created it (Consul's `CreateIndex`); 0 until queued.
+    created: u64,
 }
 
 struct CheckState {
@@ -185,11 +187,21 @@ impl Registry {
                 let vips = stored.vips.clone();
                 match reg.install(&mut inner, Arc::new(stored)) {
                     Ok(id) => {
-                        let installed = &inner.regs[&id];
+                        // Its change indexes as they were (without them: the restart's).
+                        let [created, changed] = loaded
+                            .indexes
+                            .get(id.as_str())
+                            .copied()
+                            .unwrap_or([loaded.index, loaded.index]);
+                        let installed = inner.regs.get_mut(&id).expect("installed");
+                        installed.created = created;
+                        installed.last_change = changed;
                         if installed.stored.vips != vips {
                             rewrite.push(id.clone());
                         }
-                        let instance = reg.instance(installed);
+                        let mut instance = reg.instance(installed);
+                        instance.create_index = created;
+                        instance.modify_index = changed;
                         let attrs = reg.attrs(&inner, &instance.service);
                         reg.mirror
                             .upsert_with_at(loaded.index, instance, Some(attrs));
@@ -293,6 +305,11 @@ impl Registry {
                 .as_ref()
                 .map(|b| b.def.name.clone())
                 .filter(|o| !o.eq_ignore_ascii_case(&stored.def.name));
+            // A re-registration keeps its creation index, unless it moved: then it is new there.
+            let created = match &moved_from {
+                Some(_) => 0,
+                None => old.as_ref().map_or(0, |o| o.created),
+            };
             // Dropping the old registration stops its checks; the new one starts them again.
             drop(old);
             let id = match self.install(&mut inner, stored) {
@@ -309,6 +326,7 @@ impl Registry {
             };
             let reg = inner.regs.get_mut(&id).expect("installed");
             reg.last_change = last_change;
+            reg.created = created;
             let stored = reg.stored.clone();
             if before.as_deref() == Some(&*stored) {
                 Err(self.waits_on(&inner, &id))
@@ -682,6 +700,7 @@ impl Registry {
             checks,
             tasks,
             last_change: 0,
+            created: 0,
         };
         inner.regs.insert(id.clone(), Box::new(reg));
         Ok(id)
@@ -762,6 +781,9 @@ impl Registry {
         let pending = write(index);
         if let Some(reg) = inner.regs.get_mut(undo.id()) {
             reg.last_change = index;
+            if reg.created == 0 {
+                reg.created = index;
+            }
         }
         inner.pending.push_back(Change {
             index,
@@ -860,7 +882,13 @@ impl Registry {
 
     fn compact_locked(&self, inner: &Inner) {
         let regs = inner.regs.values().map(|r| r.stored.clone()).collect();
-        self.store.compact(inner.queued, regs);
+        let indexes = inner
+            .regs
+            .iter()
+            .filter(|(_, r)| r.created > 0)
+            .map(|(id, r)| (id.to_string(), [r.created, r.last_change]))
+            .collect();
+        self.store.compact(inner.queued, regs, indexes);
     }
 
     /// Whether a compaction is under way.

@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use super::record::{decode, Format, Record};
-use super::{Snapshot, StoreError, StoredReg, LOG, SNAPSHOT};
+use super::{Indexes, Snapshot, StoreError, StoredReg, LOG, SNAPSHOT};
 
 /// The largest change index accepted from disk: far beyond what any registry reaches, and far
 /// enough from `u64::MAX` that counting on from it can never wrap.
@@ -28,6 +28,9 @@ pub struct Loaded {
     /// The change index of the last change persisted.
     pub index: u64,
     pub registrations: Vec<StoredReg>,
+    /// Each registration's change indexes, where known (stores written before they were
+    /// kept have none for what their snapshot holds).
+    pub indexes: Indexes,
 }
 
 /// What to do with the log after loading.
@@ -51,16 +54,24 @@ struct Problem {
 struct State {
     by_id: HashMap<String, usize>,
     slots: Vec<Option<StoredReg>>,
+    indexes: Indexes,
 }
 
 impl State {
-    fn put(&mut self, reg: StoredReg) {
-        match self.by_id.get(reg.def.id.as_str()) {
+    /// A registration as of the change at `index` (`None`: from the snapshot, whose indexes
+    /// come with it).
+    fn put(&mut self, index: Option<u64>, reg: StoredReg) {
+        let id = reg.def.id.to_string();
+        match self.by_id.get(id.as_str()) {
             Some(&slot) => self.slots[slot] = Some(reg),
             None => {
-                self.by_id.insert(reg.def.id.to_string(), self.slots.len());
+                self.by_id.insert(id.clone(), self.slots.len());
                 self.slots.push(Some(reg));
             }
+        }
+        if let Some(index) = index {
+            let entry = self.indexes.entry(id).or_insert([index, index]);
+            entry[1] = index;
         }
     }
 
@@ -68,10 +79,17 @@ impl State {
         if let Some(slot) = self.by_id.remove(id) {
             self.slots[slot] = None;
         }
+        self.indexes.remove(id);
     }
 
-    fn into_regs(self) -> Vec<StoredReg> {
-        self.slots.into_iter().flatten().collect()
+    fn into_loaded(mut self, index: u64) -> Loaded {
+        let registrations: Vec<StoredReg> = self.slots.into_iter().flatten().collect();
+        self.indexes.retain(|id, _| self.by_id.contains_key(id));
+        Loaded {
+            index,
+            registrations,
+            indexes: self.indexes,
+        }
     }
 }
 
@@ -186,27 +204,21 @@ pub fn load(dir: &Path, recover: bool) -> Result<(Loaded, LogPlan), StoreError> 
                 aside.push(set_aside(path)?);
             }
         }
-        let registrations = state.into_regs();
+        let loaded = state.into_loaded(index);
         tracing::warn!(
             problem = %p.what,
             file = %p.path.display(),
             offset = p.offset,
             dropped_lines = scan.dropped_lines,
             dropped_bytes = scan.dropped_bytes,
-            kept = registrations.len(),
+            kept = loaded.registrations.len(),
             index,
             set_aside = ?aside,
             "starting from what was readable: the registrations kept are those in the snapshot \
              (when readable) and the log up to the problem; the dropped lines and anything only \
              in a missing or unreadable snapshot are lost"
         );
-        return Ok((
-            Loaded {
-                index,
-                registrations,
-            },
-            LogPlan::Rewrite { snapshot: true },
-        ));
+        return Ok((loaded, LogPlan::Rewrite { snapshot: true }));
     }
     if let Some(offset) = cut {
         tracing::warn!(
@@ -216,21 +228,15 @@ pub fn load(dir: &Path, recover: bool) -> Result<(Loaded, LogPlan), StoreError> 
             "cutting off a torn last record (never acknowledged)"
         );
     }
-    let registrations = state.into_regs();
+    let loaded = state.into_loaded(index);
     let plan = match scan.format {
         Some(Format::Framed) => LogPlan::Keep { len: scan.good_len },
         // A fresh dir, an empty log, or one in the legacy format: start a framed log.
         _ => LogPlan::Rewrite {
-            snapshot: index > 0 || !registrations.is_empty(),
+            snapshot: index > 0 || !loaded.registrations.is_empty(),
         },
     };
-    Ok((
-        Loaded {
-            index,
-            registrations,
-        },
-        plan,
-    ))
+    Ok((loaded, plan))
 }
 
 fn read_snapshot(path: &Path, state: &mut State) -> Result<Snap, StoreError> {
@@ -262,8 +268,9 @@ fn read_snapshot(path: &Path, state: &mut State) -> Result<Snap, StoreError> {
         }));
     }
     for reg in snap.registrations {
-        state.put(reg);
+        state.put(None, reg);
     }
+    state.indexes = snap.indexes;
     Ok(Snap::Good { index: snap.index })
 }
 
@@ -387,7 +394,7 @@ fn apply(state: &mut State, record: Record, snap_index: Option<u64>, framed: boo
     }
     match record {
         Record::Begin { .. } | Record::Restart { .. } => {}
-        Record::Put { reg, .. } => state.put(reg),
+        Record::Put { index, reg } => state.put(Some(index), reg),
         Record::Delete { id, .. } => state.delete(&id),
     }
 }

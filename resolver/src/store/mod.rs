@@ -19,6 +19,7 @@ pub mod load;
 pub mod record;
 mod writer;
 
+use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -104,11 +105,19 @@ pub struct StoredReg {
     pub vips: VipMap,
 }
 
+/// Each registration's change indexes by ID: `[created, last changed]` (Consul's
+/// `CreateIndex` and `ModifyIndex`), kept so that they survive a restart.
+pub type Indexes = HashMap<String, [u64; 2]>;
+
 /// The snapshot file: read back owned, written from shared records.
 #[derive(Serialize, Deserialize)]
-struct Snapshot<R = Vec<StoredReg>> {
+struct Snapshot<R = Vec<StoredReg>, I = Indexes> {
     index: u64,
     registrations: R,
+    /// Absent in snapshots written before indexes were kept: those registrations start at
+    /// the index of the restart.
+    #[serde(default)]
+    indexes: I,
 }
 
 /// Who publishes what the store made durable: the registry.
@@ -134,6 +143,7 @@ enum Op {
         epoch: u64,
         index: u64,
         regs: Vec<Arc<StoredReg>>,
+        indexes: Indexes,
         /// For the compacting thread to report back (the writer holds no sender itself, so
         /// that it stops once every handle is gone).
         tx: mpsc::Sender<Op>,
@@ -239,7 +249,8 @@ impl Store {
             }
             load::LogPlan::Rewrite { snapshot } => {
                 if snapshot {
-                    write_snapshot(dir, loaded.index, &loaded.registrations).map_err(io)?;
+                    write_snapshot(dir, loaded.index, &loaded.registrations, &loaded.indexes)
+                        .map_err(io)?;
                 }
                 fresh_log(dir, loaded.index, &[]).map_err(io)?
             }
@@ -315,7 +326,7 @@ impl Store {
     /// Writes this complete state, as of `index` (the last record queued), as the new
     /// snapshot, on a thread of its own, then drops the log records it covers. The caller
     /// queues this under the same lock as its records, so that the state matches them.
-    pub fn compact(&self, index: u64, regs: Vec<Arc<StoredReg>>) {
+    pub fn compact(&self, index: u64, regs: Vec<Arc<StoredReg>>, indexes: Indexes) {
         self.shared.appended.store(0, Ordering::Relaxed);
         self.shared.compacting.store(true, Ordering::Release);
         let epoch = self.shared.epoch.load(Ordering::Acquire);
@@ -323,6 +334,7 @@ impl Store {
             epoch,
             index,
             regs,
+            indexes,
             tx: self.tx.clone(),
         });
     }
@@ -362,7 +374,12 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Writes a snapshot atomically: temp file, fsync, rename, fsync of the directory.
-fn write_snapshot(dir: &Path, index: u64, registrations: impl Serialize) -> std::io::Result<()> {
+fn write_snapshot(
+    dir: &Path,
+    index: u64,
+    registrations: impl Serialize,
+    indexes: &Indexes,
+) -> std::io::Result<()> {
     let tmp = dir.join(SNAPSHOT_TMP);
     let result = (|| {
         let mut out = BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
@@ -371,6 +388,7 @@ fn write_snapshot(dir: &Path, index: u64, registrations: impl Serialize) -> std:
             &Snapshot {
                 index,
                 registrations,
+                indexes,
             },
         )?;
         let f = out.into_inner().map_err(|e| e.into_error())?;

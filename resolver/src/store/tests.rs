@@ -66,6 +66,8 @@ async fn writes_survive_a_reopen() {
     let (_store, loaded) = open(dir.path()).unwrap();
     assert_eq!(loaded.index, 4);
     assert_eq!(loaded.registrations, vec![reg("a", 2)]);
+    // Created at 1, last changed at 3; b is gone with its indexes.
+    assert_eq!(loaded.indexes, Indexes::from([("a".to_string(), [1, 3])]));
 }
 
 async fn compacted(store: &Store) {
@@ -83,7 +85,11 @@ async fn compaction_keeps_everything_and_the_log_follows_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path()).unwrap();
     store.put(1, &reg("a", 1)).wait().await.unwrap();
-    store.compact(1, vec![Arc::new(reg("a", 1))]);
+    store.compact(
+        1,
+        vec![Arc::new(reg("a", 1))],
+        Indexes::from([("a".to_string(), [1, 1])]),
+    );
     // Written while the snapshot is: it stays in the rewritten log.
     store.put(2, &reg("b", 1)).wait().await.unwrap();
     compacted(&store).await;
@@ -104,6 +110,15 @@ async fn compaction_keeps_everything_and_the_log_follows_the_snapshot() {
     assert_eq!(
         ids(&loaded),
         [("a".into(), 1), ("b".into(), 1), ("c".into(), 1)]
+    );
+    // The snapshot's indexes, then the log's.
+    assert_eq!(
+        loaded.indexes,
+        Indexes::from([
+            ("a".to_string(), [1, 1]),
+            ("b".to_string(), [2, 2]),
+            ("c".to_string(), [3, 3]),
+        ])
     );
 }
 
@@ -145,7 +160,7 @@ async fn files_are_private() {
     let data = dir.path().join("a/b/data");
     let (store, _) = open(&data).unwrap();
     store.put(1, &reg("a", 1)).wait().await.unwrap();
-    store.compact(1, vec![Arc::new(reg("a", 1))]);
+    store.compact(1, vec![Arc::new(reg("a", 1))], Indexes::new());
     compacted(&store).await;
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700);
@@ -174,6 +189,7 @@ fn snapshot(index: u64, ids: &[&str]) -> Vec<u8> {
     serde_json::to_vec(&Snapshot {
         index,
         registrations: regs,
+        indexes: Indexes::new(),
     })
     .unwrap()
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use super::{fresh_log, write_snapshot, Ack, Op, Shared, StoredReg, PROBE};
+use super::{fresh_log, write_snapshot, Ack, Indexes, Op, Shared, StoredReg, PROBE};
 
 /// How often a store that cannot write tries again by itself.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -110,12 +110,13 @@ impl Writer {
                     epoch,
                     index,
                     regs,
+                    indexes,
                     tx,
                 } => {
                     // What the snapshot holds must be durable in the log first.
                     self.commit(&mut buf, &mut acks, last);
                     if epoch == self.epoch() && index == self.last_index {
-                        self.start_compaction(index, regs, tx);
+                        self.start_compaction(index, regs, indexes, tx);
                     } else if self.compaction.is_none() {
                         self.shared.compacting.store(false, Ordering::Release);
                     }
@@ -251,7 +252,13 @@ impl Writer {
         }
     }
 
-    fn start_compaction(&mut self, index: u64, regs: Vec<Arc<StoredReg>>, tx: mpsc::Sender<Op>) {
+    fn start_compaction(
+        &mut self,
+        index: u64,
+        regs: Vec<Arc<StoredReg>>,
+        indexes: Indexes,
+        tx: mpsc::Sender<Op>,
+    ) {
         if self.compaction.is_some() {
             return;
         }
@@ -261,7 +268,8 @@ impl Writer {
             .name("waymark-compact".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                let result = write_snapshot(&dir, index, &regs).map_err(|e| e.to_string());
+                let result =
+                    write_snapshot(&dir, index, &regs, &indexes).map_err(|e| e.to_string());
                 tracing::debug!(registrations = regs.len(), elapsed = ?started.elapsed(), "snapshot written");
                 drop(regs);
                 let _ = tx.send(Op::Compacted { index, result });
