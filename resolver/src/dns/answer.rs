@@ -321,7 +321,7 @@ fn instance_answer(
     if !inst.is_serving() {
         return None;
     }
-    let record = match (target_of(inst)?, qtype) {
+    let record = match (target_for(inst, qtype)?, qtype) {
         (Target::Ip(ip @ IpAddr::V4(_)), RecordType::A | RecordType::ANY)
         | (Target::Ip(ip @ IpAddr::V6(_)), RecordType::AAAA | RecordType::ANY) => {
             address_record(qname, ip, zone.ttl)
@@ -377,7 +377,7 @@ fn service_answer(
     let mut any_ip = false;
     let mut hosts = Vec::new();
     for inst in chosen {
-        let Some(target) = target_of(inst) else {
+        let Some(target) = target_for(inst, qtype) else {
             continue;
         };
         match (qtype, target) {
@@ -436,6 +436,26 @@ fn service_answer(
         return Some(Answer::negative(zone, serial, ResponseCode::NoError));
     }
     Some(Answer::records(answers, additionals))
+}
+
+/// The address an instance is answered with for `qtype`: as Consul's DNS does, an A query
+/// takes the instance's `lan_ipv4` tagged address and an AAAA query its `lan_ipv6` one when
+/// it has them (a dual-stack instance registered with one `Address`); otherwise its address.
+fn target_for(inst: &Instance, qtype: RecordType) -> Option<Target> {
+    let tagged = match qtype {
+        RecordType::A => "lan_ipv4",
+        RecordType::AAAA => "lan_ipv6",
+        _ => return target_of(inst),
+    };
+    let ip = inst
+        .tagged_addresses()
+        .and_then(|t| t.get(tagged))
+        .and_then(|a| a.address.parse::<IpAddr>().ok())
+        .filter(|ip| ip.is_ipv4() == (qtype == RecordType::A));
+    match ip {
+        Some(ip) => Some(Target::Ip(ip)),
+        None => target_of(inst),
+    }
 }
 
 /// What an instance's address is: an IP, a host name, or (not answerable) neither.
@@ -926,6 +946,68 @@ mod tests {
         let any = ask(&m, "mesh.internal.", RecordType::ANY);
         let types: Vec<_> = any.answers.iter().map(Record::record_type).collect();
         assert_eq!(types, [RecordType::SOA, RecordType::NS]);
+    }
+
+    #[test]
+    fn lan_ipv4_and_lan_ipv6_tagged_addresses_answer_a_and_aaaa() {
+        let m = Mirror::new(0);
+        let tagged = |pairs: &[(&str, &str)]| {
+            Some(Box::new(waymark_shared::Extra {
+                tagged_addresses: pairs
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            waymark_shared::TaggedAddress {
+                                address: v.to_string(),
+                                port: 80,
+                            },
+                        )
+                    })
+                    .collect(),
+                ..Default::default()
+            }))
+        };
+        let mut dual = inst("dual", "d-1", "fd00::1", &[], Health::Passing);
+        dual.extra = tagged(&[("lan_ipv4", "10.0.9.1"), ("wan", "192.0.2.1")]);
+        m.upsert(dual);
+        let mut v4 = inst("dual", "d-2", "10.0.9.2", &[], Health::Passing);
+        v4.extra = tagged(&[("lan_ipv6", "fd00::2"), ("lan_ipv4", "not an ip")]);
+        m.upsert(v4);
+        let ips = |name: &str, qtype| -> Vec<String> {
+            let mut v: Vec<String> = ask(&m, name, qtype)
+                .answers
+                .iter()
+                .map(|r| r.data.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let cases: [(&str, RecordType, &[&str]); 4] = [
+            (
+                "dual.mesh.internal.",
+                RecordType::A,
+                &["10.0.9.1", "10.0.9.2"],
+            ),
+            (
+                "dual.mesh.internal.",
+                RecordType::AAAA,
+                &["fd00::1", "fd00::2"],
+            ),
+            (
+                "d-1.instance.dual.mesh.internal.",
+                RecordType::A,
+                &["10.0.9.1"],
+            ),
+            (
+                "d-2.instance.dual.mesh.internal.",
+                RecordType::AAAA,
+                &["fd00::2"],
+            ),
+        ];
+        for (name, qtype, want) in cases {
+            assert_eq!(ips(name, qtype), want, "{name} {qtype}");
+        }
     }
 
     #[test]
