@@ -12,6 +12,7 @@
 #   ROUNDS=5 bash tests/bench/gateway.sh                # saturation rounds (median reported)
 #   BASELINE_GATEWAY=/tmp/old/waymark-gateway bash tests/bench/gateway.sh
 #                                                       # another gateway build beside this one
+#   PINNED=1 bash tests/bench/gateway.sh                # pinned layout (below), 64 connections
 #
 # Targets: the backend directly, waymark-gateway, "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
@@ -29,6 +30,9 @@
 # config as target "baseline", so that two builds are compared in one run (it is given fixed
 # free ports, which any build accepts).
 # The load generator is pinned to core 1 (taskset); the proxies and the backend are not.
+# With PINNED=1 (the layout that shows what a request costs the proxy): every proxy alone on
+# core 0 (all its threads), the backend, the registry and the load generator on core 1;
+# 64 connections unless CONNECTIONS says otherwise; results in gateway-pinned.md.
 # The peers add what the gateway adds to each request: X-Forwarded-For, X-Forwarded-Proto,
 # Forwarded, X-Request-Id (generated unless the client sent one) and traceparent.
 # A benchmark, not a test: it exits non-zero only when it could not measure; results depend
@@ -38,7 +42,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-32}
+PINNED=${PINNED:-0}
+if [[ $PINNED == 1 ]]; then CONNECTIONS=${CONNECTIONS:-64}; else CONNECTIONS=${CONNECTIONS:-32}; fi
 RATE=${RATE:-}
 SPIN_US=${SPIN_US:-0}
 ROUNDS=${ROUNDS:-3}
@@ -97,6 +102,7 @@ backend_port=${backend##*:}
 "$target/release/waymark-resolver" serve --dns-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
     --data-dir "$work/data" --upstream 127.0.0.1:9 >"$work/resolver.out" 2>"$work/resolver.log" &
 pids+=($!)
+resolver_pid=$!
 for _ in $(seq 1 100); do grep -q listening "$work/resolver.out" && break; sleep 0.05; done
 api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
 curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":$backend_port,\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
@@ -225,6 +231,7 @@ if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
     pin=(taskset -c 1)
     pinned="pinned to core 1 (taskset -c 1); proxies and backend not pinned"
 fi
+# (PINNED=1 pins the rest below, once every target is up.)
 
 # saturate NAME PORT PID → sets rps p50 p99 cpu_us
 saturate() {
@@ -276,6 +283,19 @@ if [[ -n ${BASELINE_GATEWAY:-} ]]; then
     done
     targets+=(baseline:$base_port:$base_pid)
     names+=(baseline)
+fi
+if [[ $PINNED == 1 ]]; then
+    if [[ $(nproc) -lt 2 ]] || ! command -v taskset >/dev/null; then
+        echo "PINNED=1 needs 2 cores and taskset" >&2
+        exit 1
+    fi
+    for p in $gw_pid $floor_pid $nginx_pid $haproxy_pid ${base_pid:-}; do
+        taskset -a -pc 0 "$p" >/dev/null
+    done
+    for p in $backend_pid $resolver_pid; do
+        taskset -a -pc 1 "$p" >/dev/null
+    done
+    pinned="pinned layout: each proxy alone on core 0 (taskset -a -c 0, every thread); the load generator, the backend and the registry on core 1"
 fi
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 # Rounds are kept one line each, the sort key first: the median line, and the keys in order.
@@ -374,4 +394,6 @@ report() {
 
 mkdir -p tests/bench/results
 # A comparison of two builds does not replace the reference results.
-report | tee "tests/bench/results/gateway${BASELINE_GATEWAY:+-baseline}.md"
+suffix=${BASELINE_GATEWAY:+-baseline}
+[[ $PINNED == 1 ]] && suffix="-pinned$suffix"
+report | tee "tests/bench/results/gateway$suffix.md"
