@@ -72,7 +72,10 @@ async fn in_etcd(
             let Key::Instance { node, .. } = key else {
                 panic!("an instance key under instances/");
             };
-            i.node = Some(node.as_str().into());
+            // As the follower reads it: the key's host, unless the value names a node.
+            if i.node.is_none() {
+                i.node = Some(node.as_str().into());
+            }
             ((i.service.to_string(), i.id.to_string()), (node, i))
         })
         .collect())
@@ -656,4 +659,70 @@ async fn a_host_restarted_while_etcd_is_down_answers_the_state_it_saved() {
     )
     .await;
     converged(&etcd, &[("host-1", &h1), ("host-2", &h2)]).await;
+}
+
+/// With etcd, each host is a Consul node, and an external service registered through the
+/// catalog on one host keeps its own node everywhere (not the registering host's).
+#[tokio::test]
+async fn hosts_are_nodes_and_external_services_keep_their_node() {
+    let etcd = EtcdCluster::start(1);
+    let h1 = host(&etcd, "host-1");
+    let h2 = host(&etcd, "host-2");
+    let (api1, api2) = (Api::new(&h1), Api::new(&h2));
+    api1.register(json!({"ID": "web-1", "Name": "web", "Address": "10.1.0.1", "Port": 80}))
+        .await;
+    let resp = api1
+        .put(
+            "/v1/catalog/register",
+            json!({"Node": "ext-db", "Address": "192.0.2.9",
+                   "Service": {"ID": "pg-1", "Service": "pg", "Port": 5432}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let nodes = until(
+        "host-2 lists every node",
+        WAIT,
+        || async {
+            let v: Value = api2.get("/v1/catalog/nodes").await.json().await.unwrap();
+            let mut names: Vec<String> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["Node"].as_str().unwrap().to_string())
+                .collect();
+            names.sort();
+            names
+        },
+        |names| names.len() == 3,
+    )
+    .await;
+    assert_eq!(nodes, ["ext-db", "host-1", "host-2"]);
+    let pg: Value = api2
+        .get("/v1/catalog/service/pg")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pg[0]["Node"], "ext-db", "{pg}");
+    assert_eq!(pg[0]["Address"], "192.0.2.9", "{pg}");
+    let web: Value = api2
+        .get("/v1/catalog/service/web")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(web[0]["Node"], "host-1", "{web}");
+    let members: Value = api2.get("/v1/agent/members").await.json().await.unwrap();
+    let mut names: Vec<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["host-1", "host-2"],
+        "external nodes are not members"
+    );
 }

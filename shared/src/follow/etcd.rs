@@ -289,7 +289,11 @@ impl EtcdFollower {
         match decode_instance(&parsed, value) {
             Ok(mut instance) => match parsed {
                 Key::Instance { node, .. } => {
-                    instance.node = Some(node.as_str().into());
+                    // The host whose key holds it is its node, unless the registration names
+                    // one of its own (an external node, registered through the catalog).
+                    if instance.node.is_none() {
+                        instance.node = Some(node.as_str().into());
+                    }
                     Some((node, instance))
                 }
                 _ => None,
