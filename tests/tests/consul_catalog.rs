@@ -511,3 +511,40 @@ async fn prometheus_consul_discovery_sees_every_change() {
     assert_eq!(targets.len(), 1, "{targets:?}");
     assert_eq!(targets[0].0, "127.0.0.1:9100");
 }
+
+/// The agent's blocking queries are hash-based, as Consul's: `X-Consul-ContentHash` comes
+/// back as `?hash=`, and the query returns when this host's registrations change.
+#[tokio::test]
+async fn agent_blocking_queries_take_the_content_hash() {
+    let r = Resolver::start();
+    let api = Api::new(&r);
+    api.register(json!({"ID": "web-1", "Name": "web", "Port": 80}))
+        .await;
+    for path in [
+        "/v1/agent/services",
+        "/v1/agent/checks",
+        "/v1/agent/service/web-1",
+    ] {
+        let resp = api.get(path).await;
+        let hash = resp.headers()["x-consul-contenthash"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let id = format!("{}-2", path.rsplit('/').next().unwrap());
+        let (woken, _) = tokio::join!(
+            async {
+                let resp = api.get(&format!("{path}?hash={hash}&wait=20s")).await;
+                assert_eq!(resp.status(), 200, "{path}");
+                resp.headers()["x-consul-contenthash"]
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            },
+            api.register(json!({"ID": id, "Name": "web", "Port": 81, "Check": {"TTL": "60s"}}))
+        );
+        assert_ne!(woken, hash, "{path}: a registration changes the hash");
+    }
+    let (code, body) =
+        status_and_text(&api, "GET", "/v1/agent/services?hash=nothex&wait=1s", None).await;
+    assert_eq!(code, 400, "{body}");
+}

@@ -158,7 +158,7 @@ pub async fn services(
     let q = ReadQuery::parse(raw.as_deref(), &state.config)?;
     let dc = state.config.api.datacenter.clone();
     q.check_filter(&consul::agent_service(&consul::template_instance(), &dc))?;
-    let index = state.local.index();
+    let index = hash_wait(&state, &q).await?;
     let render = move |instances: Vec<Arc<Instance>>, keep: &dyn Fn(&Value) -> bool| {
         let mut out = serde_json::Map::new();
         for i in instances {
@@ -177,10 +177,40 @@ pub async fn services(
                 serde_json::to_vec(&render(agent_instances(&st), &|_| true)).unwrap_or_default()
             })
             .await;
-        return Ok(encoded_with_index(json, index));
+        return Ok(with_hash(encoded_with_index(json, index), index));
     }
     let out = render(agent_instances(&state), &|e| q.keep(e, &BTreeMap::new()));
-    Ok(with_index(&out, index))
+    Ok(with_hash(with_index(&out, index), index))
+}
+
+/// The agent's blocking queries, as Consul's: `?hash=<X-Consul-ContentHash>&wait=` waits
+/// until this host's registrations change (or the wait ends); returns the index to answer
+/// from. The hash is this host's registry index, in hex.
+async fn hash_wait(state: &ApiState, q: &ReadQuery) -> Result<u64, ApiError> {
+    let Some(hash) = q.params.get("hash").filter(|h| !h.is_empty()) else {
+        return Ok(state.local.index());
+    };
+    let index = u64::from_str_radix(hash, 16).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "hash {hash:?} is not a content hash this agent gave"
+        ))
+    })?;
+    let blocking = super::Blocking {
+        index,
+        wait: q.blocking.wait,
+    };
+    Ok(blocking
+        .wait(&state.local, &state.drain, || state.local.index())
+        .await)
+}
+
+/// `X-Consul-ContentHash`, which the agent's blocking queries take back as `hash`.
+fn with_hash(mut resp: Response, index: u64) -> Response {
+    resp.headers_mut().insert(
+        "X-Consul-ContentHash",
+        axum::http::HeaderValue::from_str(&format!("{:016x}", index.max(1))).expect("hex"),
+    );
+    resp
 }
 
 /// `GET /v1/agent/checks`: this host's checks by ID (`filter` applies).
@@ -195,7 +225,7 @@ pub async fn checks(
         &template,
         &consul::template_node(),
     ))?;
-    let index = state.local.index();
+    let index = hash_wait(&state, &q).await?;
     if q.filter.is_none() {
         let st = state.clone();
         let json = state
@@ -206,7 +236,7 @@ pub async fn checks(
                 serde_json::to_vec(&checks).unwrap_or_default()
             })
             .await;
-        return Ok(encoded_with_index(json, index));
+        return Ok(with_hash(encoded_with_index(json, index), index));
     }
     let node = this_node(&state);
     let mut out = serde_json::Map::new();
@@ -218,7 +248,7 @@ pub async fn checks(
             }
         }
     }
-    Ok(with_index(&Value::Object(out), index))
+    Ok(with_hash(with_index(&Value::Object(out), index), index))
 }
 
 /// A member as `/v1/agent/members` and `/v1/agent/self` show it.
@@ -296,12 +326,18 @@ fn local_instance(state: &ApiState, id: &str) -> Option<Arc<Instance>> {
 pub async fn agent_service(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    let q = ReadQuery::parse(raw.as_deref(), &state.config)?;
+    let index = hash_wait(&state, &q).await?;
     let i = local_instance(&state, &id)
         .ok_or_else(|| ApiError::NotFound(format!("unknown service ID {id:?}")))?;
-    Ok(with_index(
-        &consul::agent_service(&i, &state.config.api.datacenter),
-        state.local.index(),
+    Ok(with_hash(
+        with_index(
+            &consul::agent_service(&i, &state.config.api.datacenter),
+            index,
+        ),
+        index,
     ))
 }
 
