@@ -34,7 +34,8 @@ pub enum AdminError {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
     pub route: String,
-    pub status: String,
+    /// Encoded as its digits, as a string label would be.
+    pub status: u16,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -288,7 +289,7 @@ mod tests {
         m.requests
             .get_or_create(&RouteStatus {
                 route: "api.test/pay".into(),
-                status: "200".into(),
+                status: 200,
             })
             .inc();
         m.duration

@@ -489,9 +489,12 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(HTTPStatus(404), "no route");
         };
-        // The freshest view of the service, so retries see instances that just changed.
-        if let Some(fresh) = self.shared.mirror.service(&route.service) {
-            ctx.service = Some(fresh);
+        // A retry takes the freshest view of the service, so that it sees instances that just
+        // changed; the first try has the one request_filter just read.
+        if !ctx.tried.is_empty() || ctx.service.is_none() {
+            if let Some(fresh) = self.shared.mirror.service(&route.service) {
+                ctx.service = Some(fresh);
+            }
         }
         let Some(service) = ctx.service.clone() else {
             return Error::e_explain(HTTPStatus(503), "service not registered");
@@ -823,23 +826,20 @@ impl ProxyHttp for Gateway {
             .map(|r| r.status.as_u16())
             .or(ctx.local_status)
             .unwrap_or(0);
-        let route = Self::route_label(ctx);
         let elapsed = ctx.start.elapsed();
-        shared
-            .metrics
-            .requests
-            .get_or_create(&RouteStatus {
-                route: route.clone(),
-                status: status.to_string(),
-            })
-            .inc();
+        // One label string, moved from one label set to the next (no copies per request).
+        let label = RouteStatus {
+            route: Self::route_label(ctx),
+            status,
+        };
+        shared.metrics.requests.get_or_create(&label).inc();
+        let label = RouteLabel { route: label.route };
         shared
             .metrics
             .duration
-            .get_or_create(&RouteLabel {
-                route: route.clone(),
-            })
+            .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
+        let route = label.route;
         if shared.config.access_log == AccessLog::Off {
             return;
         }
