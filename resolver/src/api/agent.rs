@@ -219,12 +219,7 @@ pub async fn checks(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = ReadQuery::parse(raw.as_deref(), &state.config)?;
-    let template = consul::template_instance();
-    q.check_filter(&consul::check(
-        &template.checks[0],
-        &template,
-        &consul::template_node(),
-    ))?;
+    q.check_filter(&consul::template_check())?;
     let index = hash_wait(&state, &q).await?;
     if q.filter.is_none() {
         let st = state.clone();

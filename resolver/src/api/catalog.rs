@@ -184,12 +184,7 @@ async fn check_entries(
     instances: impl Fn() -> Vec<Arc<Instance>>,
     keep: impl Fn(&waymark_shared::CheckView) -> bool,
 ) -> Result<Response, ApiError> {
-    let template = consul::template_instance();
-    q.check_filter(&consul::check(
-        &template.checks[0],
-        &template,
-        &consul::template_node(),
-    ))?;
+    q.check_filter(&consul::template_check())?;
     let index = q.blocking.wait(&state.mirror, &state.drain, index).await;
     let node = this_node(state);
     let mut out = Vec::new();

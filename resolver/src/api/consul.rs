@@ -570,6 +570,12 @@ pub fn template_instance() -> Instance {
     i
 }
 
+/// A check entry with every field, to check filter selectors against.
+pub fn template_check() -> Value {
+    let i = template_instance();
+    check(&i.checks[0], &i, &template_node())
+}
+
 /// A node with every field an entry shows; its metadata is a map (any key).
 pub fn template_node() -> Node<'static> {
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
