@@ -13,6 +13,7 @@
 #   BASELINE_GATEWAY=/tmp/old/waymark-gateway bash tests/bench/gateway.sh
 #                                                       # another gateway build beside this one
 #   PINNED=1 bash tests/bench/gateway.sh                # pinned layout (below), 64 connections
+#   ACCESS_LOG=1 bash tests/bench/gateway.sh            # every proxy writes an access log line
 #
 # Targets: the backend directly, waymark-gateway, "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
@@ -33,6 +34,9 @@
 # With PINNED=1 (the layout that shows what a request costs the proxy): every proxy alone on
 # core 0 (all its threads), the backend, the registry and the load generator on core 1;
 # 64 connections unless CONNECTIONS says otherwise; results in gateway-pinned.md.
+# With ACCESS_LOG=1 each proxy logs every request to a file: the gateway its text access log
+# (its log, stderr, to a file), nginx the combined format with a 64 KiB buffer, HAProxy
+# httplog to a file; the floor has no access log. Results get the suffix -log.
 # The peers add what the gateway adds to each request: X-Forwarded-For, X-Forwarded-Proto,
 # Forwarded, X-Request-Id (generated unless the client sent one) and traceparent.
 # A benchmark, not a test: it exits non-zero only when it could not measure; results depend
@@ -43,6 +47,7 @@ cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10s}
 PINNED=${PINNED:-0}
+ACCESS_LOG=${ACCESS_LOG:-0}
 if [[ $PINNED == 1 ]]; then CONNECTIONS=${CONNECTIONS:-64}; else CONNECTIONS=${CONNECTIONS:-32}; fi
 RATE=${RATE:-}
 SPIN_US=${SPIN_US:-0}
@@ -108,11 +113,17 @@ api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
 curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":$backend_port,\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
 
 # waymark-gateway: one worker thread, no access log.
+gw_log=off
+gw_rust_log=warn
+if [[ $ACCESS_LOG == 1 ]]; then
+    gw_log=text
+    gw_rust_log=warn,waymark_gateway::access=info
+fi
 cat >"$work/gateway.toml" <<EOF
 threads = 1
-access_log = "off"
+access_log = "$gw_log"
 EOF
-RUST_LOG=warn "$target/release/waymark-gateway" ingress --config "$work/gateway.toml" \
+RUST_LOG=$gw_rust_log "$target/release/waymark-gateway" ingress --config "$work/gateway.toml" \
     --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
     >"$work/gateway.out" 2>"$work/gateway.log" &
 pids+=($!)
@@ -134,8 +145,10 @@ pids+=($!)
 floor_pid=$!
 wait_port "$floor_port"
 
-# nginx: one worker, upstream keep-alive, no logs.
+# nginx: one worker, upstream keep-alive, no logs (ACCESS_LOG=1: buffered to a file).
 nginx_port=$(free_port)
+nginx_access_log=off
+if [[ $ACCESS_LOG == 1 ]]; then nginx_access_log="$work/nginx/access.log combined buffer=64k"; fi
 mkdir -p "$work/nginx"
 cat >"$work/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -144,7 +157,7 @@ pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off;
+    access_log $nginx_access_log;
     client_body_temp_path $work/nginx;
     proxy_temp_path $work/nginx;
     fastcgi_temp_path $work/nginx;
@@ -184,8 +197,10 @@ haproxy_port=$(free_port)
 cat >"$work/haproxy.cfg" <<EOF
 global
     nbthread 1
+$(if [[ $ACCESS_LOG == 1 ]]; then printf '    log stdout format raw local0'; fi)
 defaults
     mode http
+$(if [[ $ACCESS_LOG == 1 ]]; then printf '    log global\n    option httplog'; fi)
     timeout connect 2s
     timeout client 30s
     timeout server 30s
@@ -202,7 +217,7 @@ backend be
     server b1 127.0.0.1:$backend_port
 EOF
 "$HAPROXY" -c -q -f "$work/haproxy.cfg"
-"$HAPROXY" -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
+"$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.access.log" 2>&1 &
 pids+=($!)
 haproxy_pid=$!
 wait_port "$haproxy_port"
@@ -271,7 +286,7 @@ names=(direct gateway floor nginx haproxy)
 if [[ -n ${BASELINE_GATEWAY:-} ]]; then
     base_port=$(free_port)
     base_admin=$(free_port)
-    RUST_LOG=warn "$BASELINE_GATEWAY" ingress --config "$work/gateway.toml" \
+    RUST_LOG=$gw_rust_log "$BASELINE_GATEWAY" ingress --config "$work/gateway.toml" \
         --listen "127.0.0.1:$base_port" --admin-addr "127.0.0.1:$base_admin" --registry "http://$api" \
         >/dev/null 2>"$work/baseline.log" &
     pids+=($!)
@@ -352,7 +367,8 @@ report() {
     echo "- load average before: $load_before"
     echo "- load generator: $pinned"
     echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
-    echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance, no access log; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
+    echo "- access log: $(if [[ $ACCESS_LOG == 1 ]]; then echo "on: the gateway's text log (stderr to a file), nginx combined with a 64 KiB buffer, HAProxy httplog to stdout into a file; the floor has none"; else echo off; fi)"
+    echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
     echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo
@@ -395,5 +411,6 @@ report() {
 mkdir -p tests/bench/results
 # A comparison of two builds does not replace the reference results.
 suffix=${BASELINE_GATEWAY:+-baseline}
-[[ $PINNED == 1 ]] && suffix="-pinned$suffix"
+if [[ $ACCESS_LOG == 1 ]]; then suffix="-log$suffix"; fi
+if [[ $PINNED == 1 ]]; then suffix="-pinned$suffix"; fi
 report | tee "tests/bench/results/gateway$suffix.md"
