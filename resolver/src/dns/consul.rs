@@ -85,16 +85,19 @@ pub fn classify(labels: &[&str], qtype: RecordType, datacenter: &str) -> Lookup 
         labels: labels.into_iter().map(str::to_string).collect(),
         qtype,
     };
-    let plain = |l: &str| !l.is_empty() && !l.starts_with('_') && l != "ns";
+    // A label that can be a service or a tag; `ns` alone is the zone's name server, so it is
+    // no service (it may be a tag).
+    let plain = |l: &str| !l.is_empty() && !l.starts_with('_');
+    let service_label = |l: &str| plain(l) && l != "ns";
     match (kind, rest) {
         ("query", _) => Lookup::Query,
         (_, []) => Lookup::NoData,
         ("node", [node]) => Lookup::Node(node.to_string()),
-        ("service", [service]) if plain(service) => mesh(vec![service], qtype),
+        ("service", [service]) if service_label(service) => mesh(vec![service], qtype),
         ("service", [first, second]) if first.starts_with('_') && second.starts_with('_') => {
             // RFC 2782: `_<service>._<proto or tag>`.
             let (service, tag) = (&first[1..], &second[1..]);
-            if !plain(service) || tag.is_empty() {
+            if !service_label(service) || tag.is_empty() {
                 return Lookup::NxDomain;
             }
             match qtype {
@@ -108,7 +111,7 @@ pub fn classify(labels: &[&str], qtype: RecordType, datacenter: &str) -> Lookup 
                 _ => Lookup::NoData,
             }
         }
-        ("service", [tag, service]) if plain(tag) && plain(service) => {
+        ("service", [tag, service]) if plain(tag) && service_label(service) => {
             mesh(vec![tag, service], qtype)
         }
         _ => Lookup::NxDomain,
@@ -253,6 +256,9 @@ mod tests {
             (&["_web", "_", "service"], SRV, Lookup::NxDomain),
             (&["_tcp", "service"], A, Lookup::NxDomain),
             (&["ns", "service"], A, Lookup::NxDomain),
+            (&["ns", "web", "service"], A, mesh(&["ns", "web"], A)),
+            (&["_web", "_ns", "service"], SRV, mesh(&["ns", "web"], SRV)),
+            (&["_ns", "_tcp", "service"], SRV, Lookup::NxDomain),
             (&["a", "b", "web", "service"], A, Lookup::NxDomain),
             (&["service"], A, Lookup::NoData),
             (&["service", "dc1"], A, Lookup::NoData),
