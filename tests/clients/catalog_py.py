@@ -18,27 +18,8 @@ import sys
 import threading
 import time
 
-POLL = 5.0
-
-
-class Failure(Exception):
-    pass
-
-
-def expect(cond, msg):
-    if not cond:
-        raise Failure(msg)
-
-
-def eventually(what, fn, timeout=POLL):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise Failure(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(0.2)
+# The same helpers as the registration walk-through.
+from consul_py import Failure, expect
 
 
 def step(msg):

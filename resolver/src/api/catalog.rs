@@ -273,9 +273,13 @@ pub async fn health_node(
 }
 
 fn node_value(n: &NodeInfo, dc: &str) -> Value {
-    let mut v = consul::node_entry(&n.name, &n.address, &n.meta, dc, n.create_index);
-    v["ModifyIndex"] = json!(n.modify_index);
-    v
+    consul::node_entry(
+        &n.name,
+        &n.address,
+        &n.meta,
+        dc,
+        [n.create_index, n.modify_index],
+    )
 }
 
 /// `GET /v1/catalog/nodes`: every node (`node-meta` and `filter` apply to the node).
@@ -291,7 +295,7 @@ pub async fn catalog_nodes(
         template.address,
         template.meta,
         dc,
-        0,
+        [0, 0],
     ))?;
     let index = q
         .blocking

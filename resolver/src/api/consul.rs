@@ -460,7 +460,7 @@ pub fn node_entry(
     address: &str,
     meta: &BTreeMap<String, String>,
     dc: &str,
-    index: u64,
+    [created, modified]: [u64; 2],
 ) -> Value {
     json!({
         "ID": "",
@@ -469,8 +469,8 @@ pub fn node_entry(
         "Datacenter": dc,
         "TaggedAddresses": node_tagged(address),
         "Meta": meta,
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "CreateIndex": created,
+        "ModifyIndex": modified,
     })
 }
 
@@ -519,7 +519,7 @@ pub fn health_entry(i: &Instance, node: &Node) -> Value {
             node_address_of(i, node),
             node_meta_of(i, node),
             node.datacenter,
-            i.create_index,
+            [i.create_index, i.modify_index],
         ),
         "Service": agent_service(i, node.datacenter),
         "Checks": checks,
