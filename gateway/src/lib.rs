@@ -14,6 +14,7 @@
 //! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
 //! - [`path`]: request path normalisation before routing (dot segments, escapes, slashes).
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
+//! - [`access_log`]: the access line per request, text or JSON, buffered.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
 //! - [`identity`]: a host's mesh identity (key, CA-signed certificate, renewal) and the
 //!   mutual-TLS configs made from it.
@@ -28,6 +29,7 @@
 //! latest after the configured grace period and timeout) and returns when it is done. The config file's routes reload when the file changes or on
 //! SIGHUP; certificates reload when their directory changes.
 
+pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod config;
@@ -62,7 +64,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use waymark_shared::Mirror;
+use waymark_shared::{log_sink, Mirror};
 
 use crate::admin::{AdminState, Metrics};
 use crate::balancer::Balancer;
@@ -228,10 +230,12 @@ impl Control {
         let reserved = match waited {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                log_sink::sink().flush();
                 eprintln!("waymark-gateway: {e}");
                 std::process::exit(1);
             }
             Err(e) => {
+                log_sink::sink().flush();
                 eprintln!("waymark-gateway: waiting for the listeners failed: {e}");
                 std::process::exit(1);
             }
@@ -265,6 +269,7 @@ impl Control {
             if open == 0 {
                 tracing::info!("shutdown: no connection left; stopping");
                 let _ = std::io::stdout().flush();
+                log_sink::sink().flush();
                 std::process::exit(0);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

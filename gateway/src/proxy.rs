@@ -41,6 +41,7 @@ use pingora::upstreams::peer::HttpPeer;
 use waymark_shared::select::{any_selected, select};
 use waymark_shared::ServiceView;
 
+use crate::access_log;
 use crate::admin::{LimitLabel, ReasonLabel, RouteLabel, RouteStatus, ServiceLabel};
 use crate::balancer::{InFlight, PickError, Verdict};
 use crate::config::AccessLog;
@@ -845,58 +846,44 @@ impl ProxyHttp for Gateway {
         }
         let req = session.req_header();
         let client = ctx.client.map(|c| c.to_string()).unwrap_or_default();
-        let upstream = ctx.tried.last().cloned().unwrap_or_default();
         let trace_id = ctx
             .trace
             .as_ref()
             .map(|t| t.trace_id().to_string())
             .unwrap_or_default();
         let error = e.map(|e| e.to_string());
-        let version = format!("{:?}", req.version);
         let host = req
             .uri
             .host()
-            .map(str::to_string)
-            .or_else(|| {
-                req.headers
-                    .get("host")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            })
+            .or_else(|| req.headers.get("host").and_then(|v| v.to_str().ok()))
             .unwrap_or_default();
-        match shared.config.access_log {
-            AccessLog::Json => {
-                let line = serde_json::json!({
-                    "client": client,
-                    "method": req.method.as_str(),
-                    "host": host,
-                    "path": req.uri.path(),
-                    "version": version,
-                    "status": status,
-                    "route": route,
-                    "instance": upstream,
-                    "tries": ctx.tried.len(),
-                    "duration_ms": elapsed.as_secs_f64() * 1000.0,
-                    "request_id": ctx.request_id,
-                    "trace_id": trace_id,
-                    "error": error,
-                });
-                tracing::info!(target: "waymark_gateway::access", "{line}");
-            }
-            _ => {
-                tracing::info!(
-                    target: "waymark_gateway::access",
-                    "{client} \"{} {}{} {version}\" {status} route={route} instance={upstream} tries={} {:.3}ms id={} trace={trace_id}{}",
-                    req.method,
-                    host,
-                    req.uri.path(),
-                    ctx.tried.len(),
-                    elapsed.as_secs_f64() * 1000.0,
-                    ctx.request_id,
-                    error.map(|e| format!(" error={e:?}")).unwrap_or_default(),
-                );
-            }
-        }
+        let entry = access_log::Entry {
+            client: &client,
+            method: req.method.as_str(),
+            host,
+            path: req.uri.path(),
+            version: version_str(req.version),
+            status,
+            route: &route,
+            instance: ctx.tried.last().map_or("", String::as_str),
+            tries: ctx.tried.len(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            request_id: &ctx.request_id,
+            trace_id: &trace_id,
+            error: error.as_deref(),
+        };
+        access_log::log(shared.config.access_log, &entry);
+    }
+}
+
+fn version_str(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
     }
 }
 

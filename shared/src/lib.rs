@@ -12,6 +12,7 @@
 //! - [`vip`]: virtual IP ranges and where a service's VIP goes in one.
 //! - [`duration`]: Go-style durations (`"10s"`, `"1m30s"`), the form Consul clients send.
 //! - [`telemetry`]: logging setup through `tracing`.
+//! - [`log_sink`]: stderr as one ordered sink: urgent log lines, buffered access lines.
 //! - [`report`]: an error and its causes on one line, each said once.
 //! - [`lifecycle`]: drain, readiness, bounded admission and accept loops: what every
 //!   process needs to start, stay up under floods and stop within its deadline.
@@ -23,6 +24,7 @@ pub mod files;
 pub mod follow;
 pub mod forwarders;
 pub mod lifecycle;
+pub mod log_sink;
 pub mod mirror;
 pub mod model;
 pub mod report;

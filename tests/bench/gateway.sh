@@ -17,7 +17,8 @@
 #
 # Targets: the backend directly, waymark-gateway, "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
-# else, the floor under the gateway's cost), nginx and HAProxy.
+# else, the floor under the gateway's cost), "hyper floor" (the hyper_floor example: the same
+# on hyper, the forwarder's stack), nginx and HAProxy.
 # Two phases per target:
 # - saturation: wrk, CONNECTIONS connections, as fast as the target answers; ROUNDS rounds
 #   that visit every target in turn (so drift on a shared machine hits all alike), and the
@@ -74,7 +75,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 cargo build --release -q -p waymark-resolver -p waymark-gateway -p waymark-e2e --bins
-cargo build --release -q -p waymark-gateway --example pingora_floor
+cargo build --release -q -p waymark-gateway --example pingora_floor --example hyper_floor
 
 work=$(mktemp -d)
 pids=()
@@ -117,7 +118,6 @@ gw_log=off
 gw_rust_log=warn
 if [[ $ACCESS_LOG == 1 ]]; then
     gw_log=text
-    gw_rust_log=warn,waymark_gateway::access=info
 fi
 cat >"$work/gateway.toml" <<EOF
 threads = 1
@@ -145,10 +145,19 @@ pids+=($!)
 floor_pid=$!
 wait_port "$floor_port"
 
+# The hyper floor: hyper's HTTP/1.1 server and pooled client, forwarding to the backend.
+"$target/release/examples/hyper_floor" 127.0.0.1:0 "127.0.0.1:$backend_port" \
+    >"$work/hyper.out" 2>"$work/hyper.log" &
+pids+=($!)
+hyper_pid=$!
+for _ in $(seq 1 100); do grep -q listening "$work/hyper.out" && break; sleep 0.05; done
+hyper_port=$(sed -n 's/^hyper_floor listening .*:\([0-9]*\)$/\1/p' "$work/hyper.out")
+[[ -n $hyper_port ]] || { echo "hyper_floor did not start:"; cat "$work/hyper.log"; exit 1; }
+
 # nginx: one worker, upstream keep-alive, no logs (ACCESS_LOG=1: buffered to a file).
 nginx_port=$(free_port)
 nginx_access_log=off
-if [[ $ACCESS_LOG == 1 ]]; then nginx_access_log="$work/nginx/access.log combined buffer=64k"; fi
+if [[ $ACCESS_LOG == 1 ]]; then nginx_access_log="$work/nginx/access.log combined buffer=64k flush=1s"; fi
 mkdir -p "$work/nginx"
 cat >"$work/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -281,8 +290,8 @@ fixed() {
     fi
 }
 
-targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid floor:$floor_port:$floor_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
-names=(direct gateway floor nginx haproxy)
+targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid floor:$floor_port:$floor_pid hyperfloor:$hyper_port:$hyper_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
+names=(direct gateway floor hyperfloor nginx haproxy)
 if [[ -n ${BASELINE_GATEWAY:-} ]]; then
     base_port=$(free_port)
     base_admin=$(free_port)
@@ -304,7 +313,7 @@ if [[ $PINNED == 1 ]]; then
         echo "PINNED=1 needs 2 cores and taskset" >&2
         exit 1
     fi
-    for p in $gw_pid $floor_pid $nginx_pid $haproxy_pid ${base_pid:-}; do
+    for p in $gw_pid $floor_pid $hyper_pid $nginx_pid $haproxy_pid ${base_pid:-}; do
         taskset -a -pc 0 "$p" >/dev/null
     done
     for p in $backend_pid $resolver_pid; do
@@ -367,9 +376,9 @@ report() {
     echo "- load average before: $load_before"
     echo "- load generator: $pinned"
     echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
-    echo "- access log: $(if [[ $ACCESS_LOG == 1 ]]; then echo "on: the gateway's text log (stderr to a file), nginx combined with a 64 KiB buffer, HAProxy httplog to stdout into a file; the floor has none"; else echo off; fi)"
+    echo "- access log: $(if [[ $ACCESS_LOG == 1 ]]; then echo "on: the gateway's text log (stderr to a file), nginx combined with a 64 KiB buffer flushed every second (as the gateway), HAProxy httplog to stdout into a file; the floors have none"; else echo off; fi)"
     echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
-    echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics"
+    echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics; hyperfloor: the hyper_floor example, the same on hyper (one current-thread runtime, http1 server with keep-alive, hyper-util's pooled client)"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo
     echo "## saturation"

@@ -295,12 +295,12 @@ async fn sigterm_stops_gracefully_within_the_grace_period() {
         |m| m.contains("waymark_gateway_in_flight_requests 1"),
     )
     .await;
-    let (status, took) = tokio::task::spawn_blocking(move || {
+    let ((status, took), gw) = tokio::task::spawn_blocking(move || {
         let r = gw.terminate(Duration::from_secs(10));
         (r, gw)
     })
     .await
-    .map(|(r, _gw)| r.expect("exited after SIGTERM"))
+    .map(|(r, gw)| (r.expect("exited after SIGTERM"), gw))
     .unwrap();
     assert!(status.success(), "clean exit: {status:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -312,6 +312,14 @@ async fn sigterm_stops_gracefully_within_the_grace_period() {
         .await
         .is_err());
     assert_eq!(slow.await.unwrap().unwrap(), 200);
+    // The access line of the request that finished during the drain was buffered, and the
+    // exit wrote it.
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"GET s.test/slow HTTP/1.1\" 200 route=")),
+        "{log}"
+    );
 }
 
 /// Sends raw bytes on a fresh connection, then closes it without reading much: a client that

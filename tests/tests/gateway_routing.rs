@@ -210,13 +210,32 @@ async fn routes_from_config_and_metadata() {
         "{m}"
     );
     assert!(m.contains("waymark_gateway_registry_connected 1"), "{m}");
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("\\\"status\\\":503") || l.contains("\"status\":503"))
-        .unwrap_or_else(|| panic!("no JSON access line for the 503 in:\n{log}"));
+    // Access lines are buffered (written within a second): wait for the 503's.
+    let line = until(
+        "a JSON access line for the 503",
+        WAIT,
+        || async {
+            gw.log()
+                .lines()
+                .find(|l| l.starts_with('{') && l.contains("\"path\":\"/empty\""))
+                .map(str::to_string)
+        },
+        Option::is_some,
+    )
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (v["status"].as_u64(), v["route"].as_str()),
+        (Some(503), Some("api.test/empty")),
+        "{line}"
+    );
     assert!(
-        line.contains("nobody-healthy") || line.contains("api.test/empty"),
+        v["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
+    assert!(
+        v["request_id"].as_str().is_some_and(|id| !id.is_empty()),
         "{line}"
     );
 }
