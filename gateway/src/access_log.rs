@@ -82,6 +82,18 @@ pub fn format(format: AccessLog, now: &str, entry: &Entry<'_>, out: &mut String)
     }
 }
 
+/// How a version is written in the line.
+pub fn version_str(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
 /// Logs `entry`: formatted into a per-thread buffer, then appended to the sink.
 pub fn log(format: AccessLog, entry: &Entry<'_>) {
     if format == AccessLog::Off {

@@ -25,6 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::header_deadline::HeaderDeadline;
+use crate::lean::Lean;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -47,6 +48,8 @@ pub struct ConnectionPolicy {
 /// end as soon as none is left.
 pub struct Guarded<A> {
     inner: Arc<A>,
+    /// The lean HTTP/1.1 path, when it carries HTTP/1.1 instead of `inner`.
+    h1: Option<Arc<Lean>>,
     policy: ConnectionPolicy,
     connections: Arc<AtomicU64>,
     open: Gauge,
@@ -59,11 +62,18 @@ impl<A> Guarded<A> {
     pub fn new(inner: A, policy: ConnectionPolicy, open: Gauge, refused: Counter) -> Guarded<A> {
         Guarded {
             inner: Arc::new(inner),
+            h1: None,
             policy,
             connections: Arc::new(AtomicU64::new(0)),
             open,
             refused,
         }
+    }
+
+    /// HTTP/1.1 connections go to `lean` instead of the wrapped app.
+    pub fn with_lean_h1(mut self, lean: Arc<Lean>) -> Guarded<A> {
+        self.h1 = Some(lean);
+        self
     }
 
     pub fn inner(&self) -> &A {
@@ -214,6 +224,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         let mut wrapped = HeaderDeadline::new(stream, self.policy.header_read_timeout);
         if is_h2(&mut wrapped, self.policy.h2c).await {
             return self.serve_h2(wrapped, shutdown).await;
+        }
+        if let Some(lean) = &self.h1 {
+            lean.serve(wrapped, shutdown).await;
+            return None;
         }
         self.inner.process_new(Box::new(wrapped), shutdown).await
     }

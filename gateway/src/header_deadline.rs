@@ -99,7 +99,7 @@ pub struct HeaderDeadline {
     /// Armed at the request's first byte (or at accept for the first request).
     timer: Option<Pin<Box<Sleep>>>,
     /// Set by the proxy when a request ends: the next read starts a new head.
-    next: AtomicBool,
+    next: Arc<AtomicBool>,
     /// Bytes read and written, when counted (HTTP/2 idle detection).
     activity: Option<Arc<AtomicU64>>,
 }
@@ -122,7 +122,7 @@ impl HeaderDeadline {
             limit,
             state: Scan::Lead,
             timer: Some(Box::pin(tokio::time::sleep(limit))),
-            next: AtomicBool::new(false),
+            next: Arc::new(AtomicBool::new(false)),
             activity: None,
         }
     }
@@ -136,6 +136,12 @@ impl HeaderDeadline {
     /// is under the deadline again, its clock starting at its first byte.
     pub fn next_request(&self) {
         self.next.store(true, Ordering::Relaxed);
+    }
+
+    /// A handle that does what [`HeaderDeadline::next_request`] does, for a data path that
+    /// hands the stream itself away (hyper).
+    pub fn next_request_handle(&self) -> Arc<AtomicBool> {
+        self.next.clone()
     }
 
     /// The wrapper under a pingora stream, if the stream is one.

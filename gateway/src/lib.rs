@@ -13,7 +13,12 @@
 //! - [`connections`]: the connection cap, and idle HTTP/2 connections closed.
 //! - [`headers`]: forwarding headers, request IDs, trace context, hop-by-hop headers.
 //! - [`path`]: request path normalisation before routing (dot segments, escapes, slashes).
+//! - [`admission`]: what is decided before an instance is involved (limits, route,
+//!   a serving instance) and the forwarding headers, for both data paths.
+//! - [`tries`]: whether another try may start; a failed try counted against its instance.
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
+//! - [`lean`]: the lean HTTP/1.1 data path on hyper (`data_path = "lean"`).
+//! - [`write_deadline`]: writes to a client that stops reading fail after the send timeout.
 //! - [`access_log`]: the access line per request, text or JSON, buffered.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
 //! - [`identity`]: a host's mesh identity (key, CA-signed certificate, renewal) and the
@@ -31,6 +36,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod balancer;
 pub mod config;
 pub mod connections;
@@ -38,13 +44,16 @@ pub mod forwarder;
 pub mod header_deadline;
 pub mod headers;
 pub mod identity;
+pub mod lean;
 pub mod limits;
 pub mod listen;
 pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod tls;
+pub mod tries;
 pub mod tunnel;
+pub mod write_deadline;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -68,7 +77,7 @@ use waymark_shared::{log_sink, Mirror};
 
 use crate::admin::{AdminState, Metrics};
 use crate::balancer::Balancer;
-use crate::config::{Config, ConfigError, RouteConfig};
+use crate::config::{Config, ConfigError, DataPath, RouteConfig};
 use crate::connections::{ConnectionPolicy, Guarded};
 use crate::limits::{PerClientLimit, RetryBudget, SharedLimit};
 use crate::listen::Reserved;
@@ -421,6 +430,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
             "limits.max_connections lowered to what the descriptor limit (RLIMIT_NOFILE) holds"
         );
     }
+    let data_path = config.data_path;
     let shared = Arc::new(Shared::new(config, config_path));
     if let Some(store) = &certs {
         shared.metrics.certificates.set(store.names().len() as i64);
@@ -455,6 +465,10 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
         shared.metrics.connections.clone(),
         shared.metrics.connections_refused.clone(),
     );
+    let guarded = match data_path {
+        DataPath::Pingora => guarded,
+        DataPath::Lean => guarded.with_lean_h1(Arc::new(lean::Lean::new(shared.clone()))),
+    };
     let connections = guarded.connections();
     let mut proxy = Service::new("waymark gateway".to_string(), guarded);
     // The same port as the reservation, which SO_REUSEPORT lets pingora share.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use waymark_gateway::config::{AccessLog, Config};
+use waymark_gateway::config::{AccessLog, Config, DataPath};
 
 /// mimalloc: the proxy path allocates and frees many small buffers per request, which
 /// glibc's malloc serves several times slower (see tests/bench/results/gateway.md).
@@ -68,6 +68,9 @@ struct IngressArgs {
     /// Access log format: text, json or off [default: text].
     #[arg(long)]
     access_log: Option<String>,
+    /// The HTTP/1.1 data path: lean or pingora [default: lean].
+    #[arg(long)]
+    data_path: Option<String>,
     /// Logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -188,6 +191,13 @@ fn ingress(args: IngressArgs) -> anyhow::Result<()> {
             "json" => AccessLog::Json,
             "off" => AccessLog::Off,
             other => anyhow::bail!("--access-log {other:?}: expected text, json or off"),
+        };
+    }
+    if let Some(p) = args.data_path {
+        config.data_path = match p.as_str() {
+            "pingora" => DataPath::Pingora,
+            "lean" => DataPath::Lean,
+            other => anyhow::bail!("--data-path {other:?}: expected pingora or lean"),
         };
     }
     waymark_gateway::run(config, args.config)

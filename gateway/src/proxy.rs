@@ -3,16 +3,15 @@
 //!
 //! The phases, in pingora's order:
 //! - `request_filter`: the client connection's timeouts (keep-alive idle, body reads,
-//!   response writes) and in-order pipelining, size limits (431, 413; `Content-Length` made
-//!   canonical, 400 when its values disagree), the per-client and per-route rate limits (429
-//!   with `Retry-After`), the route on the normalised path (see [`crate::path`]; 400 for no
-//!   Host or an ambiguous path, 404 when no route matches), a serving instance must exist
-//!   (503 when none does), request ID and trace context.
+//!   response writes) and in-order pipelining, request ID and trace context, then
+//!   [`admission`](crate::admission): size limits, rate limits, the route, a serving
+//!   instance.
 //! - `request_body_filter`: the body size limit (413) and minimum rate (408), the client's
 //!   faults.
 //! - `upstream_peer`: an instance by least-outstanding of two random choices, never one this
 //!   request already tried; no new try after the overall deadline (504).
-//! - `upstream_request_filter`: prefix stripping, hop-by-hop removal, forwarding headers.
+//! - `upstream_request_filter`: prefix stripping, then hop-by-hop removal and forwarding
+//!   headers ([`admission::forwarding_headers`]).
 //! - `fail_to_connect`: a connect failure counts against the instance and is retried on
 //!   another one, whatever the method; nothing reached the instance, so the retry budget
 //!   (which keeps retries from piling load on struggling instances) does not apply.
@@ -26,7 +25,6 @@
 //! - `logging`: the access log line and metrics; the connection's next request head goes
 //!   under the header deadline.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,21 +36,18 @@ use pingora::prelude::*;
 use pingora::protocols::ALPN;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
-use waymark_shared::select::{any_selected, select};
 use waymark_shared::ServiceView;
 
 use crate::access_log;
-use crate::admin::{LimitLabel, ReasonLabel, RouteLabel, RouteStatus, ServiceLabel};
-use crate::balancer::{InFlight, PickError, Verdict};
+use crate::admin::{RouteLabel, RouteStatus};
+use crate::admission::{self, ContentLength, NO_ROUTE};
+use crate::balancer::{InFlight, PickError};
 use crate::config::AccessLog;
 use crate::header_deadline::HeaderDeadline;
-use crate::headers::{self, HeaderError};
-use crate::path;
+use crate::headers;
 use crate::routes::Route;
+use crate::tries;
 use crate::Shared;
-
-/// The route label for requests that matched no route.
-const NO_ROUTE: &str = "-";
 
 /// Per-request state.
 pub struct Ctx {
@@ -109,9 +104,8 @@ impl Gateway {
             resp.insert_header("x-request-id", ctx.request_id.clone())?;
         }
         if let Some(wait) = retry_after {
-            // Whole seconds, rounded up, at least 1.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            resp.insert_header("retry-after", secs.max(1).to_string())?;
+            let secs = admission::retry_after_secs(wait);
+            resp.insert_header("retry-after", secs.to_string())?;
         }
         ctx.local_status = Some(status);
         session.set_keepalive(None);
@@ -122,162 +116,21 @@ impl Gateway {
         Ok(true)
     }
 
-    /// Whether another try may start now: tries left, deadline not passed, an untried
-    /// serving instance exists, and (unless `free`) the retry budget pays for it.
     fn may_retry(&self, ctx: &Ctx, free: bool) -> bool {
-        let cfg = &self.shared.config;
-        if ctx.tried.len() >= cfg.retry.attempts as usize || Instant::now() >= ctx.deadline {
-            return false;
-        }
-        let Some(service) = &ctx.service else {
-            return false;
-        };
-        let another = select(service, &ctx.tags)
-            .instances
-            .iter()
-            .any(|i| !ctx.tried.iter().any(|t| *t == i.id));
-        another && (free || self.shared.retry_budget.try_spend())
+        tries::may_retry(
+            &self.shared,
+            &ctx.tried,
+            ctx.deadline,
+            ctx.service.as_deref(),
+            &ctx.tags,
+            free,
+        )
     }
 
     fn record_failure(&self, ctx: &Ctx) {
-        let (Some(service), Some(current)) = (&ctx.service, &ctx.current) else {
-            return;
-        };
-        let id = &current.instance.id;
-        match self.shared.balancer.failure(service, id, Instant::now()) {
-            Verdict::Ejected(length) => {
-                tracing::warn!(service = %service.name, instance = %id, ?length, "instance ejected after consecutive failures");
-                self.shared
-                    .metrics
-                    .ejections
-                    .get_or_create(&ServiceLabel {
-                        service: service.name.to_string(),
-                    })
-                    .inc();
-            }
-            Verdict::KeptForCapacity => {
-                tracing::warn!(service = %service.name, instance = %id, "instance failing, but too much of the service is ejected already");
-            }
-            Verdict::Fine => {}
+        if let (Some(service), Some(current)) = (&ctx.service, &ctx.current) {
+            tries::record_failure(&self.shared, service, &current.instance.id);
         }
-    }
-
-    /// Answers 400 for a request the gateway refuses, counted as the client's error.
-    async fn bad_request(&self, session: &mut Session, ctx: &mut Ctx, why: &str) -> Result<bool> {
-        tracing::debug!(why, "bad request");
-        self.client_error("bad_request");
-        let body = format!("bad request: {why}\n");
-        self.answer(session, ctx, 400, body, None).await
-    }
-
-    fn client_error(&self, reason: &'static str) {
-        self.shared
-            .metrics
-            .client_errors
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-    }
-
-    /// The declared body length, with `Content-Length` rewritten to its one canonical value
-    /// when it had several or leading zeros; removed when `Transfer-Encoding` frames the body.
-    fn canonical_content_length(session: &mut Session) -> Result<Option<u64>, HeaderError> {
-        let req = session.req_header();
-        let Some((n, canonical)) = headers::content_length(
-            req.headers
-                .get_all("content-length")
-                .iter()
-                .map(|v| v.as_bytes()),
-        )?
-        else {
-            return Ok(None);
-        };
-        if req.headers.contains_key("transfer-encoding") {
-            session.req_header_mut().remove_header("content-length");
-            return Ok(None);
-        }
-        if !canonical {
-            // A number is always a valid header value.
-            let _ = session
-                .req_header_mut()
-                .insert_header("content-length", n.to_string());
-        }
-        Ok(Some(n))
-    }
-
-    /// Normalises the request's path and finds its route. The path (and an absolute-form
-    /// target, which becomes origin-form) is rewritten in the request when it changed, so the
-    /// instance gets what was routed. `Err` is a reason for 400: no Host, a path that is
-    /// malformed, or one whose other readings would take another route.
-    fn route(&self, session: &mut Session) -> Result<Option<Arc<Route>>, String> {
-        let req = session.req_header();
-        let host_header = req.headers.get("host").and_then(|v| v.to_str().ok());
-        let host = req.uri.host().or(host_header).filter(|h| !h.is_empty());
-        // HTTP/1.1 requires Host (RFC 9112 §3.2); HTTP/2 carries :authority or Host.
-        if host.is_none()
-            && req.version != http::Version::HTTP_10
-            && req.version != http::Version::HTTP_09
-        {
-            return Err("no Host".into());
-        }
-        let query = req.uri.query();
-        let normalized = path::normalize(req.uri.path())
-            .and_then(|n| query.map_or(Ok(()), path::check_query).map(|()| n))
-            .map_err(|e| e.to_string())?;
-        let table = self.shared.routes.load();
-        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-        let route = table.find(host, &normalized.path, header);
-        for other in &normalized.alternatives {
-            let elsewhere = table.find(host, other, header);
-            let same = match (&route, &elsewhere) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                return Err("an encoded slash or dot segment makes the path ambiguous".into());
-            }
-        }
-        let raw = req.raw_path();
-        let absolute_form = !raw.starts_with(b"/") && raw != b"*";
-        let http_scheme = |s: &[u8]| raw.len() > s.len() && raw[..s.len()].eq_ignore_ascii_case(s);
-        if absolute_form && !http_scheme(b"http://") && !http_scheme(b"https://") {
-            // Not origin, absolute or asterisk form: what pingora makes of a request line
-            // with a space too many, among others.
-            return Err("a request target in no known form".into());
-        }
-        if matches!(normalized.path, Cow::Owned(_)) || absolute_form {
-            let mut target =
-                String::with_capacity(normalized.path.len() + query.map_or(0, |q| q.len() + 1));
-            target.push_str(&normalized.path);
-            if let Some(q) = query {
-                target.push('?');
-                target.push_str(q);
-            }
-            // An HTTP/2 request keeps its scheme and authority (the instance's Host comes from
-            // them); an HTTP/1.1 absolute-form target has neither in the URI and becomes
-            // origin-form.
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = req.uri.scheme().cloned();
-            parts.authority = req.uri.authority().cloned();
-            parts.path_and_query =
-                Some(http::uri::PathAndQuery::try_from(target).map_err(|e| e.to_string())?);
-            let uri = http::Uri::from_parts(parts).map_err(|e| e.to_string())?;
-            session.req_header_mut().set_uri(uri);
-        }
-        Ok(route)
-    }
-
-    fn header_bytes(req: &RequestHeader) -> usize {
-        let u = &req.uri;
-        let uri = u.scheme_str().map_or(0, |s| s.len() + 3)
-            + u.authority().map_or(0, |a| a.as_str().len())
-            + u.path_and_query().map_or(1, |p| p.as_str().len());
-        let headers: usize = req
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        uri + headers + req.method.as_str().len() + 12
     }
 }
 
@@ -374,81 +227,41 @@ impl ProxyHttp for Gateway {
             || fastrand::u64(..),
         ));
 
-        if Self::header_bytes(req) > cfg.limits.max_header_bytes {
-            return self
-                .answer(
-                    session,
-                    ctx,
-                    431,
-                    "request headers too large\n".into(),
-                    None,
-                )
-                .await;
-        }
-        let declared = match Self::canonical_content_length(session) {
-            Ok(n) => n,
-            Err(e) => return self.bad_request(session, ctx, &e.to_string()).await,
+        let head = admission::Head {
+            method: &req.method,
+            uri: &req.uri,
+            version: req.version,
+            headers: &req.headers,
+            raw_path: req.raw_path(),
         };
-        if declared.is_some_and(|n| n > cfg.limits.max_body_bytes) {
-            return self
-                .answer(session, ctx, 413, "request body too large\n".into(), None)
-                .await;
-        }
-
-        let now = Instant::now();
-        if let (Some(limit), Some(ip)) = (&shared.client_limit, ctx.client) {
-            if let Err(wait) = limit.take(ip, now) {
-                shared
-                    .metrics
-                    .rate_limited
-                    .get_or_create(&LimitLabel {
-                        route: NO_ROUTE.into(),
-                        scope: "client".into(),
-                    })
-                    .inc();
-                return self
-                    .answer(session, ctx, 429, "too many requests\n".into(), Some(wait))
-                    .await;
+        match admission::admit(shared, &head, ctx.client, Instant::now()) {
+            Ok(admitted) => {
+                let req = session.req_header_mut();
+                if let Some(uri) = admitted.rewritten {
+                    req.set_uri(uri);
+                }
+                match admitted.content_length {
+                    ContentLength::Keep => {}
+                    ContentLength::Remove => {
+                        req.remove_header("content-length");
+                    }
+                    ContentLength::Canonical(n) => {
+                        // A number is always a valid header value.
+                        let _ = req.insert_header("content-length", n.to_string());
+                    }
+                }
+                ctx.route = Some(admitted.route);
+                ctx.tags = admitted.tags;
+                ctx.service = Some(admitted.service);
+                Ok(false)
+            }
+            Err(refused) => {
+                ctx.route = refused.route;
+                let r = refused.refusal;
+                self.answer(session, ctx, r.status, r.body, r.retry_after)
+                    .await
             }
         }
-
-        let route = match self.route(session) {
-            Ok(route) => route,
-            Err(why) => return self.bad_request(session, ctx, &why).await,
-        };
-        let Some(route) = route else {
-            return self
-                .answer(session, ctx, 404, "no route\n".into(), None)
-                .await;
-        };
-        ctx.route = Some(route.clone());
-
-        let route_limit = shared.route_set.load().limits.get(&route.name).cloned();
-        if let Some(limit) = route_limit {
-            if let Err(wait) = limit.take(now) {
-                shared
-                    .metrics
-                    .rate_limited
-                    .get_or_create(&LimitLabel {
-                        route: route.name.clone(),
-                        scope: "route".into(),
-                    })
-                    .inc();
-                return self
-                    .answer(session, ctx, 429, "too many requests\n".into(), Some(wait))
-                    .await;
-            }
-        }
-
-        ctx.tags = route.pick_backend(fastrand::f64()).tags.clone();
-        let service = shared.mirror.service(&route.service);
-        let serving = service.as_ref().is_some_and(|s| any_selected(s, &ctx.tags));
-        if !serving {
-            let body = format!("no healthy instance of {}\n", route.service);
-            return self.answer(session, ctx, 503, body, None).await;
-        }
-        ctx.service = service;
-        Ok(false)
     }
 
     async fn request_body_filter(
@@ -592,81 +405,26 @@ impl ProxyHttp for Gateway {
                 upstream.insert_header("host", authority.as_str())?;
             }
         }
-        if headers::any_hop_by_hop(upstream.headers.keys().map(|k| k.as_str())) {
-            let upgrade = session.is_upgrade_req();
-            let connection = upstream
-                .headers
-                .get("connection")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let te = upstream
-                .headers
-                .get("te")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            for name in headers::request_hop_by_hop(connection.as_deref(), te.as_deref(), upgrade) {
-                upstream.remove_header(&name);
-            }
-        }
-        // Pingora's own hop-by-hop removal takes TE whole; trailers are end to end (gRPC).
-        if headers::te_trailers(
-            session
-                .req_header()
-                .headers
-                .get("te")
-                .and_then(|v| v.to_str().ok()),
-        ) {
-            upstream.insert_header("te", "trailers")?;
-        }
-        let own_proto = if ctx.https { "https" } else { "http" };
-        let proto = if ctx.trusted {
+        let req = session.req_header();
+        let host = req.uri.host().map(str::to_string).or_else(|| {
             upstream
                 .headers
-                .get("x-forwarded-proto")
+                .get("host")
                 .and_then(|v| v.to_str().ok())
-                .filter(|p| *p == "http" || *p == "https")
-                .map_or(own_proto, |p| if p == "https" { "https" } else { "http" })
-        } else {
-            own_proto
+                .map(str::to_string)
+        });
+        let forwarding = admission::Forwarding {
+            client: ctx.client,
+            trusted: ctx.trusted,
+            https: ctx.https,
+            host: host.as_deref(),
+            request_id: &ctx.request_id,
+            trace: ctx.trace.as_ref(),
+            // Pingora's own hop-by-hop removal takes TE whole; trailers are end to end (gRPC).
+            te_trailers: headers::te_trailers(req.headers.get("te").and_then(|v| v.to_str().ok())),
+            upgrade: session.is_upgrade_req(),
         };
-        if let Some(ip) = ctx.client {
-            // A trusted proxy's lists are continued (all their lines, as one list); anyone
-            // else's are replaced, so a client cannot pose as another address.
-            let lists = |name: &str| -> Vec<&str> {
-                if ctx.trusted {
-                    upstream
-                        .headers
-                        .get_all(name)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect()
-                } else {
-                    Vec::new()
-                }
-            };
-            let xff = headers::x_forwarded_for(lists("x-forwarded-for").into_iter(), ip);
-            let host = session
-                .req_header()
-                .uri
-                .host()
-                .or_else(|| upstream.headers.get("host").and_then(|v| v.to_str().ok()));
-            let fwd = headers::forwarded(lists("forwarded").into_iter(), ip, own_proto, host);
-            let keep_real_ip = ctx.trusted && upstream.headers.contains_key("x-real-ip");
-            upstream.insert_header("x-forwarded-for", xff)?;
-            upstream.insert_header("forwarded", fwd)?;
-            if !keep_real_ip {
-                upstream.insert_header("x-real-ip", headers::real_ip(ip))?;
-            }
-        } else if !ctx.trusted {
-            for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
-                upstream.remove_header(name);
-            }
-        }
-        upstream.insert_header("x-forwarded-proto", proto)?;
-        upstream.insert_header("x-request-id", ctx.request_id.clone())?;
-        if let Some(t) = &ctx.trace {
-            upstream.insert_header("traceparent", t.header_value())?;
-        }
+        admission::forwarding_headers(upstream, &forwarding);
         Ok(())
     }
 
@@ -812,7 +570,10 @@ impl ProxyHttp for Gateway {
         let shared = &self.shared;
         if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Downstream) {
             let refused = matches!(e.etype(), HTTPStatus(_) | InvalidHTTPHeader);
-            self.client_error(if refused { "bad_request" } else { "aborted" });
+            admission::client_error(
+                &self.shared,
+                if refused { "bad_request" } else { "aborted" },
+            );
         }
         // The next request head on this connection is under the header deadline again.
         if let Some(conn) = session.stream().and_then(HeaderDeadline::of) {
@@ -862,7 +623,7 @@ impl ProxyHttp for Gateway {
             method: req.method.as_str(),
             host,
             path: req.uri.path(),
-            version: version_str(req.version),
+            version: access_log::version_str(req.version),
             status,
             route: &route,
             instance: ctx.tried.last().map_or("", String::as_str),
@@ -873,17 +634,6 @@ impl ProxyHttp for Gateway {
             error: error.as_deref(),
         };
         access_log::log(shared.config.access_log, &entry);
-    }
-}
-
-fn version_str(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_09 => "HTTP/0.9",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_11 => "HTTP/1.1",
-        http::Version::HTTP_2 => "HTTP/2.0",
-        http::Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/?",
     }
 }
 

@@ -15,7 +15,8 @@
 #   PINNED=1 bash tests/bench/gateway.sh                # pinned layout (below), 64 connections
 #   ACCESS_LOG=1 bash tests/bench/gateway.sh            # every proxy writes an access log line
 #
-# Targets: the backend directly, waymark-gateway, "pingora floor" (the pingora_floor example:
+# Targets: the backend directly, waymark-gateway (on pingora's data path, and "lean": the
+# same gateway with data_path = "lean", HTTP/1.1 on hyper), "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
 # else, the floor under the gateway's cost), "hyper floor" (the hyper_floor example: the same
 # on hyper, the forwarder's stack), nginx and HAProxy.
@@ -134,6 +135,21 @@ gw_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/gateway.out")
 [[ -n $gw_port ]] || { echo "the gateway did not start:"; cat "$work/gateway.log"; exit 1; }
 for _ in $(seq 1 100); do
     [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$gw_port/") == 200 ]] && break
+    sleep 0.05
+done
+
+# The same gateway on the lean HTTP/1.1 data path (data_path = "lean").
+sed 's/^threads = 1$/threads = 1\ndata_path = "lean"/' "$work/gateway.toml" >"$work/lean.toml"
+RUST_LOG=$gw_rust_log "$target/release/waymark-gateway" ingress --config "$work/lean.toml" \
+    --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
+    >"$work/lean.out" 2>"$work/lean.log" &
+pids+=($!)
+lean_pid=$!
+for _ in $(seq 1 200); do grep -q listening "$work/lean.out" && break; sleep 0.05; done
+lean_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/lean.out")
+[[ -n $lean_port ]] || { echo "the lean gateway did not start:"; cat "$work/lean.log"; exit 1; }
+for _ in $(seq 1 100); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$lean_port/") == 200 ]] && break
     sleep 0.05
 done
 
@@ -290,8 +306,8 @@ fixed() {
     fi
 }
 
-targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid floor:$floor_port:$floor_pid hyperfloor:$hyper_port:$hyper_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
-names=(direct gateway floor hyperfloor nginx haproxy)
+targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid lean:$lean_port:$lean_pid floor:$floor_port:$floor_pid hyperfloor:$hyper_port:$hyper_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
+names=(direct gateway lean floor hyperfloor nginx haproxy)
 if [[ -n ${BASELINE_GATEWAY:-} ]]; then
     base_port=$(free_port)
     base_admin=$(free_port)
@@ -313,7 +329,7 @@ if [[ $PINNED == 1 ]]; then
         echo "PINNED=1 needs 2 cores and taskset" >&2
         exit 1
     fi
-    for p in $gw_pid $floor_pid $hyper_pid $nginx_pid $haproxy_pid ${base_pid:-}; do
+    for p in $gw_pid $lean_pid $floor_pid $hyper_pid $nginx_pid $haproxy_pid ${base_pid:-}; do
         taskset -a -pc 0 "$p" >/dev/null
     done
     for p in $backend_pid $resolver_pid; do
@@ -377,7 +393,8 @@ report() {
     echo "- load generator: $pinned"
     echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
     echo "- access log: $(if [[ $ACCESS_LOG == 1 ]]; then echo "on: the gateway's text log (stderr to a file), nginx combined with a 64 KiB buffer flushed every second (as the gateway), HAProxy httplog to stdout into a file; the floors have none"; else echo off; fi)"
-    echo "- every proxy: one worker (gateway threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
+    echo "- every proxy: one worker (gateway and lean threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
+    echo "- lean: the gateway with data_path = \"lean\" (HTTP/1.1 on hyper, every feature on: routing, balancing, forwarding headers, trace context, limits, metrics)"
     echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics; hyperfloor: the hyper_floor example, the same on hyper (one current-thread runtime, http1 server with keep-alive, hyper-util's pooled client)"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo

@@ -9,6 +9,7 @@
 #   bash tests/bench/gateway_instructions.sh                       # this build
 #   GATEWAYS="target/release/waymark-gateway /tmp/old/waymark-gateway" \
 #       bash tests/bench/gateway_instructions.sh                  # several builds
+#   DATA_PATHS="pingora lean" bash tests/bench/gateway_instructions.sh  # each data path
 #   CALLGRIND_DIR=/tmp/cg bash tests/bench/gateway_instructions.sh  # keep the profiles
 #                                                    (then: callgrind_annotate --inclusive=yes FILE)
 #
@@ -18,6 +19,8 @@ cd "$(dirname "$0")/../.."
 target="${CARGO_TARGET_DIR:-target}"
 DURATION=${DURATION:-15s}
 GATEWAYS=${GATEWAYS:-$target/release/waymark-gateway}
+# The HTTP/1.1 data paths to count (the gateway's --data-path); "default" passes none.
+DATA_PATHS=${DATA_PATHS:-default}
 for tool in valgrind callgrind_control wrk curl; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (Debian: apt-get install valgrind wrk curl)" >&2; exit 1; }
 done
@@ -56,12 +59,16 @@ echo "| build | requests | instructions | instructions/request |"
 echo "|---|---:|---:|---:|"
 n=0
 for gw in $GATEWAYS; do
+for data_path in $DATA_PATHS; do
     n=$((n + 1))
+    path_args=()
+    [[ $data_path == default ]] || path_args=(--data-path "$data_path")
     port=$(free_port)
     admin=$(free_port)
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.$n" \
         "$gw" ingress --config "$work/gateway.toml" --listen "127.0.0.1:$port" \
-        --admin-addr "127.0.0.1:$admin" --registry "http://$api" >/dev/null 2>"$work/gw.$n.log" &
+        --admin-addr "127.0.0.1:$admin" --registry "http://$api" "${path_args[@]}" \
+        >/dev/null 2>"$work/gw.$n.log" &
     pid=$!
     pids+=("$pid")
     until_200 "http://127.0.0.1:$port/" 600 || { echo "$gw did not start under valgrind" >&2; tail "$work/gw.$n.log" >&2; exit 1; }
@@ -77,8 +84,9 @@ for gw in $GATEWAYS; do
     ir=$(awk '/^totals:/ { print $2 }' "$part")
     if [[ -n ${CALLGRIND_DIR:-} ]]; then
         mkdir -p "$CALLGRIND_DIR"
-        cp "$part" "$CALLGRIND_DIR/$n.$(basename "$gw").callgrind"
+        cp "$part" "$CALLGRIND_DIR/$n.$(basename "$gw").$data_path.callgrind"
     fi
-    printf '| %s | %s | %s | %s |\n' "$gw" "$requests" "$ir" \
+    printf '| %s (%s) | %s | %s | %s |\n' "$gw" "$data_path" "$requests" "$ir" \
         "$(awk -v i="$ir" -v r="$requests" 'BEGIN { printf "%.0f", i / r }')"
+done
 done

@@ -104,6 +104,10 @@ impl Gateway {
         if opts.h2c {
             args.push("--h2c".into());
         }
+        // The whole suite runs on either HTTP/1.1 data path.
+        if let Ok(path) = std::env::var("WAYMARK_GATEWAY_DATA_PATH") {
+            args.extend(["--data-path".into(), path]);
+        }
         args.extend(opts.extra_args.iter().cloned());
         let mut cmd = Command::new(gateway_bin());
         cmd.args(&args)

@@ -371,7 +371,9 @@ async fn a_trickled_body_ends_the_request_and_frees_the_backend_connection() {
     let addr = gw.http;
     let trickled = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"POST / HTTP/1.1\r\nHost: slow.test\r\nContent-Length: 50\r\n\r\n")
+        // Longer than the lean path reads before its first try, so that on either data path
+        // the body streams to the backend as it comes.
+        s.write_all(b"POST / HTTP/1.1\r\nHost: slow.test\r\nContent-Length: 100000\r\n\r\n")
             .unwrap();
         // Five bytes a second, under the minimum of 100, until the gateway answers (or 5 s).
         let started = Instant::now();

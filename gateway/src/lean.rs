@@ -1,0 +1,804 @@
+//! The lean HTTP/1.1 data path (`data_path = "lean"`): each HTTP/1.1 client connection is
+//! served by hyper on the connection [`Guarded`](crate::connections::Guarded) accepted (TLS
+//! or not, under the same header deadline and connection cap), and each request goes through
+//! one async function: [`admission`], a try loop over the balancer's picks on hyper's pooled
+//! client, the answer streamed back. HTTP/2 connections stay on pingora's proxy.
+//!
+//! Why: pingora boxes a future per request, clones the header and runs two channels per
+//! proxied request; `tests/bench/results/gateway-pinned*.md` measure hyper's floor at about
+//! 20% less CPU per request than pingora's.
+//!
+//! What it does, as the pingora path does:
+//! - admission, request ID and trace context, forwarding headers, prefix stripping, `Host`
+//!   for absolute-form targets, hop-by-hop headers removed both ways, header case kept;
+//! - the body limits: more than `max_body_bytes` is the client's fault (413), as is a body
+//!   slower than `min_body_rate` or stalled for `body_read_timeout` (408); neither counts
+//!   against the instance;
+//! - tries: a failed connect goes to another instance whatever the method, free of the retry
+//!   budget; a 502/503/504 answer, a reset or a per-try timeout goes to another instance when
+//!   the request is idempotent, within the budget. A request is replayable when it has no
+//!   body or a body of at most [`REPLAY_BYTES`] with a declared length (read before the first
+//!   try); a longer body streams to the first instance only;
+//! - upgrades (WebSocket): the 101 and then the two connections joined byte for byte;
+//! - the access log line and the metrics when the answer's body is done.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pingora::protocols::{GetSocketDigest, Ssl};
+use pingora::server::ShutdownWatch;
+use tokio::time::Sleep;
+
+use crate::access_log;
+use crate::admin::{RouteLabel, RouteStatus};
+use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
+use crate::balancer::{InFlight, PickError};
+use crate::header_deadline::HeaderDeadline;
+use crate::headers;
+use crate::routes::Route;
+use crate::tries;
+use crate::write_deadline::WriteDeadline;
+use crate::Shared;
+
+/// Request bodies up to this size, with a declared length, are read before the first try so
+/// that another instance can be tried (pingora's retry buffer holds the same).
+pub const REPLAY_BYTES: u64 = 64 * 1024;
+
+const BAD_GATEWAY: &str = "bad gateway: no instance answered\n";
+const GATEWAY_TIMEOUT: &str = "gateway timeout\n";
+
+/// What another try costs the retry budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    /// Nothing reached the instance: free.
+    Free,
+    /// Paid already (a retried status).
+    Paid,
+    /// Spent from the budget, if it has any.
+    Budget,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies both ways.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// The lean path: the shared state and the pooled clients to instances.
+pub struct Lean {
+    shared: Arc<Shared>,
+    /// Instances over HTTP/1.1.
+    h1: Client<HttpConnector, Body>,
+    /// Instances of `upstream_h2c` routes (HTTP/2 by prior knowledge).
+    h2c: Client<HttpConnector, Body>,
+}
+
+/// What the connection knows about its client.
+struct Conn {
+    client: Option<IpAddr>,
+    https: bool,
+    trusted: bool,
+    /// The header deadline's "a request ended" switch.
+    next_request: Arc<AtomicBool>,
+}
+
+impl Lean {
+    pub fn new(shared: Arc<Shared>) -> Lean {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(shared.config.timeouts.connect));
+        // Host is the client's (admission requires one), never the instance's address.
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .set_host(false);
+        let h1 = builder
+            .clone()
+            .http1_preserve_header_case(true)
+            .build(connector.clone());
+        let h2c = builder.http2_only(true).build(connector);
+        Lean { shared, h1, h2c }
+    }
+
+    /// Serves one HTTP/1.1 connection until it closes, idles out, or the server shuts down
+    /// (then after the request in flight).
+    pub async fn serve(self: &Arc<Self>, stream: HeaderDeadline, shutdown: &ShutdownWatch) {
+        let limits = &self.shared.config.limits;
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let https = stream.get_ssl_digest().is_some();
+        let conn = Arc::new(Conn {
+            client,
+            https,
+            trusted: client.is_some_and(|ip| self.shared.config.is_trusted_proxy(ip)),
+            next_request: stream.next_request_handle(),
+        });
+        let lean = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (lean, conn) = (lean.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(lean.handle(&conn, req).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .preserve_header_case(true)
+            .keep_alive(true)
+            // A client may shut its side after the request and still read the answer.
+            .half_close(true)
+            // The wait for the next request head on a kept-alive connection; the head's own
+            // total deadline is the header deadline's.
+            .header_read_timeout(limits.idle_timeout)
+            .max_buf_size((limits.max_header_bytes * 2).max(8192));
+        let conn = builder
+            .serve_connection(
+                TokioIo::new(WriteDeadline::new(stream, limits.send_timeout)),
+                service,
+            )
+            .with_upgrades();
+        tokio::pin!(conn);
+        let mut shutdown = shutdown.clone();
+        if !*shutdown.borrow() {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "client connection ended");
+                    }
+                    return;
+                }
+                _ = shutdown.changed() => {}
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+
+    async fn handle(self: &Arc<Self>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+        let shared = &self.shared;
+        shared.metrics.in_flight.inc();
+        shared.retry_budget.deposit();
+        let (request_id, _) = headers::request_id(
+            req.headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+            || fastrand::u64(..),
+        );
+        let trace = headers::traceparent(
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+            || fastrand::u64(..),
+        );
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()))
+            .map(str::to_string);
+        let mut done = Done {
+            shared: shared.clone(),
+            next_request: conn.next_request.clone(),
+            start: Instant::now(),
+            client: conn.client,
+            method: req.method().to_string(),
+            host: host.clone().unwrap_or_default(),
+            path: req.uri().path().to_string(),
+            version: req.version(),
+            route: None,
+            status: 0,
+            tried: Vec::new(),
+            request_id,
+            trace_id: trace.trace_id().to_string(),
+            error: None,
+        };
+        let raw = raw_target(req.uri());
+        let head = admission::Head {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+            raw_path: raw.as_bytes(),
+        };
+        let admitted = match admission::admit(shared, &head, conn.client, Instant::now()) {
+            Ok(a) => a,
+            Err(refused) => {
+                done.route = refused.route;
+                let r = refused.refusal;
+                return done.answer(r.status, r.body, r.retry_after);
+            }
+        };
+        done.route = Some(admitted.route.clone());
+        self.proxy(conn, req, admitted, host, &trace, done).await
+    }
+
+    async fn proxy(
+        &self,
+        conn: &Conn,
+        mut req: Request<Incoming>,
+        admitted: admission::Admitted,
+        host: Option<String>,
+        trace: &headers::TraceContext,
+        mut done: Done,
+    ) -> Response<Body> {
+        let shared = &self.shared;
+        let cfg = &shared.config;
+        let route = admitted.route.clone();
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let original_authority = parts.uri.authority().cloned();
+        if let Some(uri) = admitted.rewritten {
+            parts.uri = uri;
+        }
+        match admitted.content_length {
+            ContentLength::Keep => {}
+            ContentLength::Remove => {
+                parts.headers.remove(CONTENT_LENGTH);
+            }
+            ContentLength::Canonical(n) => {
+                parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        if !parts.headers.contains_key(HOST) {
+            if let Some(a) = &original_authority {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+        }
+        let te_trailers =
+            headers::te_trailers(parts.headers.get("te").and_then(|v| v.to_str().ok()));
+        admission::forwarding_headers(
+            &mut parts.headers,
+            &Forwarding {
+                client: conn.client,
+                trusted: conn.trusted,
+                https: conn.https,
+                host: host.as_deref(),
+                request_id: &done.request_id,
+                trace: Some(trace),
+                te_trailers,
+                upgrade,
+            },
+        );
+        let path = {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            if route.strip_prefix {
+                route.rewrite(pq)
+            } else {
+                pq.to_string()
+            }
+        };
+
+        // The body: replayable when there is none or it is short and declared.
+        let fault = Arc::new(AtomicU16::new(0));
+        let limited = Limited::new(body, cfg, done.start, fault.clone());
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut body: Option<Body> = None;
+        let mut replay: Option<Bytes> = None;
+        if limited.is_end_stream() {
+            replay = Some(Bytes::new());
+        } else if declared.is_some_and(|n| n <= REPLAY_BYTES) && !upgrade {
+            match limited.collect().await {
+                Ok(c) => replay = Some(c.to_bytes()),
+                Err(e) => return done.client_fault(&fault, &e.to_string()),
+            }
+        } else {
+            body = Some(limited.boxed());
+        }
+        let idempotent = parts.method.is_idempotent();
+        let deadline = done.start + cfg.timeouts.deadline;
+        let mut service = admitted.service;
+        let tags = admitted.tags;
+        loop {
+            if !done.tried.is_empty() {
+                if Instant::now() >= deadline {
+                    return done.answer(504, GATEWAY_TIMEOUT.into(), None);
+                }
+                // A retry takes the freshest view of the service.
+                if let Some(fresh) = shared.mirror.service(&route.service) {
+                    service = fresh;
+                }
+            }
+            let pick =
+                shared
+                    .balancer
+                    .pick(&service, &tags, &done.tried, Instant::now(), fastrand::f64);
+            let pick = match pick {
+                Ok(p) => p,
+                Err(PickError::NoInstance(_)) if done.tried.is_empty() => {
+                    let body = format!("no healthy instance of {}\n", route.service);
+                    return done.answer(503, body, None);
+                }
+                // The error of the last try is the request's.
+                Err(_) => return done.answer(502, BAD_GATEWAY.into(), None),
+            };
+            if !done.tried.is_empty() {
+                shared
+                    .metrics
+                    .retries
+                    .get_or_create(&RouteLabel {
+                        route: route.name.clone(),
+                    })
+                    .inc();
+            }
+            done.tried.push(pick.instance.id.to_string());
+            let uri = match Uri::builder()
+                .scheme("http")
+                .authority(pick.addr.to_string())
+                .path_and_query(path.as_str())
+                .build()
+            {
+                Ok(u) => u,
+                Err(e) => return done.answer(400, format!("bad request: {e}\n"), None),
+            };
+            let this_body = match (&replay, body.take()) {
+                (Some(bytes), _) => full(bytes.clone()),
+                (None, Some(b)) => b,
+                (None, None) => full(Bytes::new()),
+            };
+            let mut upstream = Request::new(this_body);
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri;
+            *upstream.headers_mut() = parts.headers.clone();
+            *upstream.extensions_mut() = parts.extensions.clone();
+            let client = if route.upstream_h2c {
+                *upstream.version_mut() = Version::HTTP_2;
+                &self.h2c
+            } else {
+                &self.h1
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result =
+                tokio::time::timeout(cfg.timeouts.per_try.min(left), client.request(upstream))
+                    .await;
+            // A failed try: what went wrong, what another try would cost the retry budget,
+            // and the status to answer when there is none.
+            let (failure, cost, status) = match result {
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    if status.is_server_error() {
+                        tries::record_failure(shared, &service, &pick.instance.id);
+                    } else {
+                        shared.balancer.success(&pick.instance.id);
+                    }
+                    // A 502/503/504 goes to another instance when that is allowed and paid
+                    // for; otherwise it is the answer.
+                    let retry = matches!(status.as_u16(), 502..=504)
+                        && idempotent
+                        && replay.is_some()
+                        && tries::may_retry(
+                            shared,
+                            &done.tried,
+                            deadline,
+                            Some(&service),
+                            &tags,
+                            false,
+                        );
+                    if !retry {
+                        return self.answered(resp, pick, client_upgrade, done);
+                    }
+                    let what = format!("instance answered {status}; retrying on another");
+                    (what, Cost::Paid, 502)
+                }
+                Ok(Err(e)) => {
+                    if let Some(status) = client_fault(&fault) {
+                        return done.client_fault_status(status, &e.to_string());
+                    }
+                    // Nothing reached the instance (a failed connect), or the connection
+                    // closed before any answer (an instance that died with the connection
+                    // open): another instance costs nothing extra, so the budget is not
+                    // spent; any method may go on after a failed connect.
+                    let connect = e.is_connect();
+                    tries::record_failure(shared, &service, &pick.instance.id);
+                    let what = format!("instance {}: {}", pick.addr, report(&e));
+                    if !(connect || (idempotent && replay.is_some())) {
+                        done.error = Some(what);
+                        return done.answer(502, BAD_GATEWAY.into(), None);
+                    }
+                    let cost = if connect || closed_before_answer(&e) {
+                        Cost::Free
+                    } else {
+                        Cost::Budget
+                    };
+                    (what, cost, 502)
+                }
+                Err(_) => {
+                    tries::record_failure(shared, &service, &pick.instance.id);
+                    let what = format!(
+                        "instance {}: no answer within the per-try timeout",
+                        pick.addr
+                    );
+                    (what, Cost::Budget, 504)
+                }
+            };
+            tracing::debug!(error = %failure, "try failed");
+            drop(pick);
+            let another = replay.is_some()
+                && match cost {
+                    Cost::Paid => true,
+                    Cost::Free | Cost::Budget => tries::may_retry(
+                        shared,
+                        &done.tried,
+                        deadline,
+                        Some(&service),
+                        &tags,
+                        cost == Cost::Free,
+                    ),
+                };
+            done.error = Some(failure);
+            if !another {
+                let body = if status == 504 {
+                    GATEWAY_TIMEOUT
+                } else {
+                    BAD_GATEWAY
+                };
+                return done.answer(status, body.into(), None);
+            }
+        }
+    }
+
+    /// The instance's answer, on its way to the client.
+    fn answered(
+        &self,
+        mut resp: Response<Incoming>,
+        pick: InFlight,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        mut done: Done,
+    ) -> Response<Body> {
+        let status = resp.status();
+        done.error = None;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let Some(client_side) = client_upgrade {
+                let instance_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(i)) = (client_side.await, instance_side.await) {
+                        let (mut c, mut i) = (TokioIo::new(c), TokioIo::new(i));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut i).await;
+                    }
+                });
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        if headers::any_hop_by_hop(parts.headers.keys().map(|k| k.as_str())) {
+            let connection = parts
+                .headers
+                .get(CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            for name in headers::response_hop_by_hop(connection.as_deref(), switching) {
+                parts.headers.remove(name.as_str());
+            }
+        }
+        if !parts.headers.contains_key("x-request-id") {
+            if let Ok(v) = HeaderValue::from_str(&done.request_id) {
+                parts.headers.insert("x-request-id", v);
+            }
+        }
+        // An HTTP/2 instance's answer goes back as HTTP/1.1.
+        parts.version = Version::HTTP_11;
+        done.status = status.as_u16();
+        let body = Tail {
+            inner: body.map_err(BoxError::from).boxed(),
+            _inflight: Some(pick),
+            _done: done,
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// The request target as the client sent it (hyper keeps the parsed form).
+fn raw_target(uri: &Uri) -> String {
+    uri.to_string()
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// An error and its causes, each said once.
+fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    waymark_shared::report::chain(e)
+}
+
+/// Whether a try failed because the instance's connection closed (or reset) before any
+/// answer: what an instance that died with pooled connections open looks like.
+fn closed_before_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
+fn client_fault(fault: &AtomicU16) -> Option<u16> {
+    match fault.load(Ordering::Acquire) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The client's body, under the body limits (see the module docs). A fault is recorded in
+/// `fault` (413, 408, or 499 for a client that went away) before the error is returned, so
+/// that the try's failure is not held against the instance.
+struct Limited {
+    inner: Incoming,
+    read: u64,
+    max: u64,
+    min_rate: u64,
+    read_timeout: Duration,
+    start: Instant,
+    stall: Pin<Box<Sleep>>,
+    fault: Arc<AtomicU16>,
+}
+
+impl Limited {
+    fn new(
+        inner: Incoming,
+        cfg: &crate::config::Config,
+        start: Instant,
+        fault: Arc<AtomicU16>,
+    ) -> Limited {
+        let limits = &cfg.limits;
+        Limited {
+            inner,
+            read: 0,
+            max: limits.max_body_bytes,
+            min_rate: limits.min_body_rate,
+            read_timeout: limits.body_read_timeout,
+            start,
+            stall: Box::pin(tokio::time::sleep(limits.body_read_timeout)),
+            fault,
+        }
+    }
+
+    fn fail(&self, status: u16, why: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.fault.store(status, Ordering::Release);
+        Poll::Ready(Some(Err(why.to_string().into())))
+    }
+}
+
+impl hyper::body::Body for Limited {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.read += data.len() as u64;
+                    if self.read > self.max {
+                        return self.fail(413, "request body too large");
+                    }
+                    if self.min_rate > 0 {
+                        let earned =
+                            Duration::from_secs_f64(self.read as f64 / self.min_rate as f64);
+                        if self.start.elapsed() > self.read_timeout + earned {
+                            let why = format!("request body slower than {} bytes/s", self.min_rate);
+                            return self.fail(408, &why);
+                        }
+                    }
+                }
+                let next = tokio::time::Instant::now() + self.read_timeout;
+                self.stall.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.fault.store(499, Ordering::Release);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.stall.as_mut().poll(cx).is_ready() {
+                    return self.fail(408, "request body stalled");
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An answer's body, which keeps the try counted against its instance (when an instance
+/// answered) and the request's log line and metrics until the body is done.
+struct Tail {
+    inner: Body,
+    _inflight: Option<InFlight>,
+    _done: Done,
+}
+
+impl hyper::body::Body for Tail {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request's end: when dropped (its answer's body done, or the request abandoned), it is
+/// counted, logged, and the connection's next request head goes under the header deadline.
+struct Done {
+    shared: Arc<Shared>,
+    next_request: Arc<AtomicBool>,
+    start: Instant,
+    client: Option<IpAddr>,
+    method: String,
+    host: String,
+    path: String,
+    version: Version,
+    route: Option<Arc<Route>>,
+    /// The status answered (0: none reached the client).
+    status: u16,
+    tried: Vec<String>,
+    request_id: String,
+    trace_id: String,
+    error: Option<String>,
+}
+
+impl Done {
+    /// Answers from the gateway itself with a short text body; the connection closes after.
+    fn answer(
+        mut self,
+        status: u16,
+        body: String,
+        retry_after: Option<Duration>,
+    ) -> Response<Body> {
+        self.status = status;
+        let mut resp = Response::new(Bytes::from(body));
+        *resp.status_mut() =
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let h = resp.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(CONNECTION, HeaderValue::from_static("close"));
+        if let Ok(v) = HeaderValue::from_str(&self.request_id) {
+            if !self.request_id.is_empty() {
+                h.insert("x-request-id", v);
+            }
+        }
+        if let Some(wait) = retry_after {
+            h.insert(
+                "retry-after",
+                HeaderValue::from(admission::retry_after_secs(wait)),
+            );
+        }
+        let (parts, bytes) = resp.into_parts();
+        let body = Tail {
+            inner: full(bytes),
+            _inflight: None,
+            _done: self,
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// The client's fault in its body: counted as such, answered if it is still there.
+    fn client_fault(self, fault: &AtomicU16, why: &str) -> Response<Body> {
+        let status = client_fault(fault).unwrap_or(400);
+        self.client_fault_status(status, why)
+    }
+
+    fn client_fault_status(mut self, status: u16, why: &str) -> Response<Body> {
+        admission::client_error(
+            &self.shared,
+            if status == 499 {
+                "aborted"
+            } else {
+                "bad_request"
+            },
+        );
+        self.error = Some(why.to_string());
+        match status {
+            413 => self.answer(413, "request body too large\n".into(), None),
+            408 => self.answer(408, "request timeout\n".into(), None),
+            _ => self.answer(400, format!("bad request: {why}\n"), None),
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        self.next_request.store(true, Ordering::Relaxed);
+        shared.metrics.in_flight.dec();
+        let elapsed = self.start.elapsed();
+        let route = self
+            .route
+            .as_ref()
+            .map_or_else(|| NO_ROUTE.to_string(), |r| r.name.clone());
+        let label = RouteStatus {
+            route,
+            status: self.status,
+        };
+        shared.metrics.requests.get_or_create(&label).inc();
+        let label = RouteLabel { route: label.route };
+        shared
+            .metrics
+            .duration
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+        if shared.config.access_log == crate::config::AccessLog::Off {
+            return;
+        }
+        let client = self.client.map(|c| c.to_string()).unwrap_or_default();
+        let entry = access_log::Entry {
+            client: &client,
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            version: access_log::version_str(self.version),
+            status: self.status,
+            route: &label.route,
+            instance: self.tried.last().map_or("", String::as_str),
+            tries: self.tried.len(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            request_id: &self.request_id,
+            trace_id: &self.trace_id,
+            error: self.error.as_deref(),
+        };
+        access_log::log(shared.config.access_log, &entry);
+    }
+}
