@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Uri, Version};
+use http::{HeaderMap, HeaderName, Method, Uri, Version};
 use waymark_shared::select::any_selected;
 use waymark_shared::ServiceView;
 
@@ -294,7 +294,7 @@ fn route(shared: &Shared, head: &Head<'_>) -> Result<(Option<Arc<Route>>, Option
 /// Where forwarding headers are written: pingora's request header, or an `http` map.
 pub trait HeaderEdit {
     fn headers(&self) -> &HeaderMap;
-    fn set(&mut self, name: &'static str, value: String);
+    fn set(&mut self, name: &HeaderName, value: String);
     fn remove(&mut self, name: &str);
 }
 
@@ -313,6 +313,15 @@ pub struct Forwarding<'a> {
     pub upgrade: bool,
 }
 
+// Header names made once (a name from a string is parsed and checked at every use).
+const TE: HeaderName = HeaderName::from_static("te");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// Removes hop-by-hop headers and writes the forwarding headers (`X-Forwarded-For`,
 /// `Forwarded`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Request-Id`, `traceparent`).
 pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
@@ -329,7 +338,7 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
         }
     }
     if f.te_trailers {
-        req.set("te", "trailers".into());
+        req.set(&TE, "trailers".into());
     }
     let own_proto = if f.https { "https" } else { "http" };
     let proto = if f.trusted {
@@ -358,20 +367,20 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
         let xff = headers::x_forwarded_for(lists("x-forwarded-for").into_iter(), ip);
         let fwd = headers::forwarded(lists("forwarded").into_iter(), ip, own_proto, f.host);
         let keep_real_ip = f.trusted && req.headers().contains_key("x-real-ip");
-        req.set("x-forwarded-for", xff);
-        req.set("forwarded", fwd);
+        req.set(&X_FORWARDED_FOR, xff);
+        req.set(&FORWARDED, fwd);
         if !keep_real_ip {
-            req.set("x-real-ip", headers::real_ip(ip));
+            req.set(&X_REAL_IP, headers::real_ip(ip));
         }
     } else if !f.trusted {
         for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
             req.remove(name);
         }
     }
-    req.set("x-forwarded-proto", proto.into());
-    req.set("x-request-id", f.request_id.into());
+    req.set(&X_FORWARDED_PROTO, proto.into());
+    req.set(&X_REQUEST_ID, f.request_id.into());
     if let Some(t) = f.trace {
-        req.set("traceparent", t.header_value().into());
+        req.set(&TRACEPARENT, t.header_value().into());
     }
 }
 
@@ -380,9 +389,9 @@ impl HeaderEdit for HeaderMap {
         self
     }
 
-    fn set(&mut self, name: &'static str, value: String) {
+    fn set(&mut self, name: &HeaderName, value: String) {
         if let Ok(v) = http::HeaderValue::try_from(value) {
-            self.insert(name, v);
+            self.insert(name.clone(), v);
         }
     }
 
@@ -396,9 +405,9 @@ impl HeaderEdit for pingora::http::RequestHeader {
         &self.headers
     }
 
-    fn set(&mut self, name: &'static str, value: String) {
+    fn set(&mut self, name: &HeaderName, value: String) {
         // Every value written here is made of visible ASCII.
-        let _ = self.insert_header(name, value);
+        let _ = self.insert_header(name.clone(), value);
     }
 
     fn remove(&mut self, name: &str) {

@@ -189,20 +189,23 @@ impl Lean {
             .host()
             .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()))
             .map(str::to_string);
+        // What only the access line needs is copied only when there is one.
+        let logged = shared.config.access_log != crate::config::AccessLog::Off;
+        let copy = |s: &str| if logged { s.to_string() } else { String::new() };
         let mut done = Done {
             shared: shared.clone(),
             next_request: conn.next_request.clone(),
             start: Instant::now(),
             client: conn.client,
-            method: req.method().to_string(),
-            host: host.clone().unwrap_or_default(),
-            path: req.uri().path().to_string(),
+            method: copy(req.method().as_str()),
+            host: copy(host.as_deref().unwrap_or_default()),
+            path: copy(req.uri().path()),
             version: req.version(),
             route: None,
             status: 0,
             tried: Vec::new(),
             request_id,
-            trace_id: trace.trace_id().to_string(),
+            trace_id: copy(trace.trace_id()),
             error: None,
         };
         let raw = raw_target(req.uri());
@@ -262,6 +265,8 @@ impl Lean {
         }
         let te_trailers =
             headers::te_trailers(parts.headers.get("te").and_then(|v| v.to_str().ok()));
+        // Room for the forwarding headers, so that the map grows once if at all.
+        parts.headers.reserve(8);
         admission::forwarding_headers(
             &mut parts.headers,
             &Forwarding {
