@@ -68,7 +68,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -84,6 +84,9 @@ use crate::listen::Reserved;
 use crate::routes::{RouteError, RouteTable};
 use crate::tls::CertStore;
 use waymark_shared::follow::{stream::MirrorClient, RegistryStatus};
+
+/// The write buffer under each client connection (pingora's default: one segment).
+const L4_WRITE_BUFFER: usize = 1460;
 
 /// How long one change-stream long poll waits for changes.
 const POLL_WAIT: Duration = Duration::from_secs(30);
@@ -474,14 +477,26 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // The same port as the reservation, which SO_REUSEPORT lets pingora share.
     let mut sock_opt = TcpSocketOptions::default();
     sock_opt.so_reuseport = Some(true);
+    // No read buffer under the HTTP codecs, which have their own: pingora's default of
+    // 64 KiB per connection made an idle connection cost about 100 KiB (gateway-memory.md).
+    let l4_buffer = L4BufferSettings::new(0, L4_WRITE_BUFFER);
     if let Some(addr) = listen {
-        proxy.add_tcp_with_settings(&addr.to_string(), sock_opt.clone());
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .tcp_socket_options(sock_opt.clone())
+                .l4_buffer(l4_buffer),
+        );
     }
     if let (Some(addr), Some(store)) = (tls_listen, &certs) {
         let mut tls = TlsSettings::intermediate("", "")?;
         tls.enable_h2();
         tls.set_cert_resolver(store.clone());
-        proxy.add_tls_with_settings(&addr.to_string(), Some(sock_opt), tls);
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .tcp_socket_options(sock_opt)
+                .tls(tls)
+                .l4_buffer(l4_buffer),
+        );
     }
     server.add_service(proxy);
     server.add_service(background_service(
