@@ -22,6 +22,7 @@
 //! - upgrades (WebSocket): the 101 and then the two connections joined byte for byte;
 //! - the access log line and the metrics when the answer's body is done.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
@@ -240,7 +241,7 @@ impl Lean {
         let shared = &self.shared;
         let cfg = &shared.config;
         let route = admitted.route.clone();
-        let upgrade = is_upgrade(&req);
+        let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let original_authority = parts.uri.authority().cloned();
@@ -510,15 +511,19 @@ impl Lean {
     }
 }
 
-/// The request target as the client sent it (hyper keeps the parsed form).
-fn raw_target(uri: &Uri) -> String {
-    uri.to_string()
+/// The request target as the client sent it, as far as admission needs it: origin form
+/// (and `*`) as they are; an absolute form (a scheme) rebuilt.
+fn raw_target(uri: &Uri) -> Cow<'_, str> {
+    match uri.scheme() {
+        None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
+        Some(_) => Cow::Owned(uri.to_string()),
+    }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(http::header::UPGRADE)
-        && req
-            .headers()
+/// An upgrade request: `Upgrade`, and `Connection` naming it.
+fn is_upgrade(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+        && headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -805,5 +810,48 @@ impl Drop for Done {
             error: self.error.as_deref(),
         };
         access_log::log(shared.config.access_log, &entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_targets() {
+        let table = [
+            ("/a/b?c=d", "/a/b?c=d"),
+            ("*", "*"),
+            ("http://h.test/x?y", "http://h.test/x?y"),
+            ("http://h.test", "http://h.test/"),
+        ];
+        for (target, want) in table {
+            let uri: Uri = target.parse().unwrap();
+            assert_eq!(raw_target(&uri), want, "{target}");
+        }
+    }
+
+    #[test]
+    fn upgrades() {
+        let table: [(&[(&str, &str)], bool); 5] = [
+            (&[("upgrade", "websocket"), ("connection", "Upgrade")], true),
+            (
+                &[
+                    ("upgrade", "websocket"),
+                    ("connection", "keep-alive, upgrade"),
+                ],
+                true,
+            ),
+            (&[("upgrade", "websocket")], false),
+            (&[("connection", "upgrade")], false),
+            (&[("upgrade", "h2c"), ("connection", "close")], false),
+        ];
+        for (headers, want) in table {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in headers {
+                map.append(*k, v.parse().unwrap());
+            }
+            assert_eq!(is_upgrade(&map), want, "{headers:?}");
+        }
     }
 }
