@@ -46,7 +46,7 @@ use pingora::server::ShutdownWatch;
 use tokio::time::Sleep;
 
 use crate::access_log;
-use crate::admin::{RouteLabel, RouteStatus};
+use crate::admin::RouteLabel;
 use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
 use crate::header_deadline::HeaderDeadline;
@@ -779,17 +779,7 @@ impl Drop for Done {
             .route
             .as_ref()
             .map_or_else(|| NO_ROUTE.to_string(), |r| r.name.clone());
-        let label = RouteStatus {
-            route,
-            status: self.status,
-        };
-        shared.metrics.requests.get_or_create(&label).inc();
-        let label = RouteLabel { route: label.route };
-        shared
-            .metrics
-            .duration
-            .get_or_create(&label)
-            .observe(elapsed.as_secs_f64());
+        let route = shared.metrics.request_done(route, self.status, elapsed);
         if shared.config.access_log == crate::config::AccessLog::Off {
             return;
         }
@@ -801,7 +791,7 @@ impl Drop for Done {
             path: &self.path,
             version: access_log::version_str(self.version),
             status: self.status,
-            route: &label.route,
+            route: &route,
             instance: self.tried.last().map_or("", String::as_str),
             tries: self.tried.len(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,

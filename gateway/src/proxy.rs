@@ -39,7 +39,7 @@ use pingora::upstreams::peer::HttpPeer;
 use waymark_shared::ServiceView;
 
 use crate::access_log;
-use crate::admin::{RouteLabel, RouteStatus};
+use crate::admin::RouteLabel;
 use crate::admission::{self, ContentLength, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
 use crate::config::AccessLog;
@@ -589,19 +589,9 @@ impl ProxyHttp for Gateway {
             .or(ctx.local_status)
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
-        // One label string, moved from one label set to the next (no copies per request).
-        let label = RouteStatus {
-            route: Self::route_label(ctx),
-            status,
-        };
-        shared.metrics.requests.get_or_create(&label).inc();
-        let label = RouteLabel { route: label.route };
-        shared
+        let route = shared
             .metrics
-            .duration
-            .get_or_create(&label)
-            .observe(elapsed.as_secs_f64());
-        let route = label.route;
+            .request_done(Self::route_label(ctx), status, elapsed);
         if shared.config.access_log == AccessLog::Off {
             return;
         }

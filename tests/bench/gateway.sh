@@ -15,8 +15,8 @@
 #   PINNED=1 bash tests/bench/gateway.sh                # pinned layout (below), 64 connections
 #   ACCESS_LOG=1 bash tests/bench/gateway.sh            # every proxy writes an access log line
 #
-# Targets: the backend directly, waymark-gateway (on pingora's data path, and "lean": the
-# same gateway with data_path = "lean", HTTP/1.1 on hyper), "pingora floor" (the pingora_floor example:
+# Targets: the backend directly, waymark-gateway ("gateway": data_path = "pingora"; "lean":
+# data_path = "lean", HTTP/1.1 on hyper, the default), "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
 # else, the floor under the gateway's cost), "hyper floor" (the hyper_floor example: the same
 # on hyper, the forwarder's stack), nginx and HAProxy.
@@ -78,16 +78,8 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 cargo build --release -q -p waymark-resolver -p waymark-gateway -p waymark-e2e --bins
 cargo build --release -q -p waymark-gateway --example pingora_floor --example hyper_floor
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=tests/bench/lib.sh
+source tests/bench/lib.sh
 wait_port() {
     for _ in $(seq 1 200); do
         (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -97,61 +89,39 @@ wait_port() {
     return 1
 }
 
-# The backend: one gw_backend process (one thread).
-"$target/release/gw_backend" --addr 127.0.0.1:0 --id bench >"$work/backend.out" &
-pids+=($!)
-backend_pid=$!
-for _ in $(seq 1 100); do grep -q listening "$work/backend.out" && break; sleep 0.05; done
-backend=$(sed -n 's/^gw_backend listening //p' "$work/backend.out")
-backend_port=${backend##*:}
+# The backend (one gw_backend process, one thread) and the registry, with the backend
+# registered as a public service.
+start_backend_and_registry
 
-# The registry, with the backend registered as a public service.
-"$target/release/waymark-resolver" serve --dns-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
-    --data-dir "$work/data" --upstream 127.0.0.1:9 >"$work/resolver.out" 2>"$work/resolver.log" &
-pids+=($!)
-resolver_pid=$!
-for _ in $(seq 1 100); do grep -q listening "$work/resolver.out" && break; sleep 0.05; done
-api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
-curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":$backend_port,\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
-
-# waymark-gateway: one worker thread, no access log.
+# waymark-gateway: one worker thread, no access log (ACCESS_LOG=1: text).
 gw_log=off
 gw_rust_log=warn
 if [[ $ACCESS_LOG == 1 ]]; then
     gw_log=text
 fi
-cat >"$work/gateway.toml" <<EOF
-threads = 1
-access_log = "$gw_log"
-EOF
-RUST_LOG=$gw_rust_log "$target/release/waymark-gateway" ingress --config "$work/gateway.toml" \
-    --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
-    >"$work/gateway.out" 2>"$work/gateway.log" &
-pids+=($!)
-gw_pid=$!
-# Port 0: the bound port, read back from the gateway's listening line.
-for _ in $(seq 1 200); do grep -q listening "$work/gateway.out" && break; sleep 0.05; done
-gw_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/gateway.out")
-[[ -n $gw_port ]] || { echo "the gateway did not start:"; cat "$work/gateway.log"; exit 1; }
-for _ in $(seq 1 100); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$gw_port/") == 200 ]] && break
-    sleep 0.05
-done
-
-# The same gateway on the lean HTTP/1.1 data path (data_path = "lean").
-sed 's/^threads = 1$/threads = 1\ndata_path = "lean"/' "$work/gateway.toml" >"$work/lean.toml"
-RUST_LOG=$gw_rust_log "$target/release/waymark-gateway" ingress --config "$work/lean.toml" \
-    --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
-    >"$work/lean.out" 2>"$work/lean.log" &
-pids+=($!)
-lean_pid=$!
-for _ in $(seq 1 200); do grep -q listening "$work/lean.out" && break; sleep 0.05; done
-lean_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/lean.out")
-[[ -n $lean_port ]] || { echo "the lean gateway did not start:"; cat "$work/lean.log"; exit 1; }
-for _ in $(seq 1 100); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$lean_port/") == 200 ]] && break
-    sleep 0.05
-done
+# start_gateway NAME DATA_PATH → sets NAME_pid and NAME_port (the gateway on that HTTP/1.1
+# data path, one worker thread).
+start_gateway() {
+    local name=$1 port
+    printf 'threads = 1\naccess_log = "%s"\ndata_path = "%s"\n' "$gw_log" "$2" >"$work/$name.toml"
+    RUST_LOG=$gw_rust_log "$target/release/waymark-gateway" ingress --config "$work/$name.toml" \
+        --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
+        >"$work/$name.out" 2>"$work/$name.log" &
+    pids+=($!)
+    printf -v "${name}_pid" '%s' "$!"
+    # Port 0: the bound port, read back from the gateway's listening line.
+    for _ in $(seq 1 200); do grep -q listening "$work/$name.out" && break; sleep 0.05; done
+    port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/$name.out")
+    [[ -n $port ]] || { echo "the gateway ($name) did not start:"; cat "$work/$name.log"; exit 1; }
+    printf -v "${name}_port" '%s' "$port"
+    for _ in $(seq 1 100); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$port/") == 200 ]] && break
+        sleep 0.05
+    done
+}
+# "gateway": pingora's data path; "lean": the lean HTTP/1.1 path (the default).
+start_gateway gw pingora
+start_gateway lean lean
 
 # The pingora floor: pingora with the gateway's runtime settings, forwarding to the backend.
 floor_port=$(free_port)
@@ -311,7 +281,9 @@ names=(direct gateway lean floor hyperfloor nginx haproxy)
 if [[ -n ${BASELINE_GATEWAY:-} ]]; then
     base_port=$(free_port)
     base_admin=$(free_port)
-    RUST_LOG=$gw_rust_log "$BASELINE_GATEWAY" ingress --config "$work/gateway.toml" \
+    # No data_path: a build from before it had none.
+    printf 'threads = 1\naccess_log = "%s"\n' "$gw_log" >"$work/baseline.toml"
+    RUST_LOG=$gw_rust_log "$BASELINE_GATEWAY" ingress --config "$work/baseline.toml" \
         --listen "127.0.0.1:$base_port" --admin-addr "127.0.0.1:$base_admin" --registry "http://$api" \
         >/dev/null 2>"$work/baseline.log" &
     pids+=($!)
@@ -394,7 +366,7 @@ report() {
     echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
     echo "- access log: $(if [[ $ACCESS_LOG == 1 ]]; then echo "on: the gateway's text log (stderr to a file), nginx combined with a 64 KiB buffer flushed every second (as the gateway), HAProxy httplog to stdout into a file; the floors have none"; else echo off; fi)"
     echo "- every proxy: one worker (gateway and lean threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
-    echo "- lean: the gateway with data_path = \"lean\" (HTTP/1.1 on hyper, every feature on: routing, balancing, forwarding headers, trace context, limits, metrics)"
+    echo "- gateway: data_path = \"pingora\" (pingora's proxy); lean: data_path = \"lean\" (HTTP/1.1 on hyper, the default); both with every feature on: routing, balancing, forwarding headers, trace context, limits, metrics"
     echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics; hyperfloor: the hyper_floor example, the same on hyper (one current-thread runtime, http1 server with keep-alive, hyper-util's pooled client)"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo

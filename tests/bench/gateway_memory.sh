@@ -29,15 +29,8 @@ if (($(ulimit -n) < need)); then
 fi
 
 cargo build --release -q -p waymark-resolver -p waymark-gateway -p waymark-e2e --bins
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=tests/bench/lib.sh
+source tests/bench/lib.sh
 wait_200() {
     for _ in $(seq 1 200); do
         [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.test' "http://127.0.0.1:$1/") == 200 ]] && return 0
@@ -48,16 +41,7 @@ wait_200() {
 }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-"$target/release/gw_backend" --addr 127.0.0.1:0 --id bench >"$work/backend.out" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q listening "$work/backend.out" && break; sleep 0.05; done
-backend=$(sed -n 's/^gw_backend listening //p' "$work/backend.out")
-"$target/release/waymark-resolver" serve --dns-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
-    --data-dir "$work/data" --upstream 127.0.0.1:9 >"$work/resolver.out" 2>"$work/resolver.log" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q listening "$work/resolver.out" && break; sleep 0.05; done
-api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
-curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":${backend##*:},\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
+start_backend_and_registry
 
 declare -A PORT PID
 for path in lean pingora; do
