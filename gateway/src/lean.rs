@@ -1,8 +1,9 @@
 //! The lean HTTP/1.1 data path (`data_path = "lean"`): each HTTP/1.1 client connection is
 //! served by hyper on the connection [`Guarded`](crate::connections::Guarded) accepted (TLS
 //! or not, under the same header deadline and connection cap), and each request goes through
-//! one async function: [`admission`], a try loop over the balancer's picks on hyper's pooled
-//! client, the answer streamed back. HTTP/2 connections stay on pingora's proxy.
+//! one async function: [`admission`], a try loop over the balancer's picks on the
+//! [`upstream`](crate::upstream) pool's connections, the answer streamed back. HTTP/2
+//! connections from clients stay on pingora's proxy.
 //!
 //! Why: pingora boxes a future per request, clones the header and runs two channels per
 //! proxied request; `tests/bench/results/gateway-pinned*.md` measure hyper's floor at about
@@ -10,7 +11,8 @@
 //!
 //! What it does, as the pingora path does:
 //! - admission, request ID and trace context, forwarding headers, prefix stripping, `Host`
-//!   for absolute-form targets, hop-by-hop headers removed both ways, header case kept;
+//!   for absolute-form targets, hop-by-hop headers removed both ways; header names in lower case unless
+//!   `preserve_header_case` is set;
 //! - the body limits: more than `max_body_bytes` is the client's fault (413), as is a body
 //!   slower than `min_body_rate` or stalled for `body_read_timeout` (408); neither counts
 //!   against the instance;
@@ -25,7 +27,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -53,6 +56,7 @@ use crate::header_deadline::HeaderDeadline;
 use crate::headers;
 use crate::routes::Route;
 use crate::tries;
+use crate::upstream::{Lease, Pool, PoolConfig};
 use crate::write_deadline::WriteDeadline;
 use crate::Shared;
 
@@ -78,13 +82,21 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies both ways.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// The lean path: the shared state and the pooled clients to instances.
+/// The lean path: the shared state and the pooled connections to instances.
 pub struct Lean {
     shared: Arc<Shared>,
     /// Instances over HTTP/1.1.
-    h1: Client<HttpConnector, Body>,
-    /// Instances of `upstream_h2c` routes (HTTP/2 by prior knowledge).
+    h1: Arc<Pool>,
+    /// Instances of `upstream_h2c` routes (HTTP/2 by prior knowledge, one multiplexed
+    /// connection per instance).
     h2c: Client<HttpConnector, Body>,
+}
+
+/// A try that got no answer.
+struct TryFailed {
+    /// Nothing reached the instance: the connection was never made.
+    connect: bool,
+    error: BoxError,
 }
 
 /// What the connection knows about its client.
@@ -108,10 +120,11 @@ impl Lean {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false);
-        let h1 = builder
-            .clone()
-            .http1_preserve_header_case(true)
-            .build(connector.clone());
+        let h1 = Pool::new(PoolConfig {
+            connect_timeout: shared.config.timeouts.connect,
+            idle_timeout: Duration::from_secs(60),
+            preserve_header_case: shared.config.preserve_header_case,
+        });
         let h2c = builder.http2_only(true).build(connector);
         Lean { shared, h1, h2c }
     }
@@ -138,7 +151,7 @@ impl Lean {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .preserve_header_case(true)
+            .preserve_header_case(self.shared.config.preserve_header_case)
             .keep_alive(true)
             // A client may shut its side after the request and still read the answer.
             .half_close(true)
@@ -281,12 +294,16 @@ impl Lean {
                 upgrade,
             },
         );
-        let path = {
-            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            if route.strip_prefix {
-                route.rewrite(pq)
-            } else {
-                pq.to_string()
+        // The target for instances, in origin form.
+        let target = match (route.strip_prefix, parts.uri.path_and_query()) {
+            (false, Some(pq)) => pq.clone(),
+            (false, None) => PathAndQuery::from_static("/"),
+            (true, pq) => {
+                let rewritten = route.rewrite(pq.map_or("/", |p| p.as_str()));
+                match PathAndQuery::try_from(rewritten) {
+                    Ok(t) => t,
+                    Err(e) => return done.answer(400, format!("bad request: {e}\n"), None),
+                }
             }
         };
 
@@ -346,15 +363,6 @@ impl Lean {
                     .inc();
             }
             done.tried.push(pick.instance.id.to_string());
-            let uri = match Uri::builder()
-                .scheme("http")
-                .authority(pick.addr.to_string())
-                .path_and_query(path.as_str())
-                .build()
-            {
-                Ok(u) => u,
-                Err(e) => return done.answer(400, format!("bad request: {e}\n"), None),
-            };
             let this_body = match (&replay, body.take()) {
                 (Some(bytes), _) => full(bytes.clone()),
                 (None, Some(b)) => b,
@@ -362,23 +370,19 @@ impl Lean {
             };
             let mut upstream = Request::new(this_body);
             *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = uri;
+            *upstream.uri_mut() = Uri::from(target.clone());
             *upstream.headers_mut() = parts.headers.clone();
             *upstream.extensions_mut() = parts.extensions.clone();
-            let client = if route.upstream_h2c {
-                *upstream.version_mut() = Version::HTTP_2;
-                &self.h2c
-            } else {
-                &self.h1
-            };
             let left = deadline.saturating_duration_since(Instant::now());
-            let result =
-                tokio::time::timeout(cfg.timeouts.per_try.min(left), client.request(upstream))
-                    .await;
+            let result = tokio::time::timeout(
+                cfg.timeouts.per_try.min(left),
+                self.send(route.upstream_h2c, pick.addr, upstream),
+            )
+            .await;
             // A failed try: what went wrong, what another try would cost the retry budget,
             // and the status to answer when there is none.
             let (failure, cost, status) = match result {
-                Ok(Ok(resp)) => {
+                Ok(Ok((resp, lease))) => {
                     let status = resp.status();
                     if status.is_server_error() {
                         tries::record_failure(shared, &service, &pick.instance.id);
@@ -399,12 +403,13 @@ impl Lean {
                             false,
                         );
                     if !retry {
-                        return self.answered(resp, pick, client_upgrade, done);
+                        return self.answered(resp, lease, pick, client_upgrade, done);
                     }
                     let what = format!("instance answered {status}; retrying on another");
                     (what, Cost::Paid, 502)
                 }
-                Ok(Err(e)) => {
+                Ok(Err(failed)) => {
+                    let e: &(dyn std::error::Error + 'static) = &*failed.error;
                     if let Some(status) = client_fault(&fault) {
                         return done.client_fault_status(status, &e.to_string());
                     }
@@ -412,14 +417,14 @@ impl Lean {
                     // closed before any answer (an instance that died with the connection
                     // open): another instance costs nothing extra, so the budget is not
                     // spent; any method may go on after a failed connect.
-                    let connect = e.is_connect();
+                    let connect = failed.connect;
                     tries::record_failure(shared, &service, &pick.instance.id);
-                    let what = format!("instance {}: {}", pick.addr, report(&e));
+                    let what = format!("instance {}: {}", pick.addr, report(e));
                     if !(connect || (idempotent && replay.is_some())) {
                         done.error = Some(what);
                         return done.answer(502, BAD_GATEWAY.into(), None);
                     }
-                    let cost = if connect || closed_before_answer(&e) {
+                    let cost = if connect || closed_before_answer(e) {
                         Cost::Free
                     } else {
                         Cost::Budget
@@ -461,10 +466,45 @@ impl Lean {
         }
     }
 
+    /// One try: the request to the instance at `addr`, and its answer's head.
+    async fn send(
+        &self,
+        h2c: bool,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), TryFailed> {
+        if !h2c {
+            return match self.h1.send(addr, req).await {
+                Ok((resp, lease)) => Ok((resp, Some(lease))),
+                Err(e) => Err(TryFailed {
+                    connect: e.is_connect(),
+                    error: e.into(),
+                }),
+            };
+        }
+        // HTTP/2 wants the scheme and authority (its pseudo-headers).
+        let mut uri = std::mem::take(req.uri_mut()).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = http::uri::Authority::try_from(addr.to_string()).ok();
+        *req.uri_mut() = Uri::from_parts(uri).map_err(|e| TryFailed {
+            connect: true,
+            error: e.into(),
+        })?;
+        *req.version_mut() = Version::HTTP_2;
+        match self.h2c.request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(e) => Err(TryFailed {
+                connect: e.is_connect(),
+                error: e.into(),
+            }),
+        }
+    }
+
     /// The instance's answer, on its way to the client.
     fn answered(
         &self,
         mut resp: Response<Incoming>,
+        lease: Option<Lease>,
         pick: InFlight,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         mut done: Done,
@@ -472,6 +512,8 @@ impl Lean {
         let status = resp.status();
         done.error = None;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        // An upgraded connection never carries another request: the lease is dropped.
+        let lease = lease.filter(|_| !switching);
         if switching {
             if let Some(client_side) = client_upgrade {
                 let instance_side = hyper::upgrade::on(&mut resp);
@@ -502,11 +544,12 @@ impl Lean {
         // An HTTP/2 instance's answer goes back as HTTP/1.1.
         parts.version = Version::HTTP_11;
         done.status = status.as_u16();
-        let body = Tail {
-            inner: body.map_err(BoxError::from).boxed(),
-            _inflight: Some(pick),
-            _done: done,
-        };
+        let body = Tail::new(
+            body.map_err(BoxError::from).boxed(),
+            lease,
+            Some(pick),
+            done,
+        );
         Response::from_parts(parts, body.boxed())
     }
 }
@@ -660,11 +703,35 @@ impl hyper::body::Body for Limited {
 }
 
 /// An answer's body, which keeps the try counted against its instance (when an instance
-/// answered) and the request's log line and metrics until the body is done.
+/// answered) and the request's log line and metrics until the body is done, and gives the
+/// instance's connection back to the pool once the body has been read to its end.
 struct Tail {
     inner: Body,
+    lease: Option<Lease>,
     _inflight: Option<InFlight>,
     _done: Done,
+}
+
+impl Tail {
+    fn new(inner: Body, lease: Option<Lease>, inflight: Option<InFlight>, done: Done) -> Tail {
+        let mut tail = Tail {
+            inner,
+            lease,
+            _inflight: inflight,
+            _done: done,
+        };
+        // An answer without a body (204, 304, a HEAD's, a zero length) is read already.
+        tail.give_back_at_end();
+        tail
+    }
+
+    fn give_back_at_end(&mut self) {
+        if self.inner.is_end_stream() {
+            if let Some(lease) = self.lease.take() {
+                lease.give_back();
+            }
+        }
+    }
 }
 
 impl hyper::body::Body for Tail {
@@ -675,7 +742,19 @@ impl hyper::body::Body for Tail {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => self.give_back_at_end(),
+            Poll::Ready(None) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.give_back();
+                }
+            }
+            // An error: the connection is not reused.
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -737,11 +816,7 @@ impl Done {
             );
         }
         let (parts, bytes) = resp.into_parts();
-        let body = Tail {
-            inner: full(bytes),
-            _inflight: None,
-            _done: self,
-        };
+        let body = Tail::new(full(bytes), None, None, self);
         Response::from_parts(parts, body.boxed())
     }
 
@@ -819,6 +894,33 @@ mod tests {
             let uri: Uri = target.parse().unwrap();
             assert_eq!(raw_target(&uri), want, "{target}");
         }
+    }
+
+    /// An instance that closes its connection without answering is told apart from other
+    /// failures through the pool's error (the retry that follows is free).
+    #[tokio::test]
+    async fn a_connection_closed_before_the_answer_is_recognised() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+        });
+        let pool = Pool::new(PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            preserve_header_case: false,
+        });
+        let req = Request::builder()
+            .uri("/")
+            .header(HOST, "t.test")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let err = pool.send(addr, req).await.err().unwrap();
+        assert!(!err.is_connect());
+        assert!(closed_before_answer(&err), "{}", report(&err));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub mod routes;
 pub mod tls;
 pub mod tries;
 pub mod tunnel;
+pub mod upstream;
 pub mod write_deadline;
 
 use std::collections::{HashMap, HashSet};
