@@ -19,6 +19,7 @@ fn def(n: usize) -> ServiceDef {
         tagged_addresses: BTreeMap::new(),
         enable_tag_override: false,
         external_node: None,
+        eureka: None,
     }
 }
 
