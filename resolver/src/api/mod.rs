@@ -13,12 +13,14 @@
 //! - [`serve`]: the connections: caps, timeouts, drain.
 //! - [`encoded`]: whole-registry answers encoded once per index, off the async workers.
 //! - [`mesh`]: the mesh CA's endpoints: signing forwarders' certificates, the trust bundle.
+//! - [`eureka`]: the Eureka-compatible API (`/eureka/apps/...`, `/eureka/v2/apps/...`).
 
 pub mod admin;
 pub mod agent;
 pub mod catalog;
 pub mod consul;
 pub mod encoded;
+pub mod eureka;
 pub mod filter;
 pub mod mesh;
 pub mod query;
@@ -61,6 +63,8 @@ pub struct ApiState {
     pub encoded: encoded::Encoded,
     /// The mesh CA.
     pub ca: Arc<crate::ca::MeshCa>,
+    /// The registry as Eureka clients see it.
+    pub eureka: Arc<eureka::view::EurekaView>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +250,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status/peers", get(agent::peers))
         .route("/v1/waymark/changes", get(stream::changes))
         .route("/v1/waymark/events", get(stream::events))
+        .merge(eureka::router())
         .layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(consul)
