@@ -235,7 +235,10 @@ fn xml_to_value(node: roxmltree::Node) -> Value {
     }
     let mut out = Map::new();
     for a in attrs {
-        out.insert(format!("@{}", a.name()), Value::String(a.value().to_string()));
+        out.insert(
+            format!("@{}", a.name()),
+            Value::String(a.value().to_string()),
+        );
     }
     if children.is_empty() {
         out.insert("$".into(), Value::String(text()));
@@ -301,10 +304,12 @@ impl Fields<'_> {
 
     fn boolean(&self, key: &'static str) -> Result<Option<bool>, EurekaError> {
         self.string(key)?
-            .map(|s| parse_bool(&s).ok_or(EurekaError::Field {
-                field: key,
-                why: format!("{s:?} is not true or false"),
-            }))
+            .map(|s| {
+                parse_bool(&s).ok_or(EurekaError::Field {
+                    field: key,
+                    why: format!("{s:?} is not true or false"),
+                })
+            })
             .transpose()
     }
 
@@ -313,20 +318,14 @@ impl Fields<'_> {
             .map(|s| {
                 Status::parse(&s).ok_or(EurekaError::Field {
                     field: key,
-                    why: format!(
-                        "{s:?} is not UP, DOWN, STARTING, OUT_OF_SERVICE or UNKNOWN"
-                    ),
+                    why: format!("{s:?} is not UP, DOWN, STARTING, OUT_OF_SERVICE or UNKNOWN"),
                 })
             })
             .transpose()
     }
 
     /// A port: `{"$": 8080, "@enabled": "true"}`, or a bare number (enabled as `default`).
-    fn port(
-        &self,
-        key: &'static str,
-        default: (u16, bool),
-    ) -> Result<(u16, bool), EurekaError> {
+    fn port(&self, key: &'static str, default: (u16, bool)) -> Result<(u16, bool), EurekaError> {
         let Some(v) = self.get(key).filter(|v| !v.is_null()) else {
             return Ok(default);
         };
@@ -439,8 +438,7 @@ fn registration(
     }
     .filter(|s| *s != Status::Unknown);
     let (port, port_enabled) = f.port("port", (DEFAULT_PORT, true))?;
-    let (secure_port, secure_port_enabled) =
-        f.port("securePort", (DEFAULT_SECURE_PORT, false))?;
+    let (secure_port, secure_port_enabled) = f.port("securePort", (DEFAULT_SECURE_PORT, false))?;
     let dc = f
         .object("dataCenterInfo")?
         .ok_or(EurekaError::Missing("dataCenterInfo"))?;
@@ -492,9 +490,7 @@ fn registration(
         data_center_metadata: dc.map("metadata")?,
         renewal_interval_secs,
         duration_secs,
-        coordinating_discovery_server: f
-            .boolean("isCoordinatingDiscoveryServer")?
-            .unwrap_or(false),
+        coordinating_discovery_server: f.boolean("isCoordinatingDiscoveryServer")?.unwrap_or(false),
         asg_name: f.text("asgName")?,
         registration_ms: now_ms,
         service_up_ms: if status == Status::Up { now_ms } else { 0 },

@@ -109,11 +109,7 @@ fn answer(body: String, format: Format) -> Response {
 }
 
 fn format_of(headers: &HeaderMap) -> Format {
-    codec::negotiate(
-        headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok()),
-    )
+    codec::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()))
 }
 
 fn ok() -> Response {
@@ -302,7 +298,10 @@ fn views(apps: &[App], action: Action) -> Vec<AppView<'_>> {
 }
 
 fn applications(apps: &[App], index: u64, format: Format) -> Response {
-    let hash = codec::hashcode(apps.iter().flat_map(|a| a.instances.iter().map(|i| i.status)));
+    let hash = codec::hashcode(
+        apps.iter()
+            .flat_map(|a| a.instances.iter().map(|i| i.status)),
+    );
     answer(
         codec::encode_applications(&views(apps, Action::Added), index, &hash, format),
         format,
@@ -367,11 +366,10 @@ pub async fn instance(
 ) -> Result<Response, ApiError> {
     sync(&state);
     let found = app_of(&state, &app)?;
-    let i = found
-        .instances
-        .iter()
-        .find(|i| i.id == id)
-        .ok_or_else(|| ApiError::NotFound(format!("no instance {id:?} of application {app:?}")))?;
+    let i =
+        found.instances.iter().find(|i| i.id == id).ok_or_else(|| {
+            ApiError::NotFound(format!("no instance {id:?} of application {app:?}"))
+        })?;
     Ok(one(i, &headers))
 }
 

@@ -318,8 +318,7 @@ pub fn render(i: &Instance, eureka: Option<Box<EurekaDef>>, app: &str) -> Instan
                 vip_address: vip.clone(),
                 secure_vip_address: vip,
                 country_id: 1,
-                data_center_class: "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo"
-                    .into(),
+                data_center_class: "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo".into(),
                 data_center_name: "MyOwn".into(),
                 renewal_interval_secs: codec::DEFAULT_RENEWAL_SECS,
                 duration_secs: codec::DEFAULT_DURATION_SECS,
@@ -485,6 +484,9 @@ mod tests {
         let mut def = eureka_def("PAY", "UP");
         def.overridden_status = Some("OUT_OF_SERVICE".into());
         let v = render(&i, Some(def), "PAY");
-        assert_eq!((v.status, v.overridden), (Status::OutOfService, Status::OutOfService));
+        assert_eq!(
+            (v.status, v.overridden),
+            (Status::OutOfService, Status::OutOfService)
+        );
     }
 }

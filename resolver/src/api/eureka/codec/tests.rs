@@ -43,16 +43,25 @@ fn registrations_parse_from_each_clients_shape() {
     assert_eq!(py.ip_addr, "10.0.0.1");
     assert_eq!(py.info.app, "MY_APP");
     assert_eq!((py.info.port, py.info.port_enabled), (8080, true));
-    assert_eq!((py.info.secure_port, py.info.secure_port_enabled), (9443, false));
+    assert_eq!(
+        (py.info.secure_port, py.info.secure_port_enabled),
+        (9443, false)
+    );
     assert_eq!(py.port(), 8080);
-    assert_eq!((py.info.renewal_interval_secs, py.info.duration_secs), (1, 2));
+    assert_eq!(
+        (py.info.renewal_interval_secs, py.info.duration_secs),
+        (1, 2)
+    );
     assert_eq!(py.info.overridden_status, None, "UNKNOWN is no override");
     assert_eq!(py.info.last_dirty_ms, 1_699_999_999_000);
     assert_eq!(py.metadata.get("management.port").unwrap(), "8081");
     assert_eq!(py.info.vip_address, "my_app");
 
     let js = parse_registration(JS_JSON.as_bytes(), "JSAPP", NOW).unwrap();
-    assert_eq!(js.instance_id, "js-host", "no instanceId: the host name, as Eureka");
+    assert_eq!(
+        js.instance_id, "js-host",
+        "no instanceId: the host name, as Eureka"
+    );
     assert_eq!(js.info.app, "JSAPP");
     assert_eq!(js.port(), 3000);
     assert_eq!(
@@ -82,13 +91,19 @@ fn bad_registrations_say_what_is_wrong() {
         (r#"{"instance": 5}"#, "not an object"),
         ("<instance><hostName>h</hostName>", "XML"),
         ("<application/>", "not <instance>"),
+        (r#"<!DOCTYPE x [<!ENTITY a "aaaa">]><instance/>"#, "XML"),
         (
-            r#"<!DOCTYPE x [<!ENTITY a "aaaa">]><instance/>"#,
-            "XML",
+            r#"{"instance": {"ipAddr": "10.0.0.1", "dataCenterInfo": {}}}"#,
+            "hostName",
         ),
-        (r#"{"instance": {"ipAddr": "10.0.0.1", "dataCenterInfo": {}}}"#, "hostName"),
-        (r#"{"instance": {"hostName": "h", "dataCenterInfo": {}}}"#, "ipAddr"),
-        (r#"{"instance": {"hostName": "h", "ipAddr": "10.0.0.1"}}"#, "dataCenterInfo"),
+        (
+            r#"{"instance": {"hostName": "h", "dataCenterInfo": {}}}"#,
+            "ipAddr",
+        ),
+        (
+            r#"{"instance": {"hostName": "h", "ipAddr": "10.0.0.1"}}"#,
+            "dataCenterInfo",
+        ),
         (
             r#"{"instance": {"hostName": "h", "ipAddr": "1.2.3.4", "dataCenterInfo": {}, "app": "OTHER"}}"#,
             "not the application of the path",
@@ -162,7 +177,10 @@ fn hashcodes_count_statuses_in_name_order() {
         (&[], ""),
         (&[Up], "UP_1_"),
         (&[Up, Down, Up, Up], "DOWN_1_UP_3_"),
-        (&[OutOfService, Starting, Up, Down], "DOWN_1_OUT_OF_SERVICE_1_STARTING_1_UP_1_"),
+        (
+            &[OutOfService, Starting, Up, Down],
+            "DOWN_1_OUT_OF_SERVICE_1_STARTING_1_UP_1_",
+        ),
     ];
     for (statuses, want) in cases {
         assert_eq!(hashcode(statuses.iter().copied()), *want);
@@ -232,7 +250,8 @@ fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> roxmltree::Node<'a, 
 #[test]
 fn answers_in_xml_read_back_as_what_was_registered() {
     let mut reg = parse_registration(PY_JSON.as_bytes(), "MY_APP", NOW).unwrap();
-    reg.metadata.insert("note".into(), "a<b & \"c\"\u{1}".into());
+    reg.metadata
+        .insert("note".into(), "a<b & \"c\"\u{1}".into());
     let v = view_of(&reg, Status::Up);
     let app = AppView {
         name: "MY_APP",
@@ -270,9 +289,13 @@ fn answers_in_json_have_eurekas_keys() {
         name: "JSAPP",
         instances: vec![(&v, Action::Deleted)],
     };
-    let json: Value =
-        serde_json::from_str(&encode_applications(&[app], 3, "OUT_OF_SERVICE_1_", Format::Json))
-            .unwrap();
+    let json: Value = serde_json::from_str(&encode_applications(
+        &[app],
+        3,
+        "OUT_OF_SERVICE_1_",
+        Format::Json,
+    ))
+    .unwrap();
     let apps = &json["applications"];
     assert_eq!(apps["versions__delta"], "3");
     assert_eq!(apps["apps__hashcode"], "OUT_OF_SERVICE_1_");
