@@ -157,9 +157,13 @@ fn py_deps() -> PathBuf {
 /// `py-eureka-client` registering `PYAPP` as `py-1:127.0.0.21:8081` (an ID it sends
 /// percent-encoded).
 fn py_client(r: &Resolver) -> Client {
+    py_client_at(&format!("http://{}/eureka/", r.http))
+}
+
+fn py_client_at(server: &str) -> Client {
     let mut cmd = Command::new("python3");
     cmd.arg("eureka_py.py")
-        .args(["--server", &format!("http://{}/eureka/", r.http)])
+        .args(["--server", server])
         .args(["--app", "pyapp", "--id", PY_ID, "--host", "py-host"])
         .args(["--ip", "127.0.0.21", "--port", "8081"])
         .args(["--renew", &RENEW_SECS.to_string()])
@@ -590,4 +594,62 @@ async fn the_eureka_api_answers_bad_input_with_400_and_keeps_registrations_acros
         200,
         "its lease goes on"
     );
+}
+
+/// With `api.token` set, Eureka writes need it too; Eureka clients carry it as the password
+/// of the server URL's credentials (Basic), as py-eureka-client and Spring do.
+#[test]
+fn a_token_guards_eureka_writes_and_clients_carry_it_in_the_server_url() {
+    let token = "s3cret-token";
+    let r = Resolver::with(waymark_e2e::Options {
+        config: Some(format!("[api]\ntoken = \"{token}\"\n")),
+        ..Default::default()
+    });
+    let dns = Dns::new(&r);
+    let api = Api::new(&r);
+    let body = xml_instance("TOKENAPP", "t-1", "127.0.0.41", "UP");
+    let post = |auth: Option<&str>| {
+        let mut req = api
+            .client
+            .post(api.url("/eureka/apps/TOKENAPP"))
+            .body(body.clone());
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        dns.rt
+            .block_on(async { req.send().await.unwrap().status() })
+    };
+    assert_eq!(post(None), 403);
+    assert_eq!(post(Some("Basic ZXVyZWthOndyb25n")), 403, "eureka:wrong");
+    assert_eq!(post(Some(&format!("Bearer {token}"))), 204);
+    assert!(dns.answers("tokenapp.mesh.internal", "127.0.0.41"));
+
+    // Without the token the client cannot register; with it in the URL, it can.
+    let refused = || -> u64 {
+        let metrics = dns
+            .rt
+            .block_on(async { api.get("/metrics").await.text().await.unwrap() });
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("waymark_api_requests_total{method=\"POST\",status=\"403\"} ")
+            })
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    assert_eq!(refused(), 2);
+    let mut without = py_client(&r);
+    without.cmd("start");
+    // Its registration was refused (the library only logs that).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused() < 3 {
+        assert!(Instant::now() < deadline, "no refused registration");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dns.answers("pyapp.mesh.internal", PY_IP));
+    drop(without);
+    let mut with = py_client_at(&format!("http://eureka:{token}@{}/eureka/", r.http));
+    with.cmd("start");
+    dns.until("pyapp.mesh.internal", PY_IP, true, Duration::from_secs(5));
+    with.cmd("stop");
+    assert!(!dns.answers("pyapp.mesh.internal", PY_IP));
 }

@@ -127,21 +127,18 @@ pub async fn register(
     let reg = codec::parse_registration(&body, &app, now_ms())?;
     let service = codec::service_name(&reg.info.app)?;
     let mut info = reg.info;
-    match state.registry.definition(&reg.instance_id) {
-        Some((old, _)) => match old.eureka {
-            None => return Err(EurekaError::NotEureka(reg.instance_id).into()),
-            Some(old) => {
-                // An operator's override outlives re-registrations, as in Eureka.
-                if old.overridden_status.is_some() {
-                    info.overridden_status = old.overridden_status;
-                }
-                info.registration_ms = old.registration_ms;
-                if info.service_up_ms != 0 && old.service_up_ms != 0 {
-                    info.service_up_ms = old.service_up_ms;
-                }
-            }
-        },
-        None => {}
+    if let Some((old, _)) = state.registry.definition(&reg.instance_id) {
+        let Some(old) = old.eureka else {
+            return Err(EurekaError::NotEureka(reg.instance_id).into());
+        };
+        // An operator's override outlives re-registrations, as in Eureka.
+        if old.overridden_status.is_some() {
+            info.overridden_status = old.overridden_status;
+        }
+        info.registration_ms = old.registration_ms;
+        if info.service_up_ms != 0 && old.service_up_ms != 0 {
+            info.service_up_ms = old.service_up_ms;
+        }
     }
     let def = service_def(service, &reg.instance_id, &reg.ip_addr, reg.metadata, info);
     put(&state, def).await?;

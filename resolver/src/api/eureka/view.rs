@@ -63,12 +63,15 @@ struct Deleted {
     instance: Arc<InstanceView>,
 }
 
+/// Changed instances, by application name.
+pub type Changed = Vec<(String, Vec<(Arc<InstanceView>, Action)>)>;
+
 /// What a delta answers: the view's index, the whole view's hash code, and the changed
 /// instances by application.
 pub struct Delta {
     pub index: u64,
     pub hashcode: String,
-    pub apps: Vec<(String, Vec<(Arc<InstanceView>, Action)>)>,
+    pub apps: Changed,
 }
 
 impl Default for EurekaView {
@@ -212,7 +215,7 @@ impl EurekaView {
             .find(|(at, _)| horizon.is_some_and(|h| *at <= h))
             .or(inner.marks.front())
             .map_or(0, |(_, i)| *i);
-        let mut apps: Vec<(String, Vec<(Arc<InstanceView>, Action)>)> = Vec::new();
+        let mut apps: Changed = Vec::new();
         let mut present: HashSet<(&str, &str)> = HashSet::new();
         for app in inner.apps.values() {
             let changed: Vec<(Arc<InstanceView>, Action)> = app
