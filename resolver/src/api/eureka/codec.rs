@@ -396,6 +396,21 @@ impl Fields<'_> {
     }
 }
 
+/// Refuses names with control characters (or the non-characters U+FFFE, U+FFFF): no
+/// answer could carry them back as they came (XML cannot hold them).
+fn printable(field: &'static str, s: String) -> Result<String, EurekaError> {
+    match s
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '\u{FFFE}' | '\u{FFFF}'))
+    {
+        Some(c) => Err(EurekaError::Field {
+            field,
+            why: format!("{:?} holds the control character {:?}", s, c),
+        }),
+        None => Ok(s),
+    }
+}
+
 fn parse_bool(s: &str) -> Option<bool> {
     match s.trim().to_ascii_lowercase().as_str() {
         "true" => Some(true),
@@ -418,7 +433,7 @@ fn registration(
     now_ms: u64,
 ) -> Result<Registration, EurekaError> {
     let f = Fields(o);
-    let app = path_app.trim().to_ascii_uppercase();
+    let app = printable("app", path_app.trim().to_ascii_uppercase())?;
     if let Some(body_app) = f.string("app")? {
         if !body_app.eq_ignore_ascii_case(&app) {
             return Err(EurekaError::Field {
@@ -427,10 +442,13 @@ fn registration(
             });
         }
     }
-    let host_name = f.required("hostName")?;
-    let ip_addr = f.required("ipAddr")?;
+    let host_name = printable("hostName", f.required("hostName")?)?;
+    let ip_addr = printable("ipAddr", f.required("ipAddr")?)?;
     // Eureka's `InstanceInfo.getId()`: the instance ID, else the host name.
-    let instance_id = f.string("instanceId")?.unwrap_or_else(|| host_name.clone());
+    let instance_id = match f.string("instanceId")? {
+        Some(id) => printable("instanceId", id)?,
+        None => host_name.clone(),
+    };
     let status = f.status("status")?.unwrap_or(Status::Up);
     let overridden = match f.status("overriddenStatus")? {
         Some(s) => Some(s),

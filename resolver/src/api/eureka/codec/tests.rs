@@ -140,6 +140,14 @@ fn bad_registrations_say_what_is_wrong() {
             r#"{"instance": {"hostName": ["h"], "ipAddr": "1.2.3.4", "dataCenterInfo": {}}}"#,
             "hostName: is not a single value",
         ),
+        (
+            r#"{"instance": {"hostName": "h\u0001", "ipAddr": "1.2.3.4", "dataCenterInfo": {}}}"#,
+            "hostName: \"h\\u{1}\" holds the control character",
+        ),
+        (
+            r#"{"instance": {"instanceId": "a\tb", "hostName": "h", "ipAddr": "1.2.3.4", "dataCenterInfo": {}}}"#,
+            "instanceId",
+        ),
     ];
     for (body, want) in cases {
         let err = parse_registration(body.as_bytes(), "app", NOW)
@@ -312,4 +320,48 @@ fn answers_in_json_have_eurekas_keys() {
     let again = parse_registration(one.as_bytes(), "jsapp", NOW).unwrap();
     assert_eq!(again.instance_id, "js-host");
     assert_eq!(again.info.status, "OUT_OF_SERVICE");
+}
+
+/// What the `eureka_body` fuzz target checks, on a few thousand mutations of the clients'
+/// bodies (seeded, so a failure reproduces): no panic, and every accepted body's answers, in
+/// XML and JSON, read back as the same instance.
+#[test]
+fn mutated_bodies_never_panic_and_accepted_ones_read_back() {
+    let mut rng = fastrand::Rng::with_seed(17);
+    let alphabet = b"<>&\"'{}[]:,$@ \t\r\n\\/=0aZ\x01\xff";
+    let (mut accepted, mut tried) = (0, 0);
+    for (seed, app) in [(PY_JSON, "MY_APP"), (JS_JSON, "jsapp"), (XML, "xapp")] {
+        for _ in 0..1500 {
+            let mut body = seed.as_bytes().to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..body.len());
+                match rng.u8(..3) {
+                    0 => body[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => {
+                        body.remove(at);
+                    }
+                    _ => body.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                }
+            }
+            tried += 1;
+            let Ok(reg) = parse_registration(&body, app, NOW) else {
+                continue;
+            };
+            accepted += 1;
+            let v = view_of(&reg, Status::Up);
+            for format in [Format::Xml, Format::Json] {
+                let answer = encode_instance(&v, Action::Added, format);
+                let back = parse_registration(answer.as_bytes(), app, NOW)
+                    .unwrap_or_else(|e| panic!("{format:?}: {e}\n{answer}"));
+                assert_eq!(back.instance_id, reg.instance_id, "{answer}");
+                assert_eq!(back.ip_addr, reg.ip_addr, "{answer}");
+                assert_eq!(back.port(), reg.port(), "{answer}");
+                assert!(back.metadata.keys().eq(reg.metadata.keys()), "{answer}");
+            }
+        }
+    }
+    assert!(
+        accepted > tried / 10,
+        "only {accepted} of {tried} mutations accepted"
+    );
 }
