@@ -16,6 +16,7 @@ use compact_str::CompactString;
 use waymark_shared::{Health, Instance, Mirror, ServiceView};
 
 use super::codec::{self, Action, InstanceView, Status};
+use super::handlers::lease_check_id;
 use crate::registry::def::EurekaDef;
 
 /// How far back a delta reaches: Eureka's `retentionTimeInMSInDeltaQueue` (3 minutes). A
@@ -108,7 +109,10 @@ impl EurekaView {
         if changes.reset {
             let old = std::mem::take(&mut inner.apps);
             for view in &changes.services {
-                inner.apps.insert(key(&view.name), render_app(view, eureka));
+                let app = render_app(view, eureka);
+                if !app.instances.is_empty() {
+                    inner.apps.insert(key(&view.name), app);
+                }
             }
             for (k, app) in old {
                 let still: HashSet<&str> = inner
@@ -127,7 +131,12 @@ impl EurekaView {
             for view in &changes.services {
                 let k = key(&view.name);
                 let app = render_app(view, eureka);
-                if let Some(old) = inner.apps.insert(k, app.clone()) {
+                let old = if app.instances.is_empty() {
+                    inner.apps.remove(&k)
+                } else {
+                    inner.apps.insert(k, app.clone())
+                };
+                if let Some(old) = old {
                     let still: HashSet<&str> =
                         app.instances.iter().map(|i| i.id.as_str()).collect();
                     gone.extend(
@@ -274,18 +283,31 @@ fn key(name: &str) -> CompactString {
 
 /// A service as an application: named after its Eureka registrations' application when it
 /// has any (`MY_APP`), else its name uppercased, as Eureka names applications.
+///
+/// A Eureka instance whose lease ran out is gone at once, as DNS has it: its removal from
+/// the registry is the change after.
 fn render_app(view: &ServiceView, eureka: &dyn Fn(&str) -> Option<Box<EurekaDef>>) -> App {
-    let defs: Vec<Option<Box<EurekaDef>>> = view.instances.iter().map(|i| eureka(&i.id)).collect();
-    let name = defs
+    let live: Vec<(&Arc<Instance>, Option<Box<EurekaDef>>)> = view
+        .instances
         .iter()
-        .flatten()
+        .filter_map(|i| {
+            let lease = i.checks.iter().find(|c| c.id == lease_check_id(&i.id));
+            let def = eureka(&i.id);
+            match lease {
+                // Expired, or no longer in the registry (being removed).
+                Some(c) if c.status == Health::Critical || def.is_none() => None,
+                _ => Some((i, def)),
+            }
+        })
+        .collect();
+    let name = live
+        .iter()
+        .filter_map(|(_, d)| d.as_ref())
         .map(|d| d.app.clone())
         .next()
         .unwrap_or_else(|| view.name.to_ascii_uppercase().to_string());
-    let instances = view
-        .instances
-        .iter()
-        .zip(defs)
+    let instances = live
+        .into_iter()
         .map(|(i, def)| Arc::new(render(i, def, &name)))
         .collect();
     App { name, instances }
@@ -444,6 +466,39 @@ mod tests {
             .map(|(_, a)| *a)
             .collect();
         assert_eq!(e2, [Action::Added]);
+    }
+
+    #[test]
+    fn an_expired_lease_is_a_removal() {
+        let mirror = Mirror::new(0);
+        let view = EurekaView::new(Duration::from_secs(3600));
+        let defs = |_: &str| Some(eureka_def("APP", "UP"));
+        let lease = |status| waymark_shared::CheckView {
+            id: lease_check_id("e-1"),
+            name: "Eureka lease".into(),
+            kind: "ttl".into(),
+            status,
+            output: String::new(),
+            notes: String::new(),
+        };
+        let mut i = Instance::new("app", "e-1", "10.0.0.1", 80);
+        i.checks.push(lease(Health::Passing));
+        mirror.upsert(i.clone());
+        view.sync(&mirror, &defs);
+        assert_eq!(view.hashcode(), "UP_1_");
+        i.checks[0] = lease(Health::Critical);
+        mirror.upsert(i);
+        view.sync(&mirror, &defs);
+        assert!(
+            view.apps().is_empty(),
+            "gone with its lease, before it is deregistered"
+        );
+        let delta = view.delta();
+        assert_eq!(delta.apps[0].1[0].1, Action::Deleted);
+        // Its deregistration is no further news.
+        mirror.remove("app", "e-1");
+        view.sync(&mirror, &defs);
+        assert_eq!(view.delta().apps[0].1.len(), 1);
     }
 
     #[test]
