@@ -36,11 +36,15 @@ pub struct App {
     pub instances: Vec<Arc<InstanceView>>,
 }
 
-/// The Eureka view. Cheap to share behind an `Arc`.
+/// The Eureka view. Cheap to share behind an `Arc`. It holds an answer's worth of every
+/// instance, so it is built only once a Eureka client first asks ([`EurekaView::sync`]); a
+/// resolver no Eureka client talks to keeps none of it.
 #[derive(Debug)]
 pub struct EurekaView {
     inner: Mutex<Inner>,
     window: Duration,
+    /// Set by the first sync: [`follow`] waits for it.
+    active: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +90,7 @@ impl EurekaView {
         EurekaView {
             inner: Mutex::new(Inner::default()),
             window,
+            active: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -96,6 +101,8 @@ impl EurekaView {
     /// Brings the view up to the mirror's index. `eureka` gives the Eureka part of an
     /// instance's definition, by ID.
     pub fn sync(&self, mirror: &Mirror, eureka: &dyn Fn(&str) -> Option<Box<EurekaDef>>) {
+        self.active
+            .send_if_modified(|active| !std::mem::replace(active, true));
         let mut inner = self.lock();
         let now = Instant::now();
         let since = match inner.seen {
@@ -365,12 +372,17 @@ pub fn render(i: &Instance, eureka: Option<Box<EurekaDef>>, app: &str) -> Instan
     }
 }
 
-/// Keeps the view in step with the mirror until the mirror goes away.
+/// Keeps the view in step with the mirror, from the first time a Eureka client asks, until
+/// the mirror goes away.
 pub async fn follow(
     view: Arc<EurekaView>,
     mirror: Arc<Mirror>,
     eureka: impl Fn(&str) -> Option<Box<EurekaDef>> + Send + Sync + 'static,
 ) {
+    let mut active = view.active.subscribe();
+    if active.wait_for(|a| *a).await.is_err() {
+        return;
+    }
     let mut rx = mirror.subscribe();
     loop {
         view.sync(&mirror, &eureka);
@@ -466,6 +478,30 @@ mod tests {
             .map(|(_, a)| *a)
             .collect();
         assert_eq!(e2, [Action::Added]);
+    }
+
+    #[tokio::test]
+    async fn the_view_is_built_once_asked_then_follows_every_change() {
+        let mirror = Arc::new(Mirror::new(0));
+        let view = Arc::new(EurekaView::new(Duration::from_secs(3600)));
+        let none = |_: &str| None;
+        tokio::spawn(follow(view.clone(), mirror.clone(), none));
+        mirror.upsert(Instance::new("web", "w-1", "10.0.0.1", 80));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(view.index(), 0, "nothing kept before a Eureka client asks");
+        view.sync(&mirror, &none);
+        assert_eq!(view.apps().len(), 1);
+        // From then on it follows by itself: a removal is seen without a read.
+        mirror.remove("web", "w-1");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while view.index() != mirror.index() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the view never followed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(view.delta().apps[0].1[0].1, Action::Deleted);
     }
 
     #[test]
