@@ -308,8 +308,8 @@ fn applications(apps: &[App], index: u64, format: Format) -> Response {
 /// `GET /apps`: every application.
 pub async fn apps(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     sync(&state);
-    let apps = state.eureka.apps();
-    applications(&apps, state.eureka.index(), format_of(&headers))
+    let (index, apps) = state.eureka.snapshot();
+    applications(&apps, index, format_of(&headers))
 }
 
 /// `GET /apps/delta`: what changed recently, with the whole registry's hash code.
@@ -412,8 +412,9 @@ pub async fn vip(
     headers: HeaderMap,
 ) -> Response {
     sync(&state);
-    let apps = by_address(state.eureka.apps(), &vip, false);
-    applications(&apps, state.eureka.index(), format_of(&headers))
+    let (index, apps) = state.eureka.snapshot();
+    let apps = by_address(apps, &vip, false);
+    applications(&apps, index, format_of(&headers))
 }
 
 /// `GET /svips/{svip}`: the instances with that secure VIP address.
@@ -423,6 +424,7 @@ pub async fn svip(
     headers: HeaderMap,
 ) -> Response {
     sync(&state);
-    let apps = by_address(state.eureka.apps(), &svip, true);
-    applications(&apps, state.eureka.index(), format_of(&headers))
+    let (index, apps) = state.eureka.snapshot();
+    let apps = by_address(apps, &svip, true);
+    applications(&apps, index, format_of(&headers))
 }

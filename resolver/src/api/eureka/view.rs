@@ -205,7 +205,16 @@ impl EurekaView {
 
     /// Every application, by service name.
     pub fn apps(&self) -> Vec<App> {
-        self.lock().apps.values().cloned().collect()
+        self.snapshot().1
+    }
+
+    /// The index the view is at, and every application as of it.
+    pub fn snapshot(&self) -> (u64, Vec<App>) {
+        let inner = self.lock();
+        (
+            inner.seen.unwrap_or(0),
+            inner.apps.values().cloned().collect(),
+        )
     }
 
     /// The application of a service, by name (any case).
