@@ -454,7 +454,8 @@ fn xml_instance(app: &str, id: &str, ip: &str, status: &str) -> String {
         <ipAddr>{ip}</ipAddr><status>{status}</status><port enabled="true">9000</port>
         <dataCenterInfo class="com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo"><name>MyOwn</name></dataCenterInfo>
         <leaseInfo><durationInSecs>60</durationInSecs></leaseInfo>
-        <metadata><team>red</team></metadata><vipAddress>{app}.vip</vipAddress></instance>"#
+        <metadata><team>red</team></metadata><vipAddress>{app}.vip</vipAddress>
+        <secureVipAddress>{app}.secure</secureVipAddress></instance>"#
     )
 }
 
@@ -579,11 +580,15 @@ async fn the_eureka_api_answers_bad_input_with_400_and_keeps_registrations_acros
     assert_eq!(i["instance"]["metadata"]["build"], "42", "{i}");
     assert_eq!(i["instance"]["metadata"]["team"], "red", "{i}");
     assert_eq!(i["instance"]["app"], "MY_APP", "{i}");
-    let vip = read("/eureka/vips/my_app.vip").await;
-    assert_eq!(
-        vip["applications"]["application"][0]["instance"][0]["instanceId"], "m-1",
-        "{vip}"
-    );
+    for path in ["/eureka/vips/my_app.vip", "/eureka/v2/svips/MY_APP.SECURE"] {
+        let found = read(path).await;
+        assert_eq!(
+            found["applications"]["application"][0]["instance"][0]["instanceId"], "m-1",
+            "{path}: {found}"
+        );
+    }
+    let by_id = read("/eureka/v2/instances/m-1").await;
+    assert_eq!(by_id["instance"]["ipAddr"], "127.0.0.31", "{by_id}");
 
     // A restart keeps the registration, its status and its metadata.
     r.restart();
