@@ -155,7 +155,19 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         drain: http_drain.clone(),
         encoded: Default::default(),
         ca,
+        eureka: Default::default(),
     });
+    // The Eureka view follows the registry's own mirror, so it sees instances leave.
+    let eureka_registry = Arc::downgrade(&registry);
+    tasks.push(spawn_until_stopped(
+        stopped.clone(),
+        api::eureka::view::follow(state.eureka.clone(), local.clone(), move |id| {
+            eureka_registry
+                .upgrade()?
+                .definition(id)
+                .and_then(|(d, _)| d.eureka)
+        }),
+    ));
     let (http_addr, http) = start_http(state, http_drain).await?;
     tasks.push(http);
     let started = async {

@@ -65,6 +65,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ServiceDef>, ServicesFileErr
         let def = def
             .normalize()
             .map_err(|e| invalid(format!("service #{}: {e}", n + 1)))?;
+        if def.eureka.is_some() {
+            return Err(invalid(format!(
+                "service #{}: `eureka` is kept for Eureka registrations, not set in a file",
+                n + 1
+            )));
+        }
         if !seen.insert(def.id.clone()) {
             return Err(invalid(format!("service ID {:?} appears twice", def.id)));
         }

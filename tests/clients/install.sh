@@ -5,7 +5,9 @@
 #   py-consul     -> tests/clients/.deps/py-consul       (module `consul`, too)
 #   python-consul2 -> tests/clients/.deps/python-consul2 (module `consul`, too)
 #   consulate-fork -> tests/clients/.deps/consulate-fork (module `consulate`)
-#   npm consul, @creditkarma/consul-client -> tests/clients/node_modules (package-lock.json)
+#   py-eureka-client -> tests/clients/.deps/py-eureka-client (module `py_eureka_client`)
+#   npm consul, @creditkarma/consul-client, eureka-js-client -> tests/clients/node_modules
+#     (package-lock.json)
 #
 # Three of the Python libraries provide the module `consul`, so each goes into its own
 # directory and a test picks one with PYTHONPATH. Idempotent: a directory whose
@@ -22,6 +24,8 @@ PY_PYTHON_CONSUL=(python-consul==1.1.0 six==1.17.0 "${COMMON[@]}")
 PY_PY_CONSUL=(py-consul==1.8.0 "${COMMON[@]}")
 PY_PYTHON_CONSUL2=(python-consul2==0.1.5 six==1.17.0 "${COMMON[@]}")
 PY_CONSULATE=(consulate-fork==0.7.1 "${COMMON[@]}")
+PY_EUREKA=(py-eureka-client==0.13.3 ifaddr==0.2.0 dnspython==2.9.2 httpx==0.29.0 httpcore==1.0.9
+    h11==0.16.0 anyio==4.16.0 typing_extensions==4.16.0 idna==3.20 certifi==2026.10.18)
 
 log() { echo "[clients/install] $*"; }
 
@@ -57,7 +61,8 @@ install_node() {
     local stamp="$HERE/node_modules/.waymark-stamp" want
     want="$(cat "$HERE/package.json" "$HERE/package-lock.json" 2>/dev/null | cksum)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$HERE/node_modules/consul/package.json" \
-        && -f "$HERE/node_modules/@creditkarma/consul-client/package.json" ]]; then
+        && -f "$HERE/node_modules/@creditkarma/consul-client/package.json" \
+        && -f "$HERE/node_modules/eureka-js-client/package.json" ]]; then
         log "npm consul: up to date ($HERE/node_modules)"
         return
     fi
@@ -76,5 +81,6 @@ install_py python-consul consul "${PY_PYTHON_CONSUL[@]}"
 install_py py-consul consul "${PY_PY_CONSUL[@]}"
 install_py python-consul2 consul "${PY_PYTHON_CONSUL2[@]}"
 install_py consulate-fork consulate "${PY_CONSULATE[@]}"
+install_py py-eureka-client py_eureka_client "${PY_EUREKA[@]}"
 install_node
 log "done"

@@ -156,6 +156,7 @@ fn service_obj(o: &Obj, key: &str, shown: &str) -> Result<ServiceDef, ParseError
             .bool("enabletagoverride", "EnableTagOverride")?
             .unwrap_or(false),
         external_node: None,
+        eureka: None,
     })
 }
 

@@ -13,12 +13,14 @@
 //! - [`serve`]: the connections: caps, timeouts, drain.
 //! - [`encoded`]: whole-registry answers encoded once per index, off the async workers.
 //! - [`mesh`]: the mesh CA's endpoints: signing forwarders' certificates, the trust bundle.
+//! - [`eureka`]: the Eureka-compatible API (`/eureka/apps/...`, `/eureka/v2/apps/...`).
 
 pub mod admin;
 pub mod agent;
 pub mod catalog;
 pub mod consul;
 pub mod encoded;
+pub mod eureka;
 pub mod filter;
 pub mod mesh;
 pub mod query;
@@ -61,6 +63,8 @@ pub struct ApiState {
     pub encoded: encoded::Encoded,
     /// The mesh CA.
     pub ca: Arc<crate::ca::MeshCa>,
+    /// The registry as Eureka clients see it.
+    pub eureka: Arc<eureka::view::EurekaView>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +250,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status/peers", get(agent::peers))
         .route("/v1/waymark/changes", get(stream::changes))
         .route("/v1/waymark/events", get(stream::events))
+        .merge(eureka::router())
         .layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(consul)
@@ -340,8 +345,9 @@ async fn authorize(State(state): State<Arc<ApiState>>, req: Request, next: Next)
     }
 }
 
-/// Every token the request carries: `Authorization: Bearer`, `X-Consul-Token` and
-/// `?token=` (percent-decoded).
+/// Every token the request carries: `Authorization: Bearer`, the password of
+/// `Authorization: Basic` (Eureka clients and Spring put credentials in the server URL,
+/// `http://user:<token>@host/eureka/`), `X-Consul-Token` and `?token=` (percent-decoded).
 fn presented_tokens(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
     let mut tokens: Vec<String> = headers
         .get_all(header::AUTHORIZATION)
@@ -349,9 +355,14 @@ fn presented_tokens(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
         .filter_map(|v| v.to_str().ok())
         .filter_map(|v| {
             let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| rest.trim().to_string())
+            if scheme.eq_ignore_ascii_case("bearer") {
+                Some(rest.trim().to_string())
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                let decoded = String::from_utf8(base64_decode(rest.trim())?).ok()?;
+                Some(decoded.split_once(':')?.1.to_string())
+            } else {
+                None
+            }
         })
         .collect();
     tokens.extend(
@@ -387,6 +398,31 @@ fn percent_decode(s: &str) -> Option<String> {
         });
     }
     String::from_utf8(out).ok()
+}
+
+/// Standard base64 (with or without padding); `None` when it is not.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 fn constant_eq(a: &str, b: &str) -> bool {
@@ -487,6 +523,13 @@ mod tests {
             (&[("authorization", "Bearer t2")], None, &["t2"]),
             (&[("authorization", "bearer t2")], None, &["t2"]),
             (&[("authorization", "Basic dXNlcg==")], None, &[]),
+            // user:s3cr:et
+            (
+                &[("authorization", "Basic dXNlcjpzM2NyOmV0")],
+                None,
+                &["s3cr:et"],
+            ),
+            (&[("authorization", "Basic bm9wYXNz!")], None, &[]),
             (
                 &[
                     ("authorization", "Basic dXNlcg=="),

@@ -42,6 +42,51 @@ pub struct ServiceDef {
     /// external service, as Consul's ESM and `@creditkarma/consul-client` register them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_node: Option<ExternalNode>,
+    /// Set for an instance registered through the Eureka API: what Eureka clients registered
+    /// beyond the service definition, given back to them on reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eureka: Option<Box<EurekaDef>>,
+}
+
+/// The part of a Eureka registration (`InstanceInfo`) that has no place in a service
+/// definition: kept, persisted and answered back to Eureka clients as registered. The
+/// instance's ID, address (`ipAddr`), port and metadata are the definition's own; its lease
+/// is a TTL check; its effective status is the definition's maintenance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EurekaDef {
+    /// The application name as registered, uppercased (Eureka's form).
+    pub app: String,
+    pub app_group_name: String,
+    pub host_name: String,
+    /// The status the instance reports (`UP`, `DOWN`, `STARTING`, `OUT_OF_SERVICE`,
+    /// `UNKNOWN`).
+    pub status: String,
+    /// The status an operator set over it (`PUT .../status`), if any.
+    pub overridden_status: Option<String>,
+    pub port: u16,
+    pub port_enabled: bool,
+    pub secure_port: u16,
+    pub secure_port_enabled: bool,
+    pub vip_address: String,
+    pub secure_vip_address: String,
+    pub home_page_url: String,
+    pub status_page_url: String,
+    pub health_check_url: String,
+    pub secure_health_check_url: String,
+    pub country_id: i64,
+    pub data_center_class: String,
+    pub data_center_name: String,
+    pub data_center_metadata: BTreeMap<String, String>,
+    pub renewal_interval_secs: u32,
+    pub duration_secs: u32,
+    pub coordinating_discovery_server: bool,
+    pub asg_name: String,
+    /// Milliseconds since the epoch, as Eureka counts them.
+    pub registration_ms: u64,
+    pub service_up_ms: u64,
+    pub last_updated_ms: u64,
+    pub last_dirty_ms: u64,
 }
 
 /// A node that is not a Waymark host, as a catalog registration names it.
@@ -309,6 +354,7 @@ mod tests {
             tagged_addresses: BTreeMap::new(),
             enable_tag_override: false,
             external_node: None,
+            eureka: None,
         }
     }
 

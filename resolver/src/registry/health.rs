@@ -82,22 +82,58 @@ pub fn spawn(
 /// How long an expired TTL check whose expiry was undone waits before recording it again.
 const TTL_RETRY: Duration = Duration::from_secs(1);
 
+/// What a TTL check's task watches: see [`Registry::ttl_state`].
+pub(super) struct TtlState {
+    pub deadline: std::time::Instant,
+    pub notify: std::sync::Arc<tokio::sync::Notify>,
+    pub recorded: bool,
+    pub deregister_at: Option<std::time::Instant>,
+}
+
 async fn watch_ttl(registry: Weak<Registry>, check_id: String, generation: u64) {
     loop {
         let Some(reg) = registry.upgrade() else {
             return;
         };
-        let Some((deadline, notify, recorded)) = reg.ttl_state(&check_id, generation) else {
+        let Some(ttl) = reg.ttl_state(&check_id, generation) else {
             return;
         };
-        let notified = notify.notified();
-        if std::time::Instant::now() >= deadline {
-            if recorded {
-                drop(reg);
-                notified.await;
+        let notified = ttl.notify.notified();
+        let now = std::time::Instant::now();
+        if now >= ttl.deadline {
+            if ttl.recorded {
+                match ttl.deregister_at {
+                    // Deregistered when due, to the millisecond (a Eureka lease).
+                    Some(at) if now >= at => {
+                        reg.reap_check(&check_id, generation);
+                        drop(reg);
+                        tokio::select! {
+                            _ = tokio::time::sleep(TTL_RETRY) => {}
+                            _ = notified => {}
+                        }
+                    }
+                    Some(at) => {
+                        drop(reg);
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(Instant::from_std(at)) => {}
+                            _ = notified => {}
+                        }
+                    }
+                    None => {
+                        drop(reg);
+                        notified.await;
+                    }
+                }
                 continue;
             }
             reg.ttl_expired(&check_id, generation);
+            // Recorded, and its instance to be deregistered: see to that at once.
+            if reg
+                .ttl_state(&check_id, generation)
+                .is_some_and(|t| t.recorded && t.deregister_at.is_some())
+            {
+                continue;
+            }
             drop(reg);
             // Until a heartbeat; but look again in a while: an expiry the store could not
             // write is undone, and must be recorded once it can.
@@ -109,7 +145,7 @@ async fn watch_ttl(registry: Weak<Registry>, check_id: String, generation: u64) 
         }
         drop(reg);
         tokio::select! {
-            _ = tokio::time::sleep_until(Instant::from_std(deadline)) => {}
+            _ = tokio::time::sleep_until(Instant::from_std(ttl.deadline)) => {}
             _ = notified => {}
         }
     }

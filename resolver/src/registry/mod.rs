@@ -252,6 +252,19 @@ impl Registry {
     /// Registers (or replaces) an instance. Returns the change index once it is durable and
     /// published.
     pub async fn register(&self, def: ServiceDef, source: Source) -> Result<u64, RegistryError> {
+        self.register_with(def, source, None).await
+    }
+
+    /// Registers (or replaces) an instance and, when `maintenance` is `Some`, sets its
+    /// maintenance in the same change (`Some(None)`: out of maintenance), so that no reader
+    /// sees the instance in between (a Eureka instance registered `STARTING` is never
+    /// answered, not even for a moment). Otherwise a re-registration keeps its maintenance.
+    pub async fn register_with(
+        &self,
+        def: ServiceDef,
+        source: Source,
+        maintenance: Option<Option<String>>,
+    ) -> Result<u64, RegistryError> {
         let def = def.normalize()?;
         names::check_lengths(&def.name, &def.id, &self.settings.zone)?;
         let queued = {
@@ -293,7 +306,10 @@ impl Registry {
             let stored = Arc::new(StoredReg {
                 def: Arc::new(def),
                 source,
-                maintenance: old.and_then(|o| o.stored.maintenance.clone()),
+                maintenance: match maintenance {
+                    Some(set) => set,
+                    None => old.and_then(|o| o.stored.maintenance.clone()),
+                },
                 checks,
                 vips: old.map(|o| o.stored.vips.clone()).unwrap_or_default(),
             });
@@ -516,8 +532,10 @@ impl Registry {
             .collect();
         for id in expired {
             tracing::info!(id, "deregistering an instance critical for too long");
-            if let Err(e) = self.deregister(&id).await {
-                tracing::warn!(id, error = %e, "reaping failed");
+            match self.deregister(&id).await {
+                // Its own check's task may have been first.
+                Ok(_) | Err(RegistryError::UnknownService(_)) => {}
+                Err(e) => tracing::warn!(id, error = %e, "reaping failed"),
             }
         }
     }
@@ -578,19 +596,49 @@ impl Registry {
         }
     }
 
-    /// The TTL deadline of a check, the notifier a heartbeat pokes, and whether its expiry is
-    /// recorded.
-    fn ttl_state(&self, check_id: &str, generation: u64) -> Option<(Instant, Arc<Notify>, bool)> {
+    /// The TTL deadline of a check, the notifier a heartbeat pokes, whether its expiry is
+    /// recorded, and when its instance is to be deregistered (critical since, plus its
+    /// `DeregisterCriticalServiceAfter`), if it is.
+    fn ttl_state(&self, check_id: &str, generation: u64) -> Option<health::TtlState> {
         let mut inner = self.lock();
         let (reg, i) = find_check(&mut inner, check_id).ok()?;
         let c = &reg.checks[i];
-        (c.generation == generation).then(|| {
-            (
-                c.ttl_deadline,
-                c.ttl_notify.clone(),
-                c.status == Health::Critical && c.output == TTL_EXPIRED,
-            )
+        (c.generation == generation).then(|| health::TtlState {
+            deadline: c.ttl_deadline,
+            notify: c.ttl_notify.clone(),
+            recorded: c.status == Health::Critical && c.output == TTL_EXPIRED,
+            deregister_at: deregister_at(c),
         })
+    }
+
+    /// Deregisters the instance of a check whose `DeregisterCriticalServiceAfter` has run
+    /// out, at once rather than at the reaper's next round (a Eureka lease ends exactly when
+    /// its duration passes). The deregistration runs on a task of its own: it stops the
+    /// check's task that asked for it.
+    fn reap_check(&self, check_id: &str, generation: u64) {
+        let id = {
+            let mut inner = self.lock();
+            let Ok((reg, i)) = find_check(&mut inner, check_id) else {
+                return;
+            };
+            let c = &reg.checks[i];
+            match deregister_at(c) {
+                Some(at) if c.generation == generation && Instant::now() >= at => {
+                    reg.stored.def.id.to_string()
+                }
+                _ => return,
+            }
+        };
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        self.runtime.spawn(async move {
+            tracing::info!(id, "deregistering an instance whose check stayed critical");
+            match this.deregister(&id).await {
+                Ok(_) | Err(RegistryError::UnknownService(_)) => {}
+                Err(e) => tracing::warn!(id, error = %e, "deregistration failed"),
+            }
+        });
     }
 
     fn ttl_expired(&self, check_id: &str, generation: u64) {
@@ -976,6 +1024,12 @@ fn set_status(check: &mut CheckState, status: Health, output: String, metrics: &
     check.status = status;
     check.output = output;
     true
+}
+
+/// When a critical check's instance is due to be deregistered, if it has a
+/// `DeregisterCriticalServiceAfter`.
+fn deregister_at(c: &CheckState) -> Option<Instant> {
+    Some(c.critical_since? + c.def.deregister_critical_after?)
 }
 
 /// The stored states of running checks.

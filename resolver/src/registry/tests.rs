@@ -19,6 +19,7 @@ fn def(n: usize) -> ServiceDef {
         tagged_addresses: BTreeMap::new(),
         enable_tag_override: false,
         external_node: None,
+        eureka: None,
     }
 }
 
@@ -110,4 +111,75 @@ async fn registrations_complete_while_a_large_compaction_runs() {
     let loaded = loaded.expect("the store was released");
     assert_eq!(loaded.registrations.len(), written);
     assert_eq!(loaded.index, index);
+}
+
+/// A TTL check with `DeregisterCriticalServiceAfter` of zero (a Eureka lease) removes its
+/// instance as soon as the TTL passes without a heartbeat: not at the reaper's next round.
+/// Heartbeats keep it; `register_with` sets maintenance in the same change as the
+/// registration, so no reader sees the instance without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ends_when_its_ttl_passes_and_maintenance_comes_with_the_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let (store, loaded) = Store::open(dir.path(), false, metrics.clone()).unwrap();
+    let mirror = Arc::new(Mirror::new(0));
+    let registry = Registry::new(mirror.clone(), store, loaded, settings(), metrics);
+    let ttl = Duration::from_millis(300);
+    let mut d = def(1);
+    d.checks = vec![CheckDef {
+        id: "lease".into(),
+        ttl: Some(ttl),
+        deregister_critical_after: Some(Duration::ZERO),
+        status: Some(Health::Passing),
+        ..CheckDef::default()
+    }];
+    let index = registry
+        .register_with(d.clone(), Source::Api, Some(Some("starting".into())))
+        .await
+        .unwrap();
+    let view = mirror.service(&d.name).unwrap();
+    assert!(
+        view.instances[0].draining,
+        "in maintenance from its first change"
+    );
+    assert_eq!(view.index, index);
+    registry
+        .register_with(d.clone(), Source::Api, Some(None))
+        .await
+        .unwrap();
+    assert!(!mirror.service(&d.name).unwrap().instances[0].draining);
+
+    // Heartbeats at half the TTL keep it for three TTLs.
+    let started = Instant::now();
+    while started.elapsed() < ttl * 3 {
+        registry
+            .ttl_update("lease", Health::Passing, None)
+            .await
+            .unwrap();
+        tokio::time::sleep(ttl / 2).await;
+        assert!(
+            mirror.instance(&d.name, &d.id).is_some(),
+            "gone while renewed"
+        );
+    }
+    // Then none: gone within the TTL and 100 ms of the last one.
+    registry
+        .ttl_update("lease", Health::Passing, None)
+        .await
+        .unwrap();
+    let last = Instant::now();
+    while mirror.instance(&d.name, &d.id).is_some() {
+        assert!(
+            last.elapsed() < ttl + Duration::from_millis(100),
+            "still there {:?} after the last heartbeat",
+            last.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        last.elapsed() >= ttl,
+        "gone {:?} after the last heartbeat, before its TTL",
+        last.elapsed()
+    );
+    assert!(registry.definition(&d.id).is_none());
 }

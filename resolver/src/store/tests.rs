@@ -20,6 +20,7 @@ fn reg(id: &str, port: u16) -> StoredReg {
             tagged_addresses: Default::default(),
             enable_tag_override: false,
             external_node: None,
+            eureka: None,
         }),
         source: Source::Api,
         maintenance: None,
