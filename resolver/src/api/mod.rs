@@ -13,6 +13,7 @@
 //! - [`serve`]: the connections: caps, timeouts, drain.
 //! - [`encoded`]: whole-registry answers encoded once per index, off the async workers.
 //! - [`mesh`]: the mesh CA's endpoints: signing forwarders' certificates, the trust bundle.
+//! - [`ui`]: the web view at `/ui/`.
 
 pub mod admin;
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod mesh;
 pub mod query;
 pub mod serve;
 pub mod stream;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -255,6 +257,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(admin::metrics))
         .route("/healthz/live", get(admin::live))
         .route("/healthz/ready", get(admin::ready))
+        .merge(ui::router(state.clone()))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
