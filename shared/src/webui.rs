@@ -26,6 +26,15 @@ pub const ASSET_CACHE: &str = "no-cache";
 /// Live data is never kept.
 pub const DATA_CACHE: &str = "no-store";
 
+/// Headers every response of a view carries: its policy, no type sniffing, no referrer,
+/// no framing.
+pub const SECURITY_HEADERS: &[(&str, &str)] = &[
+    ("content-security-policy", CSP),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+];
+
 /// One file of a view, built into the binary.
 #[derive(Debug, Clone, Copy)]
 pub struct Asset {
@@ -73,6 +82,26 @@ pub fn find<'a>(assets: &'a [Asset], path: &str) -> Option<&'a Asset> {
     assets.iter().find(|a| a.name == name)
 }
 
+/// SVG's namespace name: written as a URL, but never fetched.
+const SVG_NAMESPACE: &str = "http://www.w3.org/2000/svg";
+
+/// What in an asset's text would load something from elsewhere, or need the policy
+/// loosened: another origin's URL, inline scripts and styles, `javascript:` URLs.
+pub fn foreign_references(text: &str) -> Vec<&'static str> {
+    let text = text.replace(SVG_NAMESPACE, "");
+    [
+        "http://",
+        "https://",
+        "<script>",
+        "style=\"",
+        "javascript:",
+        "eval(",
+    ]
+    .into_iter()
+    .filter(|bad| text.contains(bad))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +130,26 @@ mod tests {
         assert!(PAGE.not_modified(Some("*")));
         assert!(!PAGE.not_modified(Some("\"other\"")));
         assert!(!PAGE.not_modified(None));
+    }
+
+    #[test]
+    fn foreign_references_are_found() {
+        assert!(foreign_references("<script src=\"app.js\" defer></script>").is_empty());
+        assert!(
+            foreign_references("createElementNS('http://www.w3.org/2000/svg', 'svg')").is_empty()
+        );
+        assert_eq!(
+            foreign_references("<link href=\"https://cdn.example/x.css\">"),
+            vec!["https://"]
+        );
+        assert_eq!(
+            foreign_references("<script>alert(1)</script>"),
+            vec!["<script>"]
+        );
+        assert_eq!(
+            foreign_references("<p style=\"color: red\">"),
+            vec!["style=\""]
+        );
     }
 
     #[test]

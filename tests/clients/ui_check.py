@@ -22,8 +22,8 @@ Commands (answers start with `ok` or `error`):
   deregister ID                 Deregister, then confirm
   notice                        the page's notice line
   wait-notice TEXT              wait for the notice line to contain TEXT
-  wait-route NAME MIN           gateway view: the route's row shows at least MIN requests
-  wait-instance-requests ID MIN gateway view: the instance's row shows at least MIN requests
+  wait-count ATTR MIN SELECTOR  wait until the element's data-ATTR is a number >= MIN
+                                (the gateway view's rows carry data-requests, data-errors)
   text SELECTOR                 the text of the first element matching the CSS selector
                                 (whitespace collapsed)
   screenshot PATH               save a PNG of the page
@@ -283,12 +283,9 @@ def main():
                     out = page.notice()
                 elif cmd == "wait-notice":
                     out = page.wait_notice(" ".join(rest))
-                elif cmd == "wait-route":
-                    sel = f"tr[data-route={css_str(rest[0])}]"
-                    out = page.wait_count(sel, "data-requests", int(rest[1]), f"route {rest[0]} at {rest[1]} requests")
-                elif cmd == "wait-instance-requests":
-                    sel = f"tr[data-instance={css_str(rest[0])}]"
-                    out = page.wait_count(sel, "data-requests", int(rest[1]), f"instance {rest[0]} at {rest[1]} requests")
+                elif cmd == "wait-count":
+                    attr, minimum, sel = rest[0], int(rest[1]), " ".join(rest[2:])
+                    out = page.wait_count(sel, "data-" + attr, minimum, f"{sel} data-{attr} >= {minimum}")
                 elif cmd == "text":
                     out = page.text(" ".join(rest))
                 elif cmd == "screenshot":

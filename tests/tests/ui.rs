@@ -346,6 +346,12 @@ host = "shop.test"
 path = "/shop"
 service = "shop"
 strip_prefix = true
+
+[[routes]]
+name = "closed"
+host = "shop.test"
+path = "/closed"
+service = "nobody"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,15 +366,74 @@ async fn gateway_view_shows_routes_and_request_counts() {
     gw.wait_status(&c, "shop.test", "/shop/hello", 200).await;
     let mut b = Browser::start();
     b.must(&format!("open {}", gw.admin_url("/ui/")));
+    // The page is open before the traffic: the counts it shows arrive live.
     for _ in 0..20 {
-        let status = gw.status(&c, "shop.test", "/shop/hello").await;
-        assert_eq!(status, Some(200));
+        assert_eq!(gw.status(&c, "shop.test", "/shop/hello").await, Some(200));
     }
-    b.must("wait-route shop 20");
-    b.must("wait-instance-requests shop-1 20");
+    for _ in 0..3 {
+        assert_eq!(gw.status(&c, "shop.test", "/closed/x").await, Some(503));
+    }
+    b.must("wait-count requests 20 tr[data-route=\"shop\"]");
+    b.must("wait-count requests 20 tr[data-instance=\"shop-1\"]");
+    b.must("wait-count errors 3 tr[data-route=\"closed\"]");
     let row = b.must("text tr[data-route=\"shop\"]");
     assert!(row.contains("shop.test/shop"), "{row}");
+    let closed = b.must("text tr[data-route=\"closed\"]");
+    assert!(closed.contains("nobody"), "{closed}");
+    assert_eq!(b.must("text #route-count"), "2");
     let shot = screenshot("gateway.png");
     b.must(&format!("screenshot {}", shot.display()));
     println!("screenshot of the gateway view: {}", shot.display());
+}
+
+/// The gateway view's responses over plain HTTP: the stats JSON and the event stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_view_stats_and_events() {
+    let r = Resolver::start();
+    let gw = Gateway::with_config(&r, GATEWAY_CONFIG);
+    let c = client();
+    let resp = c.get(gw.admin_url("/ui/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()[CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'none'"));
+    gw.wait_status(&c, "shop.test", "/closed/x", 503).await;
+    let v: Value = c
+        .get(gw.admin_url("/ui/api/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["closed", "shop"]);
+    assert!(
+        v["routes"][0]["traffic"]["errors"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    // The stream sends a view at once, then one a second.
+    let mut events = c.get(gw.admin_url("/ui/api/events")).send().await.unwrap();
+    assert_eq!(events.headers()[CONTENT_TYPE], "text/event-stream");
+    let started = Instant::now();
+    let mut text = String::new();
+    while text.matches("event: stats").count() < 2 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "two events {took:?} apart"
+    );
 }
