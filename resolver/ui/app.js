@@ -270,7 +270,7 @@ function instanceRow(i, reg) {
   const cells = [
     el('td', {},
       el('div', {}, el('span', { class: 'pill ' + cls, text: label }), ' ', el('b', { text: i.id })),
-      el('div', { class: 'mono muted', text: i.dns }),
+      el('div', { class: 'mono muted dns-name', text: i.dns }),
       i.maintenance !== null ? el('div', { class: 'reason', text: 'maintenance: ' + i.maintenance }) : null),
     el('td', { class: 'mono', text: i.address + ':' + i.port }),
     el('td', {},
