@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use serde_json::{json, Value};
 use waymark_e2e::browser::Browser;
+use waymark_e2e::etcd::EtcdCluster;
 use waymark_e2e::gateway::{Backend, Gateway};
 use waymark_e2e::{until, Options, Resolver};
 
@@ -337,6 +338,56 @@ async fn registry_view_assets_and_snapshot() {
         v["services"][0]["instances"][0]["dns"],
         "db-1.instance.db.mesh.internal"
     );
+}
+
+/// With etcd, the view shows the source and its age, every host's instances with their
+/// node, and actions only for this host's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_view_with_etcd_shows_nodes_and_the_mirror() {
+    let etcd = EtcdCluster::start(1);
+    let host = |name: &str| {
+        Resolver::with(Options {
+            extra_args: vec![
+                "--etcd".into(),
+                etcd.endpoints(),
+                "--node-name".into(),
+                name.into(),
+            ],
+            ..Options::default()
+        })
+    };
+    let (a, b) = (host("host-a"), host("host-b"));
+    let register = |r: &Resolver, id: &str| {
+        let body = json!({"ID": id, "Name": "ledger", "Address": "127.0.0.9", "Port": 7000});
+        let url = r.url("/v1/agent/service/register");
+        async move {
+            let resp = client().put(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    register(&a, "ledger-a").await;
+    register(&b, "ledger-b").await;
+    let mut br = Browser::start();
+    br.must(&format!("open {}", b.url("/ui/")));
+    br.must("wait-service ledger healthy 2/2");
+    assert_eq!(br.must("text #source"), "etcd");
+    let age = br.must("text #age-wrap");
+    assert!(age.starts_with("mirror age"), "{age}");
+    let remote = br.must("text tr[data-instance=\"ledger-a\"]");
+    assert!(remote.contains("host-a"), "its node: {remote}");
+    assert!(remote.contains("registered on another host"), "{remote}");
+    let local = br.must("text tr[data-instance=\"ledger-b\"]");
+    assert!(
+        local.contains("host-b") && local.contains("Maintenance"),
+        "{local}"
+    );
+    // A change on another host reaches this host's page through etcd.
+    live(
+        &mut br,
+        register(&a, "ledger-a2"),
+        "wait-service ledger healthy 3/3",
+    )
+    .await;
 }
 
 const GATEWAY_CONFIG: &str = r#"
