@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::root;
@@ -19,6 +20,10 @@ pub fn selenium_dir() -> PathBuf {
     root().join("tests/clients/.deps/selenium")
 }
 
+/// One browser at a time in a test process: Chromium takes a core or two of its own, and the
+/// tests measure how soon a page shows a change.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// A headless Chromium session.
 pub struct Browser {
     child: Child,
@@ -26,6 +31,8 @@ pub struct Browser {
     lines: Receiver<String>,
     /// Every command and answer, for failure messages.
     transcript: Vec<String>,
+    /// Held for the session's life (declared last: dropped after the browser has quit).
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl Browser {
@@ -37,6 +44,7 @@ impl Browser {
                 "{tool} is missing: apt-get install chromium chromium-driver (tests/run.sh does, as root)"
             );
         }
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let deps = selenium_dir();
         assert!(
             deps.exists(),
@@ -67,6 +75,7 @@ impl Browser {
             stdin,
             lines,
             transcript: Vec::new(),
+            _turn: turn,
         };
         let first = b.answer("(start)");
         assert_eq!(first, Ok("ready".into()), "{}", b.transcript());
