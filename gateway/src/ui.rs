@@ -442,6 +442,36 @@ mod tests {
     }
 
     #[test]
+    fn built_at_most_once_an_interval_for_every_page() {
+        let shared = Arc::new(Shared::new(crate::config::Config::default(), None));
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let view = GatewayView::new(shared.clone(), stopped);
+        let first = view.current();
+        let again = view.current();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same view within an interval"
+        );
+        let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(v["routes"], serde_json::json!([]));
+        assert_eq!(v["unrouted"]["rps"], 0.0, "no interval yet: no rate");
+        // An interval later, a new view whose rates cover it.
+        shared
+            .metrics
+            .traffic
+            .record(NO_ROUTE, None, 404, Duration::from_millis(1));
+        // As if the last view had been built an interval ago (no waiting in a unit test).
+        if let Some(l) = view.last.lock().unwrap().as_mut() {
+            l.at = l.at.checked_sub(INTERVAL).expect("a second ago");
+        }
+        let next = view.current();
+        assert!(!Arc::ptr_eq(&first, &next));
+        let v: serde_json::Value = serde_json::from_str(&next).unwrap();
+        assert_eq!(v["unrouted"]["requests"], 1);
+        assert!(v["unrouted"]["rps"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
     fn every_asset_is_served_with_its_type_and_policy() {
         for a in ASSETS {
             let path = if a.name == "index.html" { "" } else { a.name };
