@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in dig curl unshare ip python3 node npm cmake javac protoc etcd; do
+# chromium and chromedriver: the web views' browser tests (tests/tests/ui.rs).
+for tool in dig curl unshare ip python3 node npm cmake javac protoc etcd chromium chromedriver; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 # etcd-client's build compiles etcd's .proto files, which import protobuf's own.
@@ -19,9 +20,10 @@ if ((${#missing[@]})); then
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends \
             dnsutils curl util-linux iproute2 python3 python3-pip nodejs npm cmake \
-            default-jdk-headless protobuf-compiler libprotobuf-dev etcd-server >/dev/null
+            default-jdk-headless protobuf-compiler libprotobuf-dev etcd-server \
+            chromium chromium-driver >/dev/null
     else
-        echo "[tests] missing tools: ${missing[*]} (Debian: apt-get install dnsutils curl util-linux iproute2 cmake default-jdk-headless protobuf-compiler libprotobuf-dev etcd-server)" >&2
+        echo "[tests] missing tools: ${missing[*]} (Debian: apt-get install dnsutils curl util-linux iproute2 cmake default-jdk-headless protobuf-compiler libprotobuf-dev etcd-server chromium chromium-driver)" >&2
         exit 1
     fi
 fi

@@ -7,6 +7,7 @@
 //! - `GET /healthz/ready`: 200 once the gateway has received the registry's state, and while
 //!   it keeps serving that state; the JSON body says whether the registry is reachable right
 //!   now and how old the state is. 503 before the first state arrives.
+//! - `/ui/`: the web view ([`crate::ui`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -78,6 +79,9 @@ pub struct Metrics {
     pub certificates: Gauge,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    /// Per route and per instance, for the web view (not exported to Prometheus: instance
+    /// IDs would make its series unbounded).
+    pub traffic: crate::traffic::Traffic,
 }
 
 impl Default for Metrics {
@@ -87,9 +91,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts a finished request and its duration under its route; gives the route label
-    /// back (one string, moved from one label set to the next: no copies per request).
-    pub fn request_done(&self, route: String, status: u16, elapsed: std::time::Duration) -> String {
+    /// Counts a finished request and its duration under its route and the instance that
+    /// answered it last; gives the route label back (one string, moved from one label set to
+    /// the next: no copies per request).
+    pub fn request_done(
+        &self,
+        route: String,
+        instance: Option<&str>,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) -> String {
+        self.traffic.record(&route, instance, status, elapsed);
         let label = RouteStatus { route, status };
         self.requests.get_or_create(&label).inc();
         let label = RouteLabel { route: label.route };
@@ -199,6 +211,7 @@ impl Metrics {
             certificates,
             connections,
             connections_refused,
+            traffic: Default::default(),
         }
     }
 
@@ -217,6 +230,7 @@ pub struct AdminState {
     pub status: Arc<RegistryStatus>,
     pub mirror: Arc<waymark_shared::Mirror>,
     pub routes: Arc<AtomicU64>,
+    pub view: Arc<crate::ui::GatewayView>,
 }
 
 fn refresh(s: &AdminState) {
@@ -268,11 +282,13 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
+    let view = crate::ui::router(state.view.clone());
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz/live", get(live))
         .route("/healthz/ready", get(ready))
         .with_state(state)
+        .merge(view)
 }
 
 /// Serves the admin API on an already bound listener until `stop` turns true.

@@ -854,7 +854,12 @@ impl Drop for Done {
             .route
             .as_ref()
             .map_or_else(|| NO_ROUTE.to_string(), |r| r.name.clone());
-        let route = shared.metrics.request_done(route, self.status, elapsed);
+        let route = shared.metrics.request_done(
+            route,
+            self.tried.last().map(String::as_str),
+            self.status,
+            elapsed,
+        );
         if shared.config.access_log == crate::config::AccessLog::Off {
             return;
         }

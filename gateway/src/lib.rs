@@ -25,6 +25,8 @@
 //!   mutual-TLS configs made from it.
 //! - [`tunnel`]: forwarder to forwarder: HTTP/2 CONNECT streams over pooled mutual TLS.
 //! - [`admin`]: `/metrics`, `/healthz/live`, `/healthz/ready`.
+//! - [`traffic`]: requests, errors and latency per route and per instance.
+//! - [`ui`]: the web view on the admin listener (`/ui/`): routes and their traffic, live.
 //! - [`listen`]: the public listeners, claimed (and refused when in use) before pingora starts.
 //! - [`forwarder`]: the other mode, `waymark-gateway forwarder`: the per-host forwarder on
 //!   service VIPs (plain tokio and hyper; pingora is the ingress's alone).
@@ -51,8 +53,10 @@ pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod tls;
+pub mod traffic;
 pub mod tries;
 pub mod tunnel;
+pub mod ui;
 pub mod upstream;
 pub mod write_deadline;
 
@@ -208,6 +212,12 @@ impl Shared {
             .flat_map(|s| s.instances.iter().map(|i| i.id.to_string()))
             .collect();
         self.balancer.retain(&live);
+        let table = self.routes.load();
+        let routes: HashSet<&str> = table.routes().map(|r| r.name.as_str()).collect();
+        self.metrics.traffic.retain(
+            |r| r == admission::NO_ROUTE || routes.contains(r),
+            |i| live.contains(i),
+        );
     }
 }
 
@@ -308,6 +318,7 @@ impl BackgroundService for Control {
             status: shared.status.clone(),
             mirror: shared.mirror.clone(),
             routes: shared.route_count.clone(),
+            view: Arc::new(ui::GatewayView::new(shared.clone(), shutdown.clone())),
         });
         let admin_task = async {
             if let Some(l) = admin_listener {

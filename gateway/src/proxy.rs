@@ -589,9 +589,12 @@ impl ProxyHttp for Gateway {
             .or(ctx.local_status)
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
-        let route = shared
-            .metrics
-            .request_done(Self::route_label(ctx), status, elapsed);
+        let route = shared.metrics.request_done(
+            Self::route_label(ctx),
+            ctx.tried.last().map(String::as_str),
+            status,
+            elapsed,
+        );
         if shared.config.access_log == AccessLog::Off {
             return;
         }

@@ -16,6 +16,8 @@
 //! - [`report`]: an error and its causes on one line, each said once.
 //! - [`lifecycle`]: drain, readiness, bounded admission and accept loops: what every
 //!   process needs to start, stay up under floods and stop within its deadline.
+//! - [`webui`]: what the resolver's and the gateway's web views share: the stylesheet, how
+//!   built-in assets are served, the pages' security policy.
 
 pub mod duration;
 #[cfg(feature = "etcd")]
@@ -31,6 +33,7 @@ pub mod report;
 pub mod select;
 pub mod telemetry;
 pub mod vip;
+pub mod webui;
 
 pub use mirror::{Changes, Freshness, Mirror, ServiceView};
 pub use model::{CheckView, Extra, Health, Instance, ServiceAttrs, TaggedAddress};

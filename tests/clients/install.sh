@@ -8,6 +8,9 @@
 #   py-eureka-client -> tests/clients/.deps/py-eureka-client (module `py_eureka_client`)
 #   npm consul, @creditkarma/consul-client, eureka-js-client -> tests/clients/node_modules
 #     (package-lock.json)
+#   selenium      -> tests/clients/.deps/selenium        (module `selenium`: ui_check.py drives
+#                    headless Chromium through it; Chromium itself is Debian's chromium and
+#                    chromium-driver)
 #
 # Three of the Python libraries provide the module `consul`, so each goes into its own
 # directory and a test picks one with PYTHONPATH. Idempotent: a directory whose
@@ -26,6 +29,10 @@ PY_PYTHON_CONSUL2=(python-consul2==0.1.5 six==1.17.0 "${COMMON[@]}")
 PY_CONSULATE=(consulate-fork==0.7.1 "${COMMON[@]}")
 PY_EUREKA=(py-eureka-client==0.13.3 ifaddr==0.2.0 dnspython==2.9.2 httpx==0.29.0 httpcore==1.0.9
     h11==0.16.0 anyio==4.16.0 typing_extensions==4.16.0 idna==3.20 certifi==2026.10.18)
+PY_SELENIUM=(selenium==4.51.0 urllib3==2.8.0 PySocks==1.7.1 trio==0.35.0 trio-websocket==0.12.2
+    attrs==26.1.0 outcome==1.3.0.post0 sniffio==1.3.1 sortedcontainers==2.4.0 idna==3.20
+    wsproto==1.3.2 h11==0.16.0 certifi==2026.10.19.post1 typing_extensions==4.16.0
+    websocket-client==1.9.2)
 
 log() { echo "[clients/install] $*"; }
 
@@ -82,5 +89,6 @@ install_py py-consul consul "${PY_PY_CONSUL[@]}"
 install_py python-consul2 consul "${PY_PYTHON_CONSUL2[@]}"
 install_py consulate-fork consulate "${PY_CONSULATE[@]}"
 install_py py-eureka-client py_eureka_client "${PY_EUREKA[@]}"
+install_py selenium selenium "${PY_SELENIUM[@]}"
 install_node
 log "done"

@@ -4,10 +4,12 @@
 //!
 //! - [`process`]: starting and stopping any child process (one way for all of them).
 //! - [`dns`]: DNS queries over UDP and TCP with hickory.
+//! - [`browser`]: headless Chromium through selenium, for the web views.
 //! - [`gateway`]: the gateway, test backends and TLS material.
 //! - [`netns`]: network namespaces for tests that need fixed ports or a resolv.conf.
 //! - [`etcd`]: real etcd members and clusters.
 
+pub mod browser;
 pub mod dns;
 pub mod etcd;
 pub mod forwarder;

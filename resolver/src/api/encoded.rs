@@ -1,5 +1,5 @@
 //! Whole-registry answers (`/v1/agent/services`, `/v1/agent/checks`,
-//! `/v1/catalog/services`), encoded once per change index and shared by every reader.
+//! `/v1/catalog/services`, the web view's snapshot), encoded once per change index and shared by every reader.
 //!
 //! At 10,000 services one of these costs tens of milliseconds of CPU to build; a hundred
 //! clients polling it must not cost a hundred times that, nor take the threads that serve DNS
@@ -18,9 +18,11 @@ pub enum Kind {
     AgentServices,
     AgentChecks,
     CatalogServices,
+    /// The web view's services ([`super::ui::snapshot`]).
+    UiServices,
 }
 
-const KINDS: usize = 3;
+const KINDS: usize = 4;
 
 /// The last encoding of each kind, with the index it was built at.
 #[derive(Debug, Default)]

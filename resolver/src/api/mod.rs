@@ -14,6 +14,7 @@
 //! - [`encoded`]: whole-registry answers encoded once per index, off the async workers.
 //! - [`mesh`]: the mesh CA's endpoints: signing forwarders' certificates, the trust bundle.
 //! - [`eureka`]: the Eureka-compatible API (`/eureka/apps/...`, `/eureka/v2/apps/...`).
+//! - [`ui`]: the web view at `/ui/`.
 
 pub mod admin;
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod mesh;
 pub mod query;
 pub mod serve;
 pub mod stream;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -260,6 +262,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(admin::metrics))
         .route("/healthz/live", get(admin::live))
         .route("/healthz/ready", get(admin::ready))
+        .merge(ui::router(state.clone()))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)

@@ -240,6 +240,7 @@ impl Running {
 Waymark demo is running.
   DNS (UDP+TCP)      {dns}   zone {z}.
   Registration API   http://{http}   (Consul agent API: any Consul client library works)
+  Web view           http://{http}/ui/   (every service, live)
   Demo services      payment: 3 instances (tags v1, v1, v2+canary; HTTP), orders: 2 instances (TCP), port {p}"
         );
         let Some((m, vip)) = &self.mesh else {
@@ -265,6 +266,7 @@ Press Ctrl-C to stop."
             "{head}
   Forwarder          every service on a VIP (payment: {vip}), admin http://{fwd}   (waymark-gateway forwarder)
   Gateway            http://{gw}  /pay/ -> payment, /orders/ -> orders, admin http://{gwa}   (waymark-gateway ingress)
+  Gateway view       http://{gwa}/ui/   (routes, request rates, errors, latency, live)
   Logs               {logs}
 
 Try:
