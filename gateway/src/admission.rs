@@ -13,12 +13,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, Method, Uri, Version};
 use waymark_shared::select::any_selected;
 use waymark_shared::ServiceView;
 
 use crate::admin::{LimitLabel, ReasonLabel};
-use crate::headers::{self, TraceContext};
+use crate::headers::{
+    self, TraceContext, FORWARDED, TE, TRACEPARENT, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REAL_IP,
+    X_REQUEST_ID,
+};
 use crate::path;
 use crate::routes::Route;
 use crate::Shared;
@@ -100,7 +104,7 @@ pub fn admit(
     }
     if head
         .headers
-        .get_all("content-length")
+        .get_all(CONTENT_LENGTH)
         .iter()
         .any(|v| v.as_bytes().contains(&b','))
     {
@@ -110,13 +114,13 @@ pub fn admit(
     }
     let content_length = match headers::content_length(
         head.headers
-            .get_all("content-length")
+            .get_all(CONTENT_LENGTH)
             .iter()
             .map(|v| v.as_bytes()),
     ) {
         Err(e) => return Err(refuse(bad_request(shared, &e.to_string()))),
         Ok(None) => (None, ContentLength::Keep),
-        Ok(Some(_)) if head.headers.contains_key("transfer-encoding") => {
+        Ok(Some(_)) if head.headers.contains_key(TRANSFER_ENCODING) => {
             (None, ContentLength::Remove)
         }
         Ok(Some((n, true))) => (Some(n), ContentLength::Keep),
@@ -172,7 +176,7 @@ pub fn admit(
 /// Whether `Connection` lists `Host` as hop-by-hop.
 fn names_host(headers: &HeaderMap) -> bool {
     headers
-        .get_all("connection")
+        .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -237,7 +241,7 @@ fn header_bytes(head: &Head<'_>) -> usize {
 /// changed (an absolute-form target becomes origin-form). `Err` is a reason for 400: no
 /// Host, a path that is malformed, or one whose other readings would take another route.
 fn route(shared: &Shared, head: &Head<'_>) -> Result<(Option<Arc<Route>>, Option<Uri>), String> {
-    let host_header = head.headers.get("host").and_then(|v| v.to_str().ok());
+    let host_header = head.headers.get(HOST).and_then(|v| v.to_str().ok());
     let host = head.uri.host().or(host_header).filter(|h| !h.is_empty());
     // HTTP/1.1 requires Host (RFC 9112 §3.2); HTTP/2 carries :authority or Host.
     if host.is_none() && head.version != Version::HTTP_10 && head.version != Version::HTTP_09 {
@@ -313,15 +317,6 @@ pub struct Forwarding<'a> {
     pub upgrade: bool,
 }
 
-// Header names made once (a name from a string is parsed and checked at every use).
-const TE: HeaderName = HeaderName::from_static("te");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-
 /// Removes hop-by-hop headers and writes the forwarding headers (`X-Forwarded-For`,
 /// `Forwarded`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Request-Id`, `traceparent`).
 pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
@@ -343,7 +338,7 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
     let own_proto = if f.https { "https" } else { "http" };
     let proto = if f.trusted {
         req.headers()
-            .get("x-forwarded-proto")
+            .get(&X_FORWARDED_PROTO)
             .and_then(|v| v.to_str().ok())
             .filter(|p| *p == "http" || *p == "https")
             .map_or(own_proto, |p| if p == "https" { "https" } else { "http" })
@@ -366,7 +361,7 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
         };
         let xff = headers::x_forwarded_for(lists("x-forwarded-for").into_iter(), ip);
         let fwd = headers::forwarded(lists("forwarded").into_iter(), ip, own_proto, f.host);
-        let keep_real_ip = f.trusted && req.headers().contains_key("x-real-ip");
+        let keep_real_ip = f.trusted && req.headers().contains_key(&X_REAL_IP);
         req.set(&X_FORWARDED_FOR, xff);
         req.set(&FORWARDED, fwd);
         if !keep_real_ip {

@@ -19,7 +19,18 @@
 
 use std::net::IpAddr;
 
+use http::HeaderName;
+
 /// Request headers that apply to one connection only.
+// Header names made once: a name given as a string is parsed and checked at every use.
+pub const TE: HeaderName = HeaderName::from_static("te");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",

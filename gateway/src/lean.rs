@@ -53,7 +53,7 @@ use crate::admin::RouteLabel;
 use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
 use crate::header_deadline::HeaderDeadline;
-use crate::headers;
+use crate::headers::{self, TE, TRACEPARENT, X_REQUEST_ID};
 use crate::routes::Route;
 use crate::tries;
 use crate::upstream::{Lease, Pool, PoolConfig};
@@ -188,13 +188,13 @@ impl Lean {
         shared.retry_budget.deposit();
         let (request_id, _) = headers::request_id(
             req.headers()
-                .get("x-request-id")
+                .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok()),
             || fastrand::u64(..),
         );
         let trace = headers::traceparent(
             req.headers()
-                .get("traceparent")
+                .get(&TRACEPARENT)
                 .and_then(|v| v.to_str().ok()),
             || fastrand::u64(..),
         );
@@ -278,7 +278,7 @@ impl Lean {
             }
         }
         let te_trailers =
-            headers::te_trailers(parts.headers.get("te").and_then(|v| v.to_str().ok()));
+            headers::te_trailers(parts.headers.get(&TE).and_then(|v| v.to_str().ok()));
         // Room for the forwarding headers, so that the map grows once if at all.
         parts.headers.reserve(8);
         admission::forwarding_headers(
@@ -536,9 +536,9 @@ impl Lean {
                 parts.headers.remove(name.as_str());
             }
         }
-        if !parts.headers.contains_key("x-request-id") {
+        if !parts.headers.contains_key(&X_REQUEST_ID) {
             if let Ok(v) = HeaderValue::from_str(&done.request_id) {
-                parts.headers.insert("x-request-id", v);
+                parts.headers.insert(X_REQUEST_ID, v);
             }
         }
         // An HTTP/2 instance's answer goes back as HTTP/1.1.
@@ -806,7 +806,7 @@ impl Done {
         h.insert(CONNECTION, HeaderValue::from_static("close"));
         if let Ok(v) = HeaderValue::from_str(&self.request_id) {
             if !self.request_id.is_empty() {
-                h.insert("x-request-id", v);
+                h.insert(X_REQUEST_ID, v);
             }
         }
         if let Some(wait) = retry_after {
