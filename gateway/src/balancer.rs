@@ -23,6 +23,7 @@ use waymark_shared::select::select;
 use waymark_shared::{Health, Instance, ServiceView};
 
 use crate::config::OutlierConfig;
+use crate::FastHash;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PickError {
@@ -81,7 +82,7 @@ pub struct Balancer {
     outlier: OutlierConfig,
     /// Times are kept as nanoseconds after this, so an ejection is one atomic.
     epoch: Instant,
-    endpoints: DashMap<String, Arc<Endpoint>>,
+    endpoints: DashMap<String, Arc<Endpoint>, FastHash>,
 }
 
 /// A candidate instance: serving, carrying the tags, weighted.
@@ -96,7 +97,7 @@ impl Balancer {
         Balancer {
             outlier,
             epoch: Instant::now(),
-            endpoints: DashMap::new(),
+            endpoints: DashMap::default(),
         }
     }
 

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+
+use crate::FastHash;
 use serde::Serialize;
 
 /// Latency buckets: the first ends at 0.5 ms, each next one at twice the last; the last
@@ -70,8 +72,8 @@ pub fn is_error(status: u16) -> bool {
 /// Every route's and instance's counters.
 #[derive(Debug, Default)]
 pub struct Traffic {
-    routes: DashMap<String, Counters>,
-    instances: DashMap<String, Counters>,
+    routes: DashMap<String, Counters, FastHash>,
+    instances: DashMap<String, Counters, FastHash>,
 }
 
 impl Traffic {
@@ -94,7 +96,7 @@ impl Traffic {
 
     /// Every counter now.
     pub fn sample(&self) -> Sample {
-        let read = |m: &DashMap<String, Counters>| {
+        let read = |m: &DashMap<String, Counters, FastHash>| {
             m.iter()
                 .map(|e| (e.key().clone(), e.value().read()))
                 .collect()
@@ -106,7 +108,7 @@ impl Traffic {
     }
 }
 
-fn record_in(map: &DashMap<String, Counters>, key: &str, error: bool, us: u64) {
+fn record_in(map: &DashMap<String, Counters, FastHash>, key: &str, error: bool, us: u64) {
     if let Some(c) = map.get(key) {
         c.record(error, us);
         return;

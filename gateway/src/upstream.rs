@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::lean::Body;
+use crate::FastHash;
 
 /// At most this many idle connections are kept per instance address; more are closed.
 pub const MAX_IDLE_PER_ADDR: usize = 512;
@@ -67,7 +68,7 @@ pub struct Pool {
 }
 
 struct Idle {
-    by_addr: HashMap<SocketAddr, VecDeque<Parked>>,
+    by_addr: HashMap<SocketAddr, VecDeque<Parked>, FastHash>,
     /// When every address's list was last swept for expired and closed connections.
     swept: Instant,
 }
@@ -97,7 +98,7 @@ impl Pool {
         Arc::new(Pool {
             config,
             idle: Mutex::new(Idle {
-                by_addr: HashMap::new(),
+                by_addr: HashMap::default(),
                 swept: Instant::now(),
             }),
         })
