@@ -14,6 +14,8 @@
 #                                                       # another gateway build beside this one
 #   PINNED=1 bash tests/bench/gateway.sh                # pinned layout (below), 64 connections
 #   ACCESS_LOG=1 bash tests/bench/gateway.sh            # every proxy writes an access log line
+#   TARGETS="lean hyperfloor" ROUNDS=5 bash tests/bench/gateway.sh
+#                                                       # only those (and direct and nginx)
 #
 # Targets: the backend directly, waymark-gateway ("gateway": data_path = "pingora"; "lean":
 # data_path = "lean", HTTP/1.1 on hyper, the default), "pingora floor" (the pingora_floor example:
@@ -25,7 +27,7 @@
 #   that visit every target in turn (so drift on a shared machine hits all alike), and the
 #   round with the median req/s is reported per target.
 # - fixed rate: httpload (tests/src/bin/httpload.rs), an open-loop generator like wrk2, at
-#   RATE req/s (default: half the gateway's saturation rate), the same for every target,
+#   RATE req/s (default: half the lean path's saturation rate), the same for every target,
 #   32 connections, DURATION after a 1 s warm-up. Latency is measured from each request's
 #   intended send time (coordinated-omission corrected), so it is the latency a client
 #   arriving at that rate sees; "added p99" is the difference from the backend alone.
@@ -278,6 +280,17 @@ fixed() {
 
 targets=(direct:$backend_port:$backend_pid gateway:$gw_port:$gw_pid lean:$lean_port:$lean_pid floor:$floor_port:$floor_pid hyperfloor:$hyper_port:$hyper_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
 names=(direct gateway lean floor hyperfloor nginx haproxy)
+# TARGETS="lean nginx" measures only those (direct and nginx always run: the report is
+# relative to them).
+if [[ -n ${TARGETS:-} ]]; then
+    keep=" direct nginx $TARGETS "
+    kept=()
+    for t in "${targets[@]}"; do [[ $keep == *" ${t%%:*} "* ]] && kept+=("$t"); done
+    targets=("${kept[@]}")
+    kept=()
+    for n in "${names[@]}"; do [[ $keep == *" $n "* ]] && kept+=("$n"); done
+    names=("${kept[@]}")
+fi
 if [[ -n ${BASELINE_GATEWAY:-} ]]; then
     base_port=$(free_port)
     base_admin=$(free_port)
@@ -328,11 +341,14 @@ for name in "${names[@]}"; do
     R[rounds,$name]=$(round_keys "${ROUND[$name]}")
 done
 
-read -r gw_rps _ <<<"${R[saturation,gateway]}"
+# The fixed rate: half the gateway's (the default data path's) saturation rate.
+rate_from=lean
+[[ -n ${R[saturation,lean]:-} ]] || rate_from=${names[1]}
+read -r gw_rps _ <<<"${R[saturation,$rate_from]}"
 rate_source="set by RATE"
 if [[ -z $RATE ]]; then
     rate=$((gw_rps / 2))
-    rate_source="half the gateway's saturation rate"
+    rate_source="half the saturation rate of $rate_from"
 else
     rate=$RATE
 fi

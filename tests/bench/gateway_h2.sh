@@ -143,11 +143,11 @@ cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 load() {
     local port=$2 pid=$3 before after out reqs
     # Each target answers over HTTP/2 before it is measured.
-    out=$(taskset -c 1 h2load -n 20 -c 1 -H 'host: bench.test' "http://127.0.0.1:$port/" 2>&1)
+    out=$(taskset -c 1 h2load -n 20 -c 1 -H ':authority: bench.test' "http://127.0.0.1:$port/" 2>&1)
     grep -q '20 succeeded' <<<"$out" || { echo "$1 does not answer HTTP/2: $out" >&2; exit 1; }
     before=$(cpu "$pid")
     out=$(taskset -c 1 h2load -t 1 -c "$CONNECTIONS" -m "$STREAMS" -D "$DURATION" \
-        -H 'host: bench.test' "http://127.0.0.1:$port/" 2>&1)
+        -H ':authority: bench.test' "http://127.0.0.1:$port/" 2>&1)
     after=$(cpu "$pid")
     rps=$(awk '/^finished in/ { gsub(",", ""); printf "%.0f", $4 }' <<<"$out")
     reqs=$(awk '/^requests:/ { print $8 }' <<<"$out")
