@@ -376,6 +376,7 @@ report() {
     echo "# Gateway benchmark"
     echo
     echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "- command: \`PINNED=$PINNED ACCESS_LOG=$ACCESS_LOG ROUNDS=$ROUNDS DURATION=$DURATION CONNECTIONS=$CONNECTIONS${TARGETS:+ TARGETS=\"$TARGETS\"} bash tests/bench/gateway.sh\`"
     echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2/1048576 }' /proc/meminfo), $(uname -r)"
     echo "- load average before: $load_before"
     echo "- load generator: $pinned"

@@ -80,12 +80,16 @@ http {
     fastcgi_temp_path $work/nginx;
     uwsgi_temp_path $work/nginx;
     scgi_temp_path $work/nginx;
-    upstream backend { server $backend; keepalive 64; }
+    upstream backend { server $backend; keepalive 64; keepalive_requests 100000000; }
     map \$http_x_request_id \$req_id { "" \$request_id; default \$http_x_request_id; }
     map \$request_id \$span_id { "~^(?<first>[0-9a-f]{16})" \$first; }
     server {
         listen 127.0.0.1:$nginx_port http2;
         http2_max_concurrent_streams 256;
+        # nginx closes a connection after 1,000 requests by default, and h2load does not
+        # open another: without this it would measure that, not the proxy.
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
