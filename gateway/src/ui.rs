@@ -277,35 +277,9 @@ fn asset(path: &str, headers: &HeaderMap) -> Response {
     let if_none_match = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
-    let mut resp = if a.not_modified(if_none_match) {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(a.content_type),
-            )],
-            a.body,
-        )
-            .into_response()
-    };
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&a.etag()) {
-        h.insert(header::ETAG, v);
-    }
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static(webui::ASSET_CACHE),
-    );
-    secure(h);
-    resp
-}
-
-/// The headers every response of the view carries ([`webui::SECURITY_HEADERS`]).
-fn secure(h: &mut HeaderMap) {
-    for (name, value) in webui::SECURITY_HEADERS {
-        h.insert(*name, HeaderValue::from_static(value));
-    }
+    webui::asset_response(a, if_none_match)
+        .map(axum::body::Body::from)
+        .into_response()
 }
 
 /// `GET /ui/api/stats`: the view once.
@@ -324,7 +298,7 @@ async fn stats(State(view): State<Arc<GatewayView>>) -> Response {
         header::CACHE_CONTROL,
         HeaderValue::from_static(webui::DATA_CACHE),
     );
-    secure(h);
+    webui::secure(h);
     resp
 }
 

@@ -76,6 +76,37 @@ impl Asset {
     }
 }
 
+/// `asset` as an answer to a request with `if_none_match`: a 304 when that names this
+/// version, else the bytes with their type; with the validator, the caching rule and the
+/// view's security headers either way.
+pub fn asset_response(asset: &Asset, if_none_match: Option<&str>) -> http::Response<&'static [u8]> {
+    use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ETAG};
+    let mut resp = if asset.not_modified(if_none_match) {
+        let mut r = http::Response::new(&[][..]);
+        *r.status_mut() = http::StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let mut r = http::Response::new(asset.body);
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+        r
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&asset.etag()) {
+        h.insert(ETAG, v);
+    }
+    h.insert(CACHE_CONTROL, HeaderValue::from_static(ASSET_CACHE));
+    secure(h);
+    resp
+}
+
+/// Adds the headers every response of a view carries ([`SECURITY_HEADERS`]).
+pub fn secure(h: &mut http::HeaderMap) {
+    for (name, value) in SECURITY_HEADERS {
+        h.insert(*name, http::HeaderValue::from_static(value));
+    }
+}
+
 /// The asset a path under `/ui/` names (`""` is the page), among `assets` (the page first).
 pub fn find<'a>(assets: &'a [Asset], path: &str) -> Option<&'a Asset> {
     let name = if path.is_empty() { "index.html" } else { path };

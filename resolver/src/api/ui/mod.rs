@@ -22,7 +22,7 @@ pub mod snapshot;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -77,39 +77,12 @@ fn asset(path: &str, headers: &HeaderMap) -> Response {
 /// An asset with its content type, validator and the view's security headers (only the
 /// view's responses carry the page's policy).
 fn serve_asset(a: &Asset, headers: &HeaderMap) -> Response {
-    let etag = a.etag();
     let if_none_match = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
-    let mut resp = if a.not_modified(if_none_match) {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(a.content_type),
-            )],
-            a.body,
-        )
-            .into_response()
-    };
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        h.insert(header::ETAG, v);
-    }
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static(webui::ASSET_CACHE),
-    );
-    secure(h);
-    resp
-}
-
-/// The headers every response of the view carries ([`webui::SECURITY_HEADERS`]).
-fn secure(h: &mut HeaderMap) {
-    for (name, value) in webui::SECURITY_HEADERS {
-        h.insert(*name, HeaderValue::from_static(value));
-    }
+    webui::asset_response(a, if_none_match)
+        .map(axum::body::Body::from)
+        .into_response()
 }
 
 /// Where the registry the view shows comes from, and how current it is.
@@ -197,7 +170,7 @@ async fn snapshot_handler(State(state): State<Arc<ApiState>>) -> Result<Response
     if let Ok(v) = HeaderValue::from_str(&index.max(1).to_string()) {
         h.insert("X-Consul-Index", v);
     }
-    secure(h);
+    webui::secure(h);
     Ok(resp)
 }
 
@@ -218,6 +191,7 @@ fn assemble(index: u64, registry: &[u8], services: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn assembled_snapshot_is_json() {
