@@ -79,9 +79,9 @@ pub struct Config {
     /// Access log: `text`, `json` or `off`. Lines go to stderr with the other logs (under
     /// systemd, the journal, which rotates them); the gateway writes no log file.
     pub access_log: AccessLog,
-    /// Which data path carries HTTP/1.1 requests: `lean` (hyper on the connections pingora
-    /// accepts; see the `lean` module: about a sixth less CPU per request) or `pingora`
-    /// (pingora's proxy). HTTP/2 is always pingora's. Both pass the same test suite.
+    /// Which data path carries client requests, HTTP/1.1 and HTTP/2: `lean` (hyper on the
+    /// connections pingora accepts; see the `lean` module: about a sixth less CPU per
+    /// request) or `pingora` (pingora's proxy). Both pass the same test suite.
     pub data_path: DataPath,
     /// On the lean path, whether HTTP/1.1 header names keep the case the client (or the
     /// instance) wrote them in. Off by default: names go out in lower case, as Envoy sends

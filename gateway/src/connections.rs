@@ -2,18 +2,21 @@
 //! which counts it, refuses it at once beyond the cap, puts it under the header deadline
 //! ([`HeaderDeadline`]) and, for HTTP/2, closes it when idle.
 //!
-//! HTTP/1.1 idle connections are closed by pingora's keep-alive timeout, which the proxy sets
-//! on each request. HTTP/2 has no request between which to wait, so `Guarded` watches the
-//! connection's traffic with one timer per connection, ticking every quarter of
-//! `idle_timeout`: after `idle_timeout` without a byte either way (to within a tick) it asks
-//! for a graceful close (GOAWAY, through a shutdown signal of the connection's own that also
-//! follows the server's), and after another `idle_timeout` of silence it drops the
-//! connection (a peer that never answers GOAWAY). A client that keeps
-//! the connection busy with PINGs alone is closed by pingora's stream-aware idle timeout
-//! (three times `idle_timeout` with no stream open, so that it comes after the GOAWAY of a
-//! silent connection), which the gateway also sets.
+//! HTTP/1.1 idle connections are closed by the keep-alive timeout of the data path (hyper's
+//! wait for the next head on the lean path, pingora's keep-alive timeout on the other).
+//! HTTP/2 has no request between which to wait, so `Guarded` watches the connection's
+//! traffic with one timer per connection, ticking every quarter of `idle_timeout`: after
+//! `idle_timeout` without a byte either way (to within a tick) it asks for a graceful close
+//! (GOAWAY, through a shutdown signal of the connection's own that also follows the
+//! server's), and after another `idle_timeout` of silence it drops the connection (a peer
+//! that never answers GOAWAY). A client that keeps the connection busy with PINGs alone is
+//! sent GOAWAY after three times `idle_timeout` with no stream open (so that it comes after
+//! the GOAWAY of a silent connection): by the watch itself on the lean path, which counts
+//! the streams, and by pingora's stream-aware idle timeout, which the gateway sets, on the
+//! pingora path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,8 +51,8 @@ pub struct ConnectionPolicy {
 /// end as soon as none is left.
 pub struct Guarded<A> {
     inner: Arc<A>,
-    /// The lean HTTP/1.1 path, when it carries HTTP/1.1 instead of `inner`.
-    h1: Option<Arc<Lean>>,
+    /// The lean path, when it carries the connections instead of `inner`.
+    lean: Option<Arc<Lean>>,
     policy: ConnectionPolicy,
     connections: Arc<AtomicU64>,
     open: Gauge,
@@ -62,7 +65,7 @@ impl<A> Guarded<A> {
     pub fn new(inner: A, policy: ConnectionPolicy, open: Gauge, refused: Counter) -> Guarded<A> {
         Guarded {
             inner: Arc::new(inner),
-            h1: None,
+            lean: None,
             policy,
             connections: Arc::new(AtomicU64::new(0)),
             open,
@@ -70,9 +73,9 @@ impl<A> Guarded<A> {
         }
     }
 
-    /// HTTP/1.1 connections go to `lean` instead of the wrapped app.
-    pub fn with_lean_h1(mut self, lean: Arc<Lean>) -> Guarded<A> {
-        self.h1 = Some(lean);
+    /// Connections go to `lean` instead of the wrapped app.
+    pub fn with_lean(mut self, lean: Arc<Lean>) -> Guarded<A> {
+        self.lean = Some(lean);
         self
     }
 
@@ -117,6 +120,10 @@ impl Drop for Counted {
 /// Ticks of the HTTP/2 idle watch per `idle_timeout`.
 const TICKS: u32 = 4;
 
+/// Ticks with no stream open after which a connection busy with anything else (PINGs) is
+/// sent GOAWAY: three times `idle_timeout`.
+const STREAMLESS_TICKS: u32 = 3 * TICKS;
+
 /// What the HTTP/2 idle watch decides at a tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IdleStep {
@@ -128,10 +135,18 @@ enum IdleStep {
     Drop,
 }
 
-/// The decision at a tick after `silent` ticks in a row without traffic (this one included),
-/// before or after GOAWAY was sent (whose own bytes count as traffic).
-fn idle_step(silent: u32, goaway_sent: bool) -> IdleStep {
-    match (silent >= TICKS, goaway_sent) {
+/// The decision at a tick after `silent` ticks in a row without traffic and `streamless`
+/// ticks in a row with no stream open (this one included in both; both counted again from
+/// GOAWAY), before or after GOAWAY was sent (whose own bytes count as traffic). After
+/// GOAWAY, `idle_timeout` of either ends the connection: a client that keeps it busy
+/// without a stream (PINGs, and no answer to the graceful close's own PING) is not waited
+/// for longer.
+fn idle_step(silent: u32, streamless: u32, goaway_sent: bool) -> IdleStep {
+    let streamless_limit = if goaway_sent { TICKS } else { STREAMLESS_TICKS };
+    match (
+        silent >= TICKS || streamless >= streamless_limit,
+        goaway_sent,
+    ) {
         (false, _) => IdleStep::Wait,
         (true, false) => IdleStep::GoAway,
         (true, true) => IdleStep::Drop,
@@ -152,22 +167,27 @@ async fn is_h2(stream: &mut HeaderDeadline, h2c: bool) -> bool {
 }
 
 impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
-    /// Runs an HTTP/2 connection under the idle watch (see the module docs).
-    async fn serve_h2(
-        self: &Arc<Self>,
+    /// Runs an HTTP/2 connection under the idle watch (see the module docs): `serve` gets
+    /// the connection and its own shutdown signal. `streams`, when the data path counts
+    /// them, is the number of streams open.
+    async fn serve_h2<F: Future<Output = Option<Stream>>>(
         mut stream: HeaderDeadline,
+        policy: &ConnectionPolicy,
         shutdown: &ShutdownWatch,
+        streams: Option<Arc<AtomicUsize>>,
+        serve: impl FnOnce(HeaderDeadline, ShutdownWatch) -> F,
     ) -> Option<Stream> {
         let activity = Arc::new(AtomicU64::new(0));
         stream.count_activity(activity.clone());
         let (tx, rx) = tokio::sync::watch::channel(*shutdown.borrow());
-        let inner = self.inner.process_new(Box::new(stream), &rx);
+        let inner = serve(stream, rx);
         tokio::pin!(inner);
         let mut server = shutdown.clone();
         let mut server_open = true;
-        let every = self.policy.idle_timeout / TICKS;
+        let every = policy.idle_timeout / TICKS;
         let mut last = activity.load(Ordering::Relaxed);
         let mut silent = 0;
+        let mut streamless = 0;
         let mut goaway_sent = false;
         let mut tick = Box::pin(tokio::time::sleep(every));
         loop {
@@ -185,12 +205,15 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
                     let now = activity.load(Ordering::Relaxed);
                     silent = if now == last { silent + 1 } else { 0 };
                     last = now;
-                    match idle_step(silent, goaway_sent) {
+                    let open = streams.as_ref().map_or(1, |s| s.load(Ordering::Relaxed));
+                    streamless = if open == 0 { streamless + 1 } else { 0 };
+                    match idle_step(silent, streamless, goaway_sent) {
                         IdleStep::Wait => {}
                         IdleStep::GoAway => {
-                            tracing::debug!("idle HTTP/2 connection: GOAWAY");
+                            tracing::debug!(silent, streamless, "idle HTTP/2 connection: GOAWAY");
                             goaway_sent = true;
                             silent = 0;
+                            streamless = 0;
                             let _ = tx.send(true);
                         }
                         IdleStep::Drop => {
@@ -222,12 +245,28 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             return None;
         }
         let mut wrapped = HeaderDeadline::new(stream, self.policy.header_read_timeout);
-        if is_h2(&mut wrapped, self.policy.h2c).await {
-            return self.serve_h2(wrapped, shutdown).await;
-        }
-        if let Some(lean) = &self.h1 {
-            lean.serve(wrapped, shutdown).await;
-            return None;
+        let h2 = is_h2(&mut wrapped, self.policy.h2c).await;
+        match (&self.lean, h2) {
+            (Some(lean), true) => {
+                let streams = Arc::new(AtomicUsize::new(0));
+                let open = Some(streams.clone());
+                let serve = |stream, rx| async move {
+                    lean.serve_h2(stream, rx, streams).await;
+                    None
+                };
+                return Self::serve_h2(wrapped, &self.policy, shutdown, open, serve).await;
+            }
+            (Some(lean), false) => {
+                lean.serve(wrapped, shutdown).await;
+                return None;
+            }
+            (None, true) => {
+                let inner = &self.inner;
+                let serve =
+                    |stream, rx| async move { inner.process_new(Box::new(stream), &rx).await };
+                return Self::serve_h2(wrapped, &self.policy, shutdown, None, serve).await;
+            }
+            (None, false) => {}
         }
         self.inner.process_new(Box::new(wrapped), shutdown).await
     }
@@ -243,19 +282,31 @@ mod tests {
 
     #[test]
     fn the_idle_watch_goes_away_then_drops() {
-        // (silent ticks in a row, GOAWAY sent) → step; traffic resets the count to 0.
+        // (silent ticks in a row, ticks with no stream in a row, GOAWAY sent) → step;
+        // traffic resets the first count to 0, an open stream the second.
+        let s = STREAMLESS_TICKS;
         let cases = [
-            ((0, false), IdleStep::Wait),
-            ((1, false), IdleStep::Wait),
-            ((TICKS - 1, false), IdleStep::Wait),
-            ((TICKS, false), IdleStep::GoAway),
-            // After GOAWAY streams may still finish: another idle_timeout of silence.
-            ((0, true), IdleStep::Wait),
-            ((TICKS - 1, true), IdleStep::Wait),
-            ((TICKS, true), IdleStep::Drop),
+            ((0, 0, false), IdleStep::Wait),
+            ((1, 1, false), IdleStep::Wait),
+            ((TICKS - 1, TICKS - 1, false), IdleStep::Wait),
+            ((TICKS, 0, false), IdleStep::GoAway),
+            ((TICKS, TICKS, false), IdleStep::GoAway),
+            // Busy (PINGs) but with no stream for three idle timeouts.
+            ((0, s - 1, false), IdleStep::Wait),
+            ((0, s, false), IdleStep::GoAway),
+            // After GOAWAY open streams may still finish: another idle_timeout of silence,
+            // or of no stream open, ends the connection.
+            ((0, 0, true), IdleStep::Wait),
+            ((TICKS - 1, TICKS - 1, true), IdleStep::Wait),
+            ((0, TICKS, true), IdleStep::Drop),
+            ((TICKS, 0, true), IdleStep::Drop),
         ];
-        for ((silent, sent), want) in cases {
-            assert_eq!(idle_step(silent, sent), want, "{silent} {sent}");
+        for ((silent, streamless, sent), want) in cases {
+            assert_eq!(
+                idle_step(silent, streamless, sent),
+                want,
+                "{silent} {streamless} {sent}"
+            );
         }
     }
 }

@@ -1,9 +1,9 @@
-//! The lean HTTP/1.1 data path (`data_path = "lean"`): each HTTP/1.1 client connection is
+//! The lean data path (`data_path = "lean"`): each client connection, HTTP/1.1 or HTTP/2, is
 //! served by hyper on the connection [`Guarded`](crate::connections::Guarded) accepted (TLS
-//! or not, under the same header deadline and connection cap), and each request goes through
-//! one async function: [`admission`], a try loop over the balancer's picks on the
-//! [`upstream`](crate::upstream) pool's connections, the answer streamed back. HTTP/2
-//! connections from clients stay on pingora's proxy.
+//! or not, under the same header deadline, connection cap and HTTP/2 idle watch), and each
+//! request goes through one async function: [`admission`], a try loop over the balancer's
+//! picks on the [`upstream`](crate::upstream) pool's connections, the answer streamed back.
+//! HTTP/2 streams run on [`StreamExec`], which resets a stream stalled on the client's window.
 //!
 //! Why: pingora boxes a future per request, clones the header and runs two channels per
 //! proxied request; `tests/bench/results/gateway-pinned*.md` measure hyper's floor at about
@@ -29,7 +29,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -52,6 +52,7 @@ use crate::access_log;
 use crate::admin::RouteLabel;
 use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
+use crate::h2_streams::{Stall, StreamExec};
 use crate::header_deadline::HeaderDeadline;
 use crate::headers::{self, TE, TRACEPARENT, X_REQUEST_ID};
 use crate::routes::Route;
@@ -104,9 +105,27 @@ struct Conn {
     client: Option<IpAddr>,
     https: bool,
     trusted: bool,
-    /// The header deadline's "a request ended" switch.
-    next_request: Arc<AtomicBool>,
+    /// The header deadline's "a request ended" switch (HTTP/1.1; HTTP/2 has no heads to
+    /// time after its preface).
+    next_request: Option<Arc<AtomicBool>>,
 }
+
+impl Conn {
+    fn new(lean: &Lean, stream: &HeaderDeadline, h1: bool) -> Conn {
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        Conn {
+            client,
+            https: stream.get_ssl_digest().is_some(),
+            trusted: client.is_some_and(|ip| lean.shared.config.is_trusted_proxy(ip)),
+            next_request: h1.then(|| stream.next_request_handle()),
+        }
+    }
+}
+
+/// Upstream connections idle this long are closed.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 impl Lean {
     pub fn new(shared: Arc<Shared>) -> Lean {
@@ -116,13 +135,13 @@ impl Lean {
         // Host is the client's (admission requires one), never the instance's address.
         let mut builder = Client::builder(TokioExecutor::new());
         builder
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(UPSTREAM_IDLE)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false);
         let h1 = Pool::new(PoolConfig {
             connect_timeout: shared.config.timeouts.connect,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: UPSTREAM_IDLE,
             preserve_header_case: shared.config.preserve_header_case,
         });
         let h2c = builder.http2_only(true).build(connector);
@@ -133,21 +152,7 @@ impl Lean {
     /// (then after the request in flight).
     pub async fn serve(self: &Arc<Self>, stream: HeaderDeadline, shutdown: &ShutdownWatch) {
         let limits = &self.shared.config.limits;
-        let client = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let https = stream.get_ssl_digest().is_some();
-        let conn = Arc::new(Conn {
-            client,
-            https,
-            trusted: client.is_some_and(|ip| self.shared.config.is_trusted_proxy(ip)),
-            next_request: stream.next_request_handle(),
-        });
-        let lean = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let (lean, conn) = (lean.clone(), conn.clone());
-            async move { Ok::<_, Infallible>(lean.handle(&conn, req).await) }
-        });
+        let service = self.service(Conn::new(self, &stream, true));
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -182,6 +187,62 @@ impl Lean {
         let _ = conn.await;
     }
 
+    /// Serves one HTTP/2 connection until it closes, or until `shutdown` turns true (the
+    /// server's shutdown, or the idle watch's): then GOAWAY, and the streams open finish.
+    /// `open` counts its streams.
+    pub async fn serve_h2(
+        self: &Arc<Self>,
+        stream: HeaderDeadline,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        open: Arc<AtomicUsize>,
+    ) {
+        let limits = &self.shared.config.limits;
+        let service = self.service(Conn::new(self, &stream, false));
+        let mut builder =
+            hyper::server::conn::http2::Builder::new(StreamExec::new(limits.send_timeout, open));
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .initial_stream_window_size(limits.h2_stream_buffer_bytes)
+            .max_send_buf_size(limits.h2_stream_buffer_bytes as usize)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection(
+            TokioIo::new(WriteDeadline::new(stream, limits.send_timeout)),
+            service,
+        );
+        tokio::pin!(conn);
+        if !*shutdown.borrow() {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "HTTP/2 client connection ended");
+                    }
+                    return;
+                }
+                _ = shutdown.wait_for(|down| *down) => {}
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+
+    /// The function each request of a connection goes through.
+    fn service(
+        self: &Arc<Self>,
+        conn: Conn,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Clone {
+        let (lean, conn) = (self.clone(), Arc::new(conn));
+        hyper::service::service_fn(move |req| {
+            let (lean, conn) = (lean.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(lean.handle(&conn, req).await) }
+        })
+    }
+
     async fn handle(self: &Arc<Self>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let shared = &self.shared;
         shared.metrics.in_flight.inc();
@@ -209,6 +270,7 @@ impl Lean {
         let mut done = Done {
             shared: shared.clone(),
             next_request: conn.next_request.clone(),
+            stall: Stall::current(),
             start: Instant::now(),
             client: conn.client,
             method: copy(req.method().as_str()),
@@ -222,7 +284,7 @@ impl Lean {
             trace_id: copy(trace.trace_id()),
             error: None,
         };
-        let raw = raw_target(req.uri());
+        let raw = raw_target(req.uri(), req.version());
         let head = admission::Head {
             method: req.method(),
             uri: req.uri(),
@@ -556,10 +618,11 @@ impl Lean {
 
 /// The request target as the client sent it, as far as admission needs it: origin form
 /// (and `*`) as they are; an absolute form (a scheme) rebuilt.
-fn raw_target(uri: &Uri) -> Cow<'_, str> {
+/// HTTP/2's target is its `:path`, in origin form (`:scheme` and `:authority` apart).
+fn raw_target(uri: &Uri, version: Version) -> Cow<'_, str> {
     match uri.scheme() {
-        None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
-        Some(_) => Cow::Owned(uri.to_string()),
+        Some(_) if version != Version::HTTP_2 => Cow::Owned(uri.to_string()),
+        _ => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
     }
 }
 
@@ -708,15 +771,23 @@ impl hyper::body::Body for Limited {
 struct Tail {
     inner: Body,
     lease: Option<Lease>,
+    /// The HTTP/2 stream's stall mark: waiting on the client from each frame handed over
+    /// until hyper asks for the next.
+    stall: Option<Arc<Stall>>,
     _inflight: Option<InFlight>,
     _done: Done,
 }
 
 impl Tail {
     fn new(inner: Body, lease: Option<Lease>, inflight: Option<InFlight>, done: Done) -> Tail {
+        let stall = done.stall.clone();
+        if let Some(s) = &stall {
+            s.waiting();
+        }
         let mut tail = Tail {
             inner,
             lease,
+            stall,
             _inflight: inflight,
             _done: done,
         };
@@ -742,9 +813,17 @@ impl hyper::body::Body for Tail {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(s) = &self.stall {
+            s.moving();
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) => self.give_back_at_end(),
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(s) = &self.stall {
+                    s.waiting();
+                }
+                self.give_back_at_end()
+            }
             Poll::Ready(None) => {
                 if let Some(lease) = self.lease.take() {
                     lease.give_back();
@@ -770,7 +849,9 @@ impl hyper::body::Body for Tail {
 /// counted, logged, and the connection's next request head goes under the header deadline.
 struct Done {
     shared: Arc<Shared>,
-    next_request: Arc<AtomicBool>,
+    next_request: Option<Arc<AtomicBool>>,
+    /// The HTTP/2 stream's stall mark, for the answer's body.
+    stall: Option<Arc<Stall>>,
     start: Instant,
     client: Option<IpAddr>,
     method: String,
@@ -803,7 +884,10 @@ impl Done {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        h.insert(CONNECTION, HeaderValue::from_static("close"));
+        // HTTP/2 has no Connection header; the stream ends with the answer.
+        if self.version != Version::HTTP_2 {
+            h.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Ok(v) = HeaderValue::from_str(&self.request_id) {
             if !self.request_id.is_empty() {
                 h.insert(X_REQUEST_ID, v);
@@ -847,7 +931,9 @@ impl Done {
 impl Drop for Done {
     fn drop(&mut self) {
         let shared = &self.shared;
-        self.next_request.store(true, Ordering::Relaxed);
+        if let Some(next) = &self.next_request {
+            next.store(true, Ordering::Relaxed);
+        }
         shared.metrics.in_flight.dec();
         let elapsed = self.start.elapsed();
         let route = self
@@ -897,7 +983,9 @@ mod tests {
         ];
         for (target, want) in table {
             let uri: Uri = target.parse().unwrap();
-            assert_eq!(raw_target(&uri), want, "{target}");
+            assert_eq!(raw_target(&uri, Version::HTTP_11), want, "{target}");
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            assert_eq!(raw_target(&uri, Version::HTTP_2), path, "{target}");
         }
     }
 

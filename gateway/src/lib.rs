@@ -17,7 +17,8 @@
 //!   a serving instance) and the forwarding headers, for both data paths.
 //! - [`tries`]: whether another try may start; a failed try counted against its instance.
 //! - [`proxy`]: the pingora `ProxyHttp` that puts those together.
-//! - [`lean`]: the lean HTTP/1.1 data path on hyper (`data_path = "lean"`).
+//! - [`lean`]: the lean data path on hyper (`data_path = "lean"`), HTTP/1.1 and HTTP/2.
+//! - [`h2_streams`]: the lean path's HTTP/2 streams: counted, and reset when stalled.
 //! - [`write_deadline`]: writes to a client that stops reading fail after the send timeout.
 //! - [`access_log`]: the access line per request, text or JSON, buffered.
 //! - [`tls`]: certificates picked by SNI from a directory, reloaded when it changes.
@@ -48,6 +49,7 @@ pub mod balancer;
 pub mod config;
 pub mod connections;
 pub mod forwarder;
+pub mod h2_streams;
 pub mod header_deadline;
 pub mod headers;
 pub mod identity;
@@ -487,7 +489,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     let guarded = match data_path {
         DataPath::Pingora => guarded,
-        DataPath::Lean => guarded.with_lean_h1(Arc::new(lean::Lean::new(shared.clone()))),
+        DataPath::Lean => guarded.with_lean(Arc::new(lean::Lean::new(shared.clone()))),
     };
     let connections = guarded.connections();
     let mut proxy = Service::new("waymark gateway".to_string(), guarded);

@@ -1,9 +1,10 @@
 //! Client connections the gateway must not hold forever, through its real listener with raw
 //! sockets: a head behind empty lines or on a kept-alive connection stays under the header
-//! deadline; idle HTTP/1.1 and HTTP/2 connections are closed (HTTP/2 with GOAWAY); the
-//! connection cap closes new connections at once; a trickled request body and a client that
-//! stops reading end their request and free the backend connection, over HTTP/1.1 and over
-//! HTTP/2 (a stream stalled on a zero window); pipelined requests are all answered, in order.
+//! deadline; idle HTTP/1.1 and HTTP/2 connections are closed (HTTP/2 with GOAWAY, also when
+//! PINGs alone keep it busy); the connection cap closes new connections at once; a trickled
+//! request body and a client that stops reading end their request and free the backend
+//! connection, over HTTP/1.1 and over HTTP/2 (a stream stalled on a zero window); pipelined
+//! requests are all answered, in order.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -300,6 +301,74 @@ async fn an_idle_http2_connection_gets_goaway_then_is_closed() {
     assert!(
         values.contains(&(0x4, 16384)),
         "INITIAL_WINDOW_SIZE: {values:?}"
+    );
+}
+
+/// A client that keeps its HTTP/2 connection busy with PINGs alone, and never answers the
+/// gateway's own PING, opens no stream: closed after three idle timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_busy_with_pings_alone_is_closed() {
+    let setup = start(GatewayOptions {
+        h2c: true,
+        ..GatewayOptions::config(CONFIG)
+    })
+    .await;
+    let addr = setup.gw.http;
+    let (goaway_at, closed_at) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let started = Instant::now();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .unwrap();
+        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+        let (mut goaway_at, mut next_ping) = (None, Instant::now());
+        while started.elapsed() < Duration::from_secs(10) {
+            if Instant::now() >= next_ping {
+                // PING, 8 bytes of opaque data; a write error is the gateway's close.
+                let ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00waymark!";
+                if s.write_all(ping).is_err() {
+                    return (goaway_at, Some(started.elapsed()));
+                }
+                next_ping += Duration::from_millis(200);
+            }
+            match s.read(&mut chunk) {
+                Ok(0) => return (goaway_at, Some(started.elapsed())),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return (goaway_at, Some(started.elapsed())),
+            }
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 0x7 && goaway_at.is_none() {
+                    goaway_at = Some(started.elapsed());
+                }
+                buf.drain(..9 + len);
+            }
+        }
+        (goaway_at, None)
+    })
+    .await
+    .unwrap();
+    // The idle timeout is 1 s: PINGs count as traffic, so not the silent connection's 1 s,
+    // but three idle timeouts without a stream (to within a quarter-second tick). The lean
+    // path sends GOAWAY then; pingora's closes the connection without one.
+    let closed_at = closed_at.expect("the gateway closed the connection");
+    let first = goaway_at.unwrap_or(closed_at);
+    assert!(
+        first >= Duration::from_millis(2700),
+        "GOAWAY or close after {first:?}"
+    );
+    assert!(
+        closed_at < Duration::from_secs(8),
+        "closed after {closed_at:?}"
     );
 }
 
