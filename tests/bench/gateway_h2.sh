@@ -9,9 +9,10 @@
 #   bash tests/bench/gateway_h2.sh                     # 10 s per run, 16 connections × 8 streams
 #   DURATION=30 CONNECTIONS=32 STREAMS=16 bash tests/bench/gateway_h2.sh
 #
-# The gateway carries HTTP/2 from clients on pingora's proxy (the lean path is HTTP/1.1), with
-# every feature on, as in gateway.sh: routing, balancing, forwarding headers, trace context,
-# limits, metrics; nginx and HAProxy add the same request headers. No access logs.
+# The gateway runs twice, once per data path (`lean`, hyper's HTTP/2 server, the default; and
+# `pingora`, pingora's proxy), with every feature on, as in gateway.sh: routing, balancing,
+# forwarding headers, trace context, limits, metrics; nginx and HAProxy add the same request
+# headers. No access logs.
 # A benchmark, not a test. Needs h2load (Debian: nghttp2-client), nginx, haproxy, taskset.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -54,16 +55,23 @@ wait_port() {
 }
 start_backend_and_registry taskset -c 1
 
-# waymark-gateway: one worker thread, h2c, no access log.
-printf 'threads = 1\naccess_log = "off"\nh2c = true\n' >"$work/gateway.toml"
-RUST_LOG=warn "$target/release/waymark-gateway" ingress --config "$work/gateway.toml" \
-    --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
-    >"$work/gateway.out" 2>"$work/gateway.log" &
-pids+=($!)
-gw_pid=$!
-for _ in $(seq 1 200); do grep -q listening "$work/gateway.out" && break; sleep 0.05; done
-gw_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/gateway.out")
-[[ -n $gw_port ]] || { echo "the gateway did not start:"; cat "$work/gateway.log"; exit 1; }
+# waymark-gateway, once per data path: one worker thread, h2c, no access log.
+# start_gateway DATA_PATH → sets gw_port gw_pid
+start_gateway() {
+    printf 'threads = 1\naccess_log = "off"\nh2c = true\ndata_path = "%s"\n' "$1" >"$work/gateway-$1.toml"
+    RUST_LOG=warn "$target/release/waymark-gateway" ingress --config "$work/gateway-$1.toml" \
+        --listen 127.0.0.1:0 --admin-addr 127.0.0.1:0 --registry "http://$api" \
+        >"$work/gateway-$1.out" 2>"$work/gateway-$1.log" &
+    pids+=($!)
+    gw_pid=$!
+    for _ in $(seq 1 200); do grep -q listening "$work/gateway-$1.out" && break; sleep 0.05; done
+    gw_port=$(sed -n 's/.* http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/gateway-$1.out")
+    [[ -n $gw_port ]] || { echo "the gateway did not start:"; cat "$work/gateway-$1.log"; exit 1; }
+}
+start_gateway lean
+lean_port=$gw_port lean_pid=$gw_pid
+start_gateway pingora
+pingora_port=$gw_port pingora_pid=$gw_pid
 
 nginx_port=$(free_port)
 mkdir -p "$work/nginx"
@@ -139,7 +147,7 @@ pids+=($!)
 haproxy_pid=$!
 wait_port "$haproxy_port"
 
-for p in $gw_pid $nginx_pid $haproxy_pid; do taskset -a -pc 0 "$p" >/dev/null; done
+for p in $lean_pid $pingora_pid $nginx_pid $haproxy_pid; do taskset -a -pc 0 "$p" >/dev/null; done
 
 ticks=$(getconf CLK_TCK)
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -161,8 +169,8 @@ load() {
 }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-targets=(gateway:$gw_port:$gw_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
-names=(gateway nginx haproxy)
+targets=(lean:$lean_port:$lean_pid pingora-path:$pingora_port:$pingora_pid nginx:$nginx_port:$nginx_pid haproxy:$haproxy_port:$haproxy_pid)
+names=(lean pingora-path nginx haproxy)
 declare -A ROUND
 for round in $(seq 1 "$ROUNDS"); do
     for t in "${targets[@]}"; do
@@ -182,7 +190,7 @@ report() {
     echo "- command: \`DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS bash tests/bench/gateway_h2.sh\`"
     echo "- layout: each proxy alone on core 0 (taskset -a -c 0, every thread); h2load (one thread), the backend and the registry on core 1"
     echo "- clients: h2load, $CONNECTIONS connections × $STREAMS concurrent streams, cleartext HTTP/2 by prior knowledge, $DURATION s per target and round; $ROUNDS rounds, the median round by req/s shown"
-    echo "- every proxy: one worker, HTTP/1.1 keep-alive to one gw_backend instance, the gateway's request headers added; no access log. The gateway: h2c on its plain listener (pingora's HTTP/2), every feature on"
+    echo "- every proxy: one worker, HTTP/1.1 keep-alive to one gw_backend instance, the gateway's request headers added; no access log. The gateway: h2c on its plain listener, every feature on; \`lean\` is the lean data path (hyper's HTTP/2 server), \`pingora-path\` pingora's proxy"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests"
     echo
     echo "| target | req/s | CPU µs/req | req/s vs nginx | rounds req/s |"

@@ -591,3 +591,63 @@ async fn http2_streams_stalled_on_a_zero_window_are_reset_and_free_their_backend
     }
     driver.abort();
 }
+
+/// HTTP/2 rapid reset (CVE-2023-44487): a client that opens streams and resets each at once
+/// is cut off (GOAWAY, and the connection closed) after a few dozen streams reached the
+/// gateway, however many it queued; other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_client_is_cut_off() {
+    let setup = start(GatewayOptions {
+        h2c: true,
+        ..GatewayOptions::config(CONFIG)
+    })
+    .await;
+    let gw = &setup.gw;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let started = Instant::now();
+    let mut queued = 0;
+    while queued < 20_000 && started.elapsed() < Duration::from_secs(10) {
+        let Ok(mut ready) = client.clone().ready().await else {
+            break;
+        };
+        let req = http::Request::get("http://slow.test/?sleep_ms=5000")
+            .body(())
+            .unwrap();
+        let Ok((_resp, mut stream)) = ready.send_request(req, true) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        queued += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the gateway ended the connection")
+        .unwrap();
+    assert!(ended.is_err(), "the connection ended cleanly: {ended:?}");
+    // Others are served.
+    let resp = setup
+        .c
+        .get(format!("http://{}/", gw.http))
+        .header("host", "open.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The streams that reached the gateway, whatever their status.
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("waymark_gateway_requests_total{route=\"open.test/\""),
+        "{m}"
+    );
+    let reached: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("waymark_gateway_requests_total{route=\"slow.test/\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        reached <= 200.0,
+        "{reached} of the {queued} queued streams reached the gateway"
+    );
+}
