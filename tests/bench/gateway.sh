@@ -146,41 +146,7 @@ hyper_port=$(sed -n 's/^hyper_floor listening .*:\([0-9]*\)$/\1/p' "$work/hyper.
 nginx_port=$(free_port)
 nginx_access_log=off
 if [[ $ACCESS_LOG == 1 ]]; then nginx_access_log="$work/nginx/access.log combined buffer=64k flush=1s"; fi
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log $nginx_access_log;
-    client_body_temp_path $work/nginx;
-    proxy_temp_path $work/nginx;
-    fastcgi_temp_path $work/nginx;
-    uwsgi_temp_path $work/nginx;
-    scgi_temp_path $work/nginx;
-    upstream backend { server 127.0.0.1:$backend_port; keepalive 64; }
-    # The gateway's headers: the client's X-Request-Id or a new one; a new trace (nginx has
-    # one random value per request, so the span ID is the first half of the trace ID).
-    map \$http_x_request_id \$req_id { "" \$request_id; default \$http_x_request_id; }
-    map \$request_id \$span_id { "~^(?<first>[0-9a-f]{16})" \$first; }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
-            proxy_set_header X-Request-Id \$req_id;
-            proxy_set_header traceparent "00-\$request_id-\$span_id-00";
-        }
-    }
-}
-EOF
+NGINX_ACCESS_LOG=$nginx_access_log write_nginx_conf "$nginx_port"
 "$NGINX" -t -q -c "$work/nginx/nginx.conf" -p "$work/nginx"
 "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 pids+=($!)

@@ -74,44 +74,7 @@ start_gateway pingora
 pingora_port=$gw_port pingora_pid=$gw_pid
 
 nginx_port=$(free_port)
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx;
-    proxy_temp_path $work/nginx;
-    fastcgi_temp_path $work/nginx;
-    uwsgi_temp_path $work/nginx;
-    scgi_temp_path $work/nginx;
-    upstream backend { server $backend; keepalive 64; keepalive_requests 100000000; }
-    map \$http_x_request_id \$req_id { "" \$request_id; default \$http_x_request_id; }
-    map \$request_id \$span_id { "~^(?<first>[0-9a-f]{16})" \$first; }
-    server {
-        listen 127.0.0.1:$nginx_port http2;
-        http2_max_concurrent_streams 256;
-        # nginx closes a connection after 1,000 requests by default, and h2load does not
-        # open another: without this it would measure that, not the proxy.
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
-            proxy_set_header X-Request-Id \$req_id;
-            proxy_set_header traceparent "00-\$request_id-\$span_id-00";
-        }
-    }
-}
-EOF
+write_nginx_conf "$nginx_port" " http2"
 "$NGINX" -t -q -c "$work/nginx/nginx.conf" -p "$work/nginx"
 "$NGINX" -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 pids+=($!)
@@ -187,7 +150,7 @@ report() {
     echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2/1048576 }' /proc/meminfo), $(uname -r)"
     echo "- load average before: $load_before"
-    echo "- command: \`DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS bash tests/bench/gateway_h2.sh\`"
+    echo "- command: \`ROUNDS=$ROUNDS DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS bash tests/bench/gateway_h2.sh\`"
     echo "- layout: each proxy alone on core 0 (taskset -a -c 0, every thread); h2load (one thread), the backend and the registry on core 1"
     echo "- clients: h2load, $CONNECTIONS connections × $STREAMS concurrent streams, cleartext HTTP/2 by prior knowledge, $DURATION s per target and round; $ROUNDS rounds, the median round by req/s shown"
     echo "- every proxy: one worker, HTTP/1.1 keep-alive to one gw_backend instance, the gateway's request headers added; no access log. The gateway: h2c on its plain listener, every feature on; \`lean\` is the lean data path (hyper's HTTP/2 server), \`pingora-path\` pingora's proxy"

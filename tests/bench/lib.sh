@@ -1,6 +1,7 @@
 # Shared by the gateway benchmark scripts (sourced, after `cd` to the repository root and
-# with $target set): a scratch directory whose processes are stopped on exit, and the
-# backend and registry every gateway benchmark runs in front of.
+# with $target set): a scratch directory whose processes are stopped on exit, the backend
+# and registry every gateway benchmark runs in front of, and nginx's config as the gateway's
+# peer.
 
 work=$(mktemp -d)
 pids=()
@@ -31,4 +32,53 @@ start_backend_and_registry() {
     for _ in $(seq 1 100); do grep -q listening "$work/resolver.out" && break; sleep 0.05; done
     api=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/resolver.out")
     curl -sf -X PUT "http://$api/v1/agent/service/register" -d "{\"ID\":\"bench-1\",\"Name\":\"bench\",\"Address\":\"127.0.0.1\",\"Port\":$backend_port,\"Meta\":{\"waymark-public-host\":\"bench.test\"}}" >/dev/null
+}
+
+# write_nginx_conf PORT [LISTEN_OPTIONS] → $work/nginx/nginx.conf (after
+# start_backend_and_registry): nginx as the gateway's peer in front of $backend, one worker,
+# keep-alive both ways with no cap on requests per connection (the gateway has none; nginx
+# closes after 1,000 by default, and h2load does not reconnect), adding the gateway's request
+# headers. LISTEN_OPTIONS: say " http2". NGINX_ACCESS_LOG (default off) is the access_log
+# directive's value; NGINX_MASTER=off runs the worker alone (under valgrind).
+write_nginx_conf() {
+    local port=$1 listen=${2:-}
+    mkdir -p "$work/nginx"
+    cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+master_process ${NGINX_MASTER:-on};
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log ${NGINX_ACCESS_LOG:-off};
+    client_body_temp_path $work/nginx;
+    proxy_temp_path $work/nginx;
+    fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx;
+    scgi_temp_path $work/nginx;
+    upstream backend { server $backend; keepalive 64; keepalive_requests 100000000; }
+    # The gateway's headers: the client's X-Request-Id or a new one; a new trace (nginx has
+    # one random value per request, so the span ID is the first half of the trace ID).
+    map \$http_x_request_id \$req_id { "" \$request_id; default \$http_x_request_id; }
+    map \$request_id \$span_id { "~^(?<first>[0-9a-f]{16})" \$first; }
+    server {
+        listen 127.0.0.1:$port$listen;
+        http2_max_concurrent_streams 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
+            proxy_set_header X-Request-Id \$req_id;
+            proxy_set_header traceparent "00-\$request_id-\$span_id-00";
+        }
+    }
+}
+EOF
 }
