@@ -82,6 +82,15 @@ async fn start_plain() -> Setup {
     start(GatewayOptions::config(CONFIG)).await
 }
 
+/// With h2c on the plain listener.
+async fn start_h2c() -> Setup {
+    start(GatewayOptions {
+        h2c: true,
+        ..GatewayOptions::config(CONFIG)
+    })
+    .await
+}
+
 /// The value of an unlabelled metric, or none when it is not there.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -225,43 +234,62 @@ async fn an_idle_kept_alive_connection_is_closed() {
 /// Reads HTTP/2 frames from `s` until EOF or `within`; returns (type, flags, payload) of each
 /// and whether the gateway closed the connection.
 fn h2_frames(s: &mut TcpStream, within: Duration) -> (Vec<(u8, u8, Vec<u8>)>, bool) {
+    let (frames, closed) = h2_session(s, within, None);
+    let frames = frames.into_iter().map(|(_, t, f, p)| (t, f, p)).collect();
+    (frames, closed.is_some())
+}
+
+/// Reads HTTP/2 frames from `s` until EOF or `within`, sending a PING every `ping_every`
+/// when asked; returns (when, type, flags, payload) of each frame and when the gateway closed
+/// the connection (EOF, or a failed write), if it did.
+#[allow(clippy::type_complexity)]
+fn h2_session(
+    s: &mut TcpStream,
+    within: Duration,
+    ping_every: Option<Duration>,
+) -> (Vec<(Duration, u8, u8, Vec<u8>)>, Option<Duration>) {
     let started = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let mut buf = Vec::new();
     let mut frames = Vec::new();
     let mut chunk = [0u8; 4096];
+    let mut next_ping = Instant::now();
     while started.elapsed() < within {
+        if let Some(every) = ping_every.filter(|_| Instant::now() >= next_ping) {
+            // PING, 8 bytes of opaque data.
+            if s.write_all(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00waymark!")
+                .is_err()
+            {
+                return (frames, Some(started.elapsed()));
+            }
+            next_ping += every;
+        }
         match s.read(&mut chunk) {
             Ok(0) | Err(_) if started.elapsed() >= within => break,
-            Ok(0) => return (frames, true),
+            Ok(0) => return (frames, Some(started.elapsed())),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
-            Err(_) => return (frames, true),
+            Err(_) => return (frames, Some(started.elapsed())),
         }
         while buf.len() >= 9 {
             let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
             if buf.len() < 9 + len {
                 break;
             }
-            frames.push((buf[3], buf[4], buf[9..9 + len].to_vec()));
+            frames.push((started.elapsed(), buf[3], buf[4], buf[9..9 + len].to_vec()));
             buf.drain(..9 + len);
         }
     }
-    (frames, false)
+    (frames, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_gets_goaway_then_is_closed() {
-    let setup = start(GatewayOptions {
-        h2c: true,
-        ..GatewayOptions::config(CONFIG)
-    })
-    .await;
+    let setup = start_h2c().await;
     let gw = &setup.gw;
     let addr = gw.http;
     let (frames, closed, took) = tokio::task::spawn_blocking(move || {
@@ -308,52 +336,17 @@ async fn an_idle_http2_connection_gets_goaway_then_is_closed() {
 /// gateway's own PING, opens no stream: closed after three idle timeouts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_busy_with_pings_alone_is_closed() {
-    let setup = start(GatewayOptions {
-        h2c: true,
-        ..GatewayOptions::config(CONFIG)
-    })
-    .await;
+    let setup = start_h2c().await;
     let addr = setup.gw.http;
-    let (goaway_at, closed_at) = tokio::task::spawn_blocking(move || {
+    let (frames, closed_at) = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let started = Instant::now();
         s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
             .unwrap();
-        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
-        let (mut goaway_at, mut next_ping) = (None, Instant::now());
-        while started.elapsed() < Duration::from_secs(10) {
-            if Instant::now() >= next_ping {
-                // PING, 8 bytes of opaque data; a write error is the gateway's close.
-                let ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00waymark!";
-                if s.write_all(ping).is_err() {
-                    return (goaway_at, Some(started.elapsed()));
-                }
-                next_ping += Duration::from_millis(200);
-            }
-            match s.read(&mut chunk) {
-                Ok(0) => return (goaway_at, Some(started.elapsed())),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return (goaway_at, Some(started.elapsed())),
-            }
-            while buf.len() >= 9 {
-                let len =
-                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                if buf[3] == 0x7 && goaway_at.is_none() {
-                    goaway_at = Some(started.elapsed());
-                }
-                buf.drain(..9 + len);
-            }
-        }
-        (goaway_at, None)
+        h2_session(
+            &mut s,
+            Duration::from_secs(10),
+            Some(Duration::from_millis(200)),
+        )
     })
     .await
     .unwrap();
@@ -361,6 +354,7 @@ async fn an_http2_connection_busy_with_pings_alone_is_closed() {
     // but three idle timeouts without a stream (to within a quarter-second tick). The lean
     // path sends GOAWAY then; pingora's closes the connection without one.
     let closed_at = closed_at.expect("the gateway closed the connection");
+    let goaway_at = frames.iter().find(|f| f.1 == 0x7).map(|f| f.0);
     let first = goaway_at.unwrap_or(closed_at);
     assert!(
         first >= Duration::from_millis(2700),
@@ -523,11 +517,7 @@ async fn a_client_that_stops_reading_frees_the_backend_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_stalled_on_a_zero_window_are_reset_and_free_their_backend_connections() {
-    let setup = start(GatewayOptions {
-        h2c: true,
-        ..GatewayOptions::config(CONFIG)
-    })
-    .await;
+    let setup = start_h2c().await;
     let (gw, slow) = (&setup.gw, &setup.slow);
     // No request has reached the slow backend yet: its own sockets only.
     let base = slow.sockets();
@@ -597,11 +587,7 @@ async fn http2_streams_stalled_on_a_zero_window_are_reset_and_free_their_backend
 /// gateway, however many it queued; other clients are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_rapid_reset_client_is_cut_off() {
-    let setup = start(GatewayOptions {
-        h2c: true,
-        ..GatewayOptions::config(CONFIG)
-    })
-    .await;
+    let setup = start_h2c().await;
     let gw = &setup.gw;
     let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     let (client, conn) = h2::client::handshake(tcp).await.unwrap();
