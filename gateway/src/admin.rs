@@ -10,13 +10,14 @@
 //! - `/ui/`: the web view ([`crate::ui`]).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +26,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use waymark_shared::follow::RegistryStatus;
+
+use crate::FastHash;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -82,6 +85,8 @@ pub struct Metrics {
     /// Per route and per instance, for the web view (not exported to Prometheus: instance
     /// IDs would make its series unbounded).
     pub traffic: crate::traffic::Traffic,
+    /// Each route's series, by route name.
+    by_route: DashMap<String, Arc<RouteMetrics>, FastHash>,
 }
 
 impl Default for Metrics {
@@ -90,25 +95,89 @@ impl Default for Metrics {
     }
 }
 
+/// One route's Prometheus series, looked up by name once and then counted into directly:
+/// a request's end costs one map lookup by a borrowed name instead of two labelled lookups
+/// (each hashing an owned label set).
+pub struct RouteMetrics {
+    route: String,
+    duration: Histogram,
+    retries: Counter,
+    /// By status, added on first use (a route answers with a handful of statuses).
+    statuses: RwLock<Vec<(u16, Counter)>>,
+    requests: Family<RouteStatus, Counter>,
+}
+
+impl RouteMetrics {
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// A try after the first.
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    fn done(&self, status: u16, elapsed: std::time::Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let known = {
+            let statuses = self.statuses.read().unwrap_or_else(|p| p.into_inner());
+            statuses
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map(|(_, c)| c.inc())
+        };
+        if known.is_none() {
+            let counter = self
+                .requests
+                .get_or_create(&RouteStatus {
+                    route: self.route.clone(),
+                    status,
+                })
+                .clone();
+            counter.inc();
+            let mut statuses = self.statuses.write().unwrap_or_else(|p| p.into_inner());
+            if !statuses.iter().any(|(s, _)| *s == status) {
+                statuses.push((status, counter));
+            }
+        }
+    }
+}
+
 impl Metrics {
+    /// The series of the route named `route` (made on first use; the families keep every
+    /// route's series for the life of the process, so a handle never goes stale).
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        if let Some(m) = self.by_route.get(route) {
+            return m.clone();
+        }
+        let label = RouteLabel {
+            route: route.to_string(),
+        };
+        let metrics = Arc::new(RouteMetrics {
+            duration: self.duration.get_or_create(&label).clone(),
+            retries: self.retries.get_or_create(&label).clone(),
+            statuses: RwLock::new(Vec::new()),
+            requests: self.requests.clone(),
+            route: label.route,
+        });
+        self.by_route
+            .entry(route.to_string())
+            .or_insert(metrics)
+            .clone()
+    }
+
     /// Counts a finished request and its duration under its route and the instance that
-    /// answered it last; gives the route label back (one string, moved from one label set to
-    /// the next: no copies per request).
+    /// answered it last.
     pub fn request_done(
         &self,
-        route: String,
+        route: &RouteMetrics,
         instance: Option<&str>,
         status: u16,
         elapsed: std::time::Duration,
-    ) -> String {
-        self.traffic.record(&route, instance, status, elapsed);
-        let label = RouteStatus { route, status };
-        self.requests.get_or_create(&label).inc();
-        let label = RouteLabel { route: label.route };
-        self.duration
-            .get_or_create(&label)
-            .observe(elapsed.as_secs_f64());
-        label.route
+    ) {
+        self.traffic
+            .record(route.route(), instance, status, elapsed);
+        route.done(status, elapsed);
     }
 
     pub fn new() -> Metrics {
@@ -212,6 +281,7 @@ impl Metrics {
             connections,
             connections_refused,
             traffic: Default::default(),
+            by_route: DashMap::default(),
         }
     }
 
@@ -334,5 +404,34 @@ mod tests {
         );
         assert!(text.contains("waymark_gateway_request_duration_seconds_bucket"));
         assert!(text.contains("waymark_gateway_registry_connected"));
+    }
+
+    /// Requests counted through a route's handles land in the same series as the labelled
+    /// families, whichever handle counted them, and each status in its own series.
+    #[test]
+    fn route_handles_count_into_the_labelled_series() {
+        let m = Metrics::new();
+        let ms = std::time::Duration::from_millis(1);
+        let (shop, again) = (m.route("shop"), m.route("shop"));
+        m.request_done(&shop, Some("shop-1"), 200, ms);
+        m.request_done(&again, Some("shop-2"), 200, ms);
+        m.request_done(&shop, Some("shop-2"), 502, ms);
+        m.request_done(&m.route("-"), None, 404, ms);
+        shop.retried();
+        let text = m.encode();
+        let table = [
+            "waymark_gateway_requests_total{route=\"shop\",status=\"200\"} 2",
+            "waymark_gateway_requests_total{route=\"shop\",status=\"502\"} 1",
+            "waymark_gateway_requests_total{route=\"-\",status=\"404\"} 1",
+            "waymark_gateway_request_duration_seconds_count{route=\"shop\"} 3",
+            "waymark_gateway_retries_total{route=\"shop\"} 1",
+        ];
+        for line in table {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        let sample = m.traffic.sample();
+        assert_eq!(sample.routes["shop"].requests, 3);
+        assert_eq!(sample.routes["shop"].errors, 1);
+        assert_eq!(sample.instances["shop-2"].requests, 2);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, Method, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 use waymark_shared::select::any_selected;
 use waymark_shared::ServiceView;
 
@@ -298,13 +298,16 @@ fn route(shared: &Shared, head: &Head<'_>) -> Result<(Option<Arc<Route>>, Option
 /// Where forwarding headers are written: pingora's request header, or an `http` map.
 pub trait HeaderEdit {
     fn headers(&self) -> &HeaderMap;
-    fn set(&mut self, name: &HeaderName, value: String);
+    fn set(&mut self, name: &HeaderName, value: HeaderValue);
     fn remove(&mut self, name: &str);
 }
 
 /// Who sent the request and how, for the forwarding headers.
 pub struct Forwarding<'a> {
     pub client: Option<IpAddr>,
+    /// `client` as a header value, when the connection made it once for all its requests
+    /// (else it is made here).
+    pub client_value: Option<&'a HeaderValue>,
     /// The peer is a trusted proxy: its forwarding headers are continued.
     pub trusted: bool,
     pub https: bool,
@@ -333,7 +336,7 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
         }
     }
     if f.te_trailers {
-        req.set(&TE, "trailers".into());
+        req.set(&TE, HeaderValue::from_static("trailers"));
     }
     let own_proto = if f.https { "https" } else { "http" };
     let proto = if f.trusted {
@@ -359,24 +362,51 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
                 Vec::new()
             }
         };
-        let xff = headers::x_forwarded_for(lists("x-forwarded-for").into_iter(), ip);
+        let made;
+        let ip_value = match f.client_value {
+            Some(v) => Some(v),
+            None => {
+                made = text(headers::real_ip(ip));
+                made.as_ref()
+            }
+        };
+        let continued = lists("x-forwarded-for");
+        let xff = match ip_value {
+            Some(v) if continued.is_empty() => Some(v.clone()),
+            _ => text(headers::x_forwarded_for(continued.into_iter(), ip)),
+        };
         let fwd = headers::forwarded(lists("forwarded").into_iter(), ip, own_proto, f.host);
         let keep_real_ip = f.trusted && req.headers().contains_key(&X_REAL_IP);
-        req.set(&X_FORWARDED_FOR, xff);
-        req.set(&FORWARDED, fwd);
-        if !keep_real_ip {
-            req.set(&X_REAL_IP, headers::real_ip(ip));
+        if let Some(v) = xff {
+            req.set(&X_FORWARDED_FOR, v);
+        }
+        if let Some(v) = text(fwd) {
+            req.set(&FORWARDED, v);
+        }
+        if let (false, Some(v)) = (keep_real_ip, ip_value) {
+            req.set(&X_REAL_IP, v.clone());
         }
     } else if !f.trusted {
         for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
             req.remove(name);
         }
     }
-    req.set(&X_FORWARDED_PROTO, proto.into());
-    req.set(&X_REQUEST_ID, f.request_id.into());
-    if let Some(t) = f.trace {
-        req.set(&TRACEPARENT, t.header_value().into());
+    req.set(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Ok(v) = HeaderValue::from_str(f.request_id) {
+        req.set(&X_REQUEST_ID, v);
     }
+    if let Some(v) = f
+        .trace
+        .and_then(|t| HeaderValue::from_str(t.header_value()).ok())
+    {
+        req.set(&TRACEPARENT, v);
+    }
+}
+
+/// A header value made of text built here (visible ASCII; `None` would mean a bug, and
+/// the header is then left out rather than sent malformed).
+fn text(value: String) -> Option<HeaderValue> {
+    HeaderValue::try_from(value).ok()
 }
 
 impl HeaderEdit for HeaderMap {
@@ -384,10 +414,8 @@ impl HeaderEdit for HeaderMap {
         self
     }
 
-    fn set(&mut self, name: &HeaderName, value: String) {
-        if let Ok(v) = http::HeaderValue::try_from(value) {
-            self.insert(name.clone(), v);
-        }
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.insert(name.clone(), value);
     }
 
     fn remove(&mut self, name: &str) {
@@ -400,7 +428,7 @@ impl HeaderEdit for pingora::http::RequestHeader {
         &self.headers
     }
 
-    fn set(&mut self, name: &HeaderName, value: String) {
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) {
         // Every value written here is made of visible ASCII.
         let _ = self.insert_header(name.clone(), value);
     }

@@ -49,7 +49,6 @@ use pingora::server::ShutdownWatch;
 use tokio::time::Sleep;
 
 use crate::access_log;
-use crate::admin::RouteLabel;
 use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
 use crate::h2_streams::{Stall, StreamExec};
@@ -103,6 +102,8 @@ struct TryFailed {
 /// What the connection knows about its client.
 struct Conn {
     client: Option<IpAddr>,
+    /// `client` as `X-Real-IP` and a fresh `X-Forwarded-For` carry it, made once.
+    client_value: Option<HeaderValue>,
     https: bool,
     trusted: bool,
     /// The header deadline's "a request ended" switch (HTTP/1.1; HTTP/2 has no heads to
@@ -117,6 +118,7 @@ impl Conn {
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         Conn {
             client,
+            client_value: client.and_then(|ip| HeaderValue::try_from(headers::real_ip(ip)).ok()),
             https: stream.get_ssl_digest().is_some(),
             trusted: client.is_some_and(|ip| lean.shared.config.is_trusted_proxy(ip)),
             next_request: h1.then(|| stream.next_request_handle()),
@@ -347,6 +349,7 @@ impl Lean {
             &mut parts.headers,
             &Forwarding {
                 client: conn.client,
+                client_value: conn.client_value.as_ref(),
                 trusted: conn.trusted,
                 https: conn.https,
                 host: host.as_deref(),
@@ -416,13 +419,7 @@ impl Lean {
                 Err(_) => return done.answer(502, BAD_GATEWAY.into(), None),
             };
             if !done.tried.is_empty() {
-                shared
-                    .metrics
-                    .retries
-                    .get_or_create(&RouteLabel {
-                        route: route.name.clone(),
-                    })
-                    .inc();
+                shared.metrics.route(&route.name).retried();
             }
             done.tried.push(pick.instance.id.to_string());
             let this_body = match (&replay, body.take()) {
@@ -936,12 +933,11 @@ impl Drop for Done {
         }
         shared.metrics.in_flight.dec();
         let elapsed = self.start.elapsed();
-        let route = self
-            .route
-            .as_ref()
-            .map_or_else(|| NO_ROUTE.to_string(), |r| r.name.clone());
-        let route = shared.metrics.request_done(
-            route,
+        let route = shared
+            .metrics
+            .route(self.route.as_ref().map_or(NO_ROUTE, |r| r.name.as_str()));
+        shared.metrics.request_done(
+            &route,
             self.tried.last().map(String::as_str),
             self.status,
             elapsed,
@@ -957,7 +953,7 @@ impl Drop for Done {
             path: &self.path,
             version: access_log::version_str(self.version),
             status: self.status,
-            route: &route,
+            route: route.route(),
             instance: self.tried.last().map_or("", String::as_str),
             tries: self.tried.len(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,

@@ -39,7 +39,6 @@ use pingora::upstreams::peer::HttpPeer;
 use waymark_shared::ServiceView;
 
 use crate::access_log;
-use crate::admin::RouteLabel;
 use crate::admission::{self, ContentLength, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
 use crate::config::AccessLog;
@@ -82,10 +81,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    fn route_label(ctx: &Ctx) -> String {
-        ctx.route
-            .as_ref()
-            .map_or_else(|| NO_ROUTE.to_string(), |r| r.name.clone())
+    fn route_label(ctx: &Ctx) -> &str {
+        ctx.route.as_ref().map_or(NO_ROUTE, |r| r.name.as_str())
     }
 
     /// Answers the request from the gateway itself with a short text body.
@@ -334,13 +331,7 @@ impl ProxyHttp for Gateway {
         };
         if !ctx.tried.is_empty() {
             ctx.retries += 1;
-            self.shared
-                .metrics
-                .retries
-                .get_or_create(&RouteLabel {
-                    route: route.name.clone(),
-                })
-                .inc();
+            self.shared.metrics.route(&route.name).retried();
         }
         ctx.tried.push(inflight.instance.id.to_string());
         let mut peer = HttpPeer::new(inflight.addr, false, String::new());
@@ -415,6 +406,7 @@ impl ProxyHttp for Gateway {
         });
         let forwarding = admission::Forwarding {
             client: ctx.client,
+            client_value: None,
             trusted: ctx.trusted,
             https: ctx.https,
             host: host.as_deref(),
@@ -589,8 +581,9 @@ impl ProxyHttp for Gateway {
             .or(ctx.local_status)
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
-        let route = shared.metrics.request_done(
-            Self::route_label(ctx),
+        let route = shared.metrics.route(Self::route_label(ctx));
+        shared.metrics.request_done(
+            &route,
             ctx.tried.last().map(String::as_str),
             status,
             elapsed,
@@ -618,7 +611,7 @@ impl ProxyHttp for Gateway {
             path: req.uri.path(),
             version: access_log::version_str(req.version),
             status,
-            route: &route,
+            route: route.route(),
             instance: ctx.tried.last().map_or("", String::as_str),
             tries: ctx.tried.len(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
