@@ -145,9 +145,12 @@ fn is_token_or_host(h: &str) -> bool {
 /// Appends `v` as 16 lowercase hex digits.
 fn push_hex(out: &mut String, v: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..16).rev() {
-        out.push(char::from(DIGITS[((v >> (shift * 4)) & 0xf) as usize]));
+    let mut digits = [0u8; 16];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = DIGITS[((v >> ((15 - i) * 4)) & 0xf) as usize];
     }
+    // One append instead of sixteen (hex digits are ASCII: the check cannot fail).
+    out.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 /// The request ID to use: the client's when it is printable and short, else a new one.
