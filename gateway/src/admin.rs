@@ -166,6 +166,30 @@ impl Metrics {
             .clone()
     }
 
+    /// Forgets the series of routes that are gone (`keep` false), so that routes which come
+    /// and go with registrations do not pile up series; a route that comes back starts
+    /// from zero, which Prometheus reads as a counter reset.
+    pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
+        self.by_route.retain(|name, metrics| {
+            if keep(name) {
+                return true;
+            }
+            let statuses = metrics.statuses.read().unwrap_or_else(|p| p.into_inner());
+            for (status, _) in statuses.iter() {
+                self.requests.remove(&RouteStatus {
+                    route: name.clone(),
+                    status: *status,
+                });
+            }
+            let label = RouteLabel {
+                route: name.clone(),
+            };
+            self.duration.remove(&label);
+            self.retries.remove(&label);
+            false
+        });
+    }
+
     /// Counts a finished request and its duration under its route and the instance that
     /// answered it last.
     pub fn request_done(
@@ -433,5 +457,17 @@ mod tests {
         assert_eq!(sample.routes["shop"].requests, 3);
         assert_eq!(sample.routes["shop"].errors, 1);
         assert_eq!(sample.instances["shop-2"].requests, 2);
+
+        // The route goes away: its series go with it; "-" stays. Back, it starts afresh.
+        m.retain_routes(|r| r == "-");
+        let text = m.encode();
+        assert!(!text.contains("route=\"shop\""), "{text}");
+        assert!(text.contains("route=\"-\",status=\"404\"} 1"), "{text}");
+        m.request_done(&m.route("shop"), None, 200, ms);
+        let text = m.encode();
+        assert!(
+            text.contains("waymark_gateway_requests_total{route=\"shop\",status=\"200\"} 1"),
+            "{text}"
+        );
     }
 }

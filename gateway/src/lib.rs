@@ -221,10 +221,9 @@ impl Shared {
         self.balancer.retain(&live);
         let table = self.routes.load();
         let routes: HashSet<&str> = table.routes().map(|r| r.name.as_str()).collect();
-        self.metrics.traffic.retain(
-            |r| r == admission::NO_ROUTE || routes.contains(r),
-            |i| live.contains(i),
-        );
+        let keep = |r: &str| r == admission::NO_ROUTE || routes.contains(r);
+        self.metrics.traffic.retain(keep, |i| live.contains(i));
+        self.metrics.retain_routes(keep);
     }
 }
 
