@@ -395,10 +395,15 @@ impl Lean {
         let deadline = done.start + cfg.timeouts.deadline;
         let mut service = admitted.service;
         let tags = admitted.tags;
+        let mut head_spent = false;
         loop {
             if !done.tried.is_empty() {
                 if Instant::now() >= deadline {
                     return done.answer(504, GATEWAY_TIMEOUT.into(), None);
+                }
+                if head_spent {
+                    // Unreachable by `last_try`'s reasoning; kept safe all the same.
+                    return done.answer(502, BAD_GATEWAY.into(), None);
                 }
                 // A retry takes the freshest view of the service.
                 if let Some(fresh) = shared.mirror.service(&route.service) {
@@ -430,8 +435,15 @@ impl Lean {
             let mut upstream = Request::new(this_body);
             *upstream.method_mut() = parts.method.clone();
             *upstream.uri_mut() = Uri::from(target.clone());
-            *upstream.headers_mut() = parts.headers.clone();
-            *upstream.extensions_mut() = parts.extensions.clone();
+            // The head is copied only when another try could follow; the last one takes it.
+            head_spent = last_try(&service, &done.tried, cfg.retry.attempts);
+            if head_spent {
+                *upstream.headers_mut() = std::mem::take(&mut parts.headers);
+                *upstream.extensions_mut() = std::mem::take(&mut parts.extensions);
+            } else {
+                *upstream.headers_mut() = parts.headers.clone();
+                *upstream.extensions_mut() = parts.extensions.clone();
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let result = tokio::time::timeout(
                 cfg.timeouts.per_try.min(left),
@@ -611,6 +623,19 @@ impl Lean {
         );
         Response::from_parts(parts, body.boxed())
     }
+}
+
+/// Whether the try about to start (its instance last in `tried`) must be the last one: the
+/// tries allowed are used up, or no instance of the service is left untried. Another try
+/// takes the service as this one saw it ([`tries::may_retry`] selects among its instances,
+/// a subset of these), so when this holds no retry can follow and the request's head need
+/// not be kept for one.
+fn last_try(service: &waymark_shared::ServiceView, tried: &[String], attempts: u32) -> bool {
+    tried.len() >= attempts as usize
+        || service
+            .instances
+            .iter()
+            .all(|i| tried.iter().any(|t| *t == i.id))
 }
 
 /// The request target as the client sent it, as far as admission needs it: origin form
@@ -1010,6 +1035,51 @@ mod tests {
         let err = pool.send(addr, req).await.err().unwrap();
         assert!(!err.is_connect());
         assert!(closed_before_answer(&err), "{}", report(&err));
+    }
+
+    #[test]
+    fn last_tries() {
+        let instance = |id: &str| {
+            Arc::new(waymark_shared::Instance {
+                id: id.into(),
+                service: "web".into(),
+                address: "127.0.0.1".into(),
+                port: 80,
+                tags: vec![],
+                meta: Default::default(),
+                weight_passing: 1,
+                weight_warning: 1,
+                checks: vec![],
+                draining: false,
+                node: None,
+                create_index: 0,
+                modify_index: 0,
+                extra: None,
+            })
+        };
+        let view = |ids: &[&str]| waymark_shared::ServiceView {
+            name: "web".into(),
+            index: 1,
+            instances: ids.iter().map(|id| instance(id)).collect(),
+            attrs: Default::default(),
+        };
+        // (instances, tried, attempts, last)
+        let table: [(&[&str], &[&str], u32, bool); 6] = [
+            (&["a"], &["a"], 3, true),
+            (&["a", "b"], &["a"], 3, false),
+            (&["a", "b"], &["b", "a"], 3, true),
+            (&["a", "b", "c"], &["a", "b"], 2, true),
+            (&["a", "b", "c"], &["a"], 1, true),
+            (&["a", "b", "c"], &["c"], 2, false),
+        ];
+        for (ids, tried, attempts, want) in table {
+            let tried: Vec<String> = tried.iter().map(|t| t.to_string()).collect();
+            assert_eq!(
+                last_try(&view(ids), &tried, attempts),
+                want,
+                "{ids:?} {tried:?} {attempts}"
+            );
+        }
     }
 
     #[test]
