@@ -336,14 +336,15 @@ fn weighted_index(weights: impl Iterator<Item = u32> + Clone, roll: f64) -> Opti
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use waymark_shared::CheckView;
 
     use super::*;
 
-    fn inst(id: &str, port: u16, weight: u32) -> Arc<Instance> {
+    /// An instance on 127.0.0.1 (a fixture other modules' tests use too).
+    pub(crate) fn inst(id: &str, port: u16, weight: u32) -> Arc<Instance> {
         Arc::new(Instance {
             id: id.into(),
             service: "web".into(),
@@ -362,7 +363,8 @@ mod tests {
         })
     }
 
-    fn view(instances: Vec<Arc<Instance>>) -> ServiceView {
+    /// Service `web` with `instances`.
+    pub(crate) fn view(instances: Vec<Arc<Instance>>) -> ServiceView {
         ServiceView {
             name: "web".into(),
             index: 1,

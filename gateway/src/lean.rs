@@ -1039,30 +1039,8 @@ mod tests {
 
     #[test]
     fn last_tries() {
-        let instance = |id: &str| {
-            Arc::new(waymark_shared::Instance {
-                id: id.into(),
-                service: "web".into(),
-                address: "127.0.0.1".into(),
-                port: 80,
-                tags: vec![],
-                meta: Default::default(),
-                weight_passing: 1,
-                weight_warning: 1,
-                checks: vec![],
-                draining: false,
-                node: None,
-                create_index: 0,
-                modify_index: 0,
-                extra: None,
-            })
-        };
-        let view = |ids: &[&str]| waymark_shared::ServiceView {
-            name: "web".into(),
-            index: 1,
-            instances: ids.iter().map(|id| instance(id)).collect(),
-            attrs: Default::default(),
-        };
+        use crate::balancer::tests::{inst, view};
+        let view = |ids: &[&str]| view(ids.iter().map(|id| inst(id, 80, 1)).collect());
         // (instances, tried, attempts, last)
         let table: [(&[&str], &[&str], u32, bool); 6] = [
             (&["a"], &["a"], 3, true),
