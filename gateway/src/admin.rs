@@ -144,8 +144,10 @@ impl RouteMetrics {
 }
 
 impl Metrics {
-    /// The series of the route named `route` (made on first use; the families keep every
-    /// route's series for the life of the process, so a handle never goes stale).
+    /// The series of the route named `route`, made on first use and kept while the route is
+    /// in the table ([`Metrics::retain_routes`]). A request still holding the handle of a
+    /// route just removed counts into its removed series (a status that route had not
+    /// answered before would add one series back, until the process restarts).
     pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
         if let Some(m) = self.by_route.get(route) {
             return m.clone();

@@ -362,16 +362,13 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
                 Vec::new()
             }
         };
-        let made;
-        let ip_value = match f.client_value {
-            Some(v) => Some(v),
-            None => {
-                made = text(headers::real_ip(ip));
-                made.as_ref()
-            }
-        };
+        // Cloning a header value counts a reference; nothing is copied.
+        let ip_value = f
+            .client_value
+            .cloned()
+            .or_else(|| text(headers::real_ip(ip)));
         let continued = lists("x-forwarded-for");
-        let xff = match ip_value {
+        let xff = match &ip_value {
             Some(v) if continued.is_empty() => Some(v.clone()),
             _ => text(headers::x_forwarded_for(continued.into_iter(), ip)),
         };
@@ -384,7 +381,7 @@ pub fn forwarding_headers(req: &mut impl HeaderEdit, f: &Forwarding<'_>) {
             req.set(&FORWARDED, v);
         }
         if let (false, Some(v)) = (keep_real_ip, ip_value) {
-            req.set(&X_REAL_IP, v.clone());
+            req.set(&X_REAL_IP, v);
         }
     } else if !f.trusted {
         for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {

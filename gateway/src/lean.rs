@@ -402,7 +402,7 @@ impl Lean {
                     return done.answer(504, GATEWAY_TIMEOUT.into(), None);
                 }
                 if head_spent {
-                    // Unreachable by `last_try`'s reasoning; kept safe all the same.
+                    // Unreachable by `tries::last_try`'s reasoning; kept safe all the same.
                     return done.answer(502, BAD_GATEWAY.into(), None);
                 }
                 // A retry takes the freshest view of the service.
@@ -436,7 +436,7 @@ impl Lean {
             *upstream.method_mut() = parts.method.clone();
             *upstream.uri_mut() = Uri::from(target.clone());
             // The head is copied only when another try could follow; the last one takes it.
-            head_spent = last_try(&service, &done.tried, cfg.retry.attempts);
+            head_spent = tries::last_try(&service, &done.tried, cfg.retry.attempts);
             if head_spent {
                 *upstream.headers_mut() = std::mem::take(&mut parts.headers);
                 *upstream.extensions_mut() = std::mem::take(&mut parts.extensions);
@@ -623,19 +623,6 @@ impl Lean {
         );
         Response::from_parts(parts, body.boxed())
     }
-}
-
-/// Whether the try about to start (its instance last in `tried`) must be the last one: the
-/// tries allowed are used up, or no instance of the service is left untried. Another try
-/// takes the service as this one saw it ([`tries::may_retry`] selects among its instances,
-/// a subset of these), so when this holds no retry can follow and the request's head need
-/// not be kept for one.
-fn last_try(service: &waymark_shared::ServiceView, tried: &[String], attempts: u32) -> bool {
-    tried.len() >= attempts as usize
-        || service
-            .instances
-            .iter()
-            .all(|i| tried.iter().any(|t| *t == i.id))
 }
 
 /// The request target as the client sent it, as far as admission needs it: origin form
@@ -1035,29 +1022,6 @@ mod tests {
         let err = pool.send(addr, req).await.err().unwrap();
         assert!(!err.is_connect());
         assert!(closed_before_answer(&err), "{}", report(&err));
-    }
-
-    #[test]
-    fn last_tries() {
-        use crate::balancer::tests::{inst, view};
-        let view = |ids: &[&str]| view(ids.iter().map(|id| inst(id, 80, 1)).collect());
-        // (instances, tried, attempts, last)
-        let table: [(&[&str], &[&str], u32, bool); 6] = [
-            (&["a"], &["a"], 3, true),
-            (&["a", "b"], &["a"], 3, false),
-            (&["a", "b"], &["b", "a"], 3, true),
-            (&["a", "b", "c"], &["a", "b"], 2, true),
-            (&["a", "b", "c"], &["a"], 1, true),
-            (&["a", "b", "c"], &["c"], 2, false),
-        ];
-        for (ids, tried, attempts, want) in table {
-            let tried: Vec<String> = tried.iter().map(|t| t.to_string()).collect();
-            assert_eq!(
-                last_try(&view(ids), &tried, attempts),
-                want,
-                "{ids:?} {tried:?} {attempts}"
-            );
-        }
     }
 
     #[test]
