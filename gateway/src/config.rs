@@ -87,7 +87,8 @@ pub struct Config {
     /// instance) wrote them in. Off by default: names go out in lower case, as Envoy sends
     /// them and as HTTP/2 requires (header names are case-insensitive); keeping the case
     /// costs about a tenth of the lean path's CPU per request. Turn it on for a peer that
-    /// wrongly depends on the case. (The pingora path always keeps it.)
+    /// wrongly depends on the case; the lean path then talks to instances through hyper's
+    /// client instead of its own codec. (The pingora path always keeps it.)
     pub preserve_header_case: bool,
     /// Networks of proxies in front of the gateway (like nginx's `set_real_ip_from`). Requests
     /// from them keep their `X-Forwarded-For`, `Forwarded`, `X-Forwarded-Proto` and

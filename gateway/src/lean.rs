@@ -3,6 +3,9 @@
 //! or not, under the same header deadline, connection cap and HTTP/2 idle watch), and each
 //! request goes through one async function: [`admission`], a try loop over the balancer's
 //! picks on the [`upstream`](crate::upstream) pool's connections, the answer streamed back.
+//! HTTP/1.1 instances are spoken to through the gateway's own codec ([`h1_client`]: the head
+//! encoded once for every try, the answer read in this task), or through hyper's client when
+//! header names keep their case; `upstream_h2c` routes through hyper's HTTP/2 client.
 //! HTTP/2 streams run on [`StreamExec`], which resets a stream stalled on the client's window.
 //!
 //! Why: pingora boxes a future per request, clones the header and runs two channels per
@@ -41,6 +44,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -51,12 +55,13 @@ use tokio::time::Sleep;
 use crate::access_log;
 use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
+use crate::h1_client::{self, H1Conn, H1Error, Outgoing};
 use crate::h2_streams::{Stall, StreamExec};
 use crate::header_deadline::HeaderDeadline;
 use crate::headers::{self, TE, TRACEPARENT, X_REQUEST_ID};
 use crate::routes::Route;
 use crate::tries;
-use crate::upstream::{Lease, Pool, PoolConfig};
+use crate::upstream::{Answered, Lease, Pool, PoolConfig};
 use crate::write_deadline::WriteDeadline;
 use crate::Shared;
 
@@ -86,10 +91,33 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub struct Lean {
     shared: Arc<Shared>,
     /// Instances over HTTP/1.1.
-    h1: Arc<Pool>,
+    h1: H1,
     /// Instances of `upstream_h2c` routes (HTTP/2 by prior knowledge, one multiplexed
     /// connection per instance).
     h2c: Client<HttpConnector, Body>,
+}
+
+/// The HTTP/1.1 connections to instances: the gateway's own codec, or hyper's when header
+/// names keep their case (only hyper can read the case its server kept).
+enum H1 {
+    Own(Arc<Pool<H1Conn>>),
+    Hyper(Arc<Pool<SendRequest<Body>>>),
+}
+
+/// The instance's side of an upgraded connection.
+enum InstanceSide {
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// The socket, and what the instance sent past its 101.
+    Own(tokio::net::TcpStream, Bytes),
+}
+
+/// An instance's answer: its head, its body, the hyper connection to give back at the body's
+/// end (the gateway's own connections give themselves back), and the upgraded connection
+/// after a 101.
+struct Answer {
+    resp: Response<Body>,
+    lease: Option<Lease>,
+    upgraded: Option<InstanceSide>,
 }
 
 /// A try that got no answer.
@@ -141,11 +169,16 @@ impl Lean {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false);
-        let h1 = Pool::new(PoolConfig {
+        let pool = PoolConfig {
             connect_timeout: shared.config.timeouts.connect,
             idle_timeout: UPSTREAM_IDLE,
             preserve_header_case: shared.config.preserve_header_case,
-        });
+        };
+        let h1 = if shared.config.preserve_header_case {
+            H1::Hyper(Pool::new(pool))
+        } else {
+            H1::Own(Pool::new(pool))
+        };
         let h2c = builder.http2_only(true).build(connector);
         Lean { shared, h1, h2c }
     }
@@ -392,6 +425,17 @@ impl Lean {
             body = Some(limited.boxed());
         }
         let idempotent = parts.method.is_idempotent();
+        let head_request = parts.method == http::Method::HEAD;
+        // On the gateway's own codec the head is encoded once, and every try writes it.
+        let own = match &self.h1 {
+            H1::Own(pool) if !route.upstream_h2c => {
+                let chunked = body.is_some() && declared.is_none();
+                let head =
+                    h1_client::encode_head(&parts.method, target.as_str(), &parts.headers, chunked);
+                Some((pool, head, chunked))
+            }
+            _ => None,
+        };
         let deadline = done.start + cfg.timeouts.deadline;
         let mut service = admitted.service;
         let tags = admitted.tags;
@@ -427,34 +471,46 @@ impl Lean {
                 shared.metrics.route(&route.name).retried();
             }
             done.tried.push(pick.instance.id.to_string());
-            let this_body = match (&replay, body.take()) {
-                (Some(bytes), _) => full(bytes.clone()),
-                (None, Some(b)) => b,
-                (None, None) => full(Bytes::new()),
-            };
-            let mut upstream = Request::new(this_body);
-            *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = Uri::from(target.clone());
-            // The head is copied only when another try could follow; the last one takes it.
-            head_spent = tries::last_try(&service, &done.tried, cfg.retry.attempts);
-            if head_spent {
-                *upstream.headers_mut() = std::mem::take(&mut parts.headers);
-                *upstream.extensions_mut() = std::mem::take(&mut parts.extensions);
-            } else {
-                *upstream.headers_mut() = parts.headers.clone();
-                *upstream.extensions_mut() = parts.extensions.clone();
-            }
             let left = deadline.saturating_duration_since(Instant::now());
-            let result = tokio::time::timeout(
-                cfg.timeouts.per_try.min(left),
-                self.send(route.upstream_h2c, pick.addr, upstream),
-            )
-            .await;
+            let within = cfg.timeouts.per_try.min(left);
+            let result = if let Some((pool, head, chunked)) = &own {
+                let out = match (&replay, body.take()) {
+                    (Some(bytes), _) => Outgoing::Bytes(bytes.clone()),
+                    (None, Some(body)) => Outgoing::Stream {
+                        body,
+                        chunked: *chunked,
+                    },
+                    (None, None) => Outgoing::Bytes(Bytes::new()),
+                };
+                let exchange = pool.exchange(pick.addr, head, out, head_request);
+                tokio::time::timeout(within, send_own(exchange)).await
+            } else {
+                let this_body = match (&replay, body.take()) {
+                    (Some(bytes), _) => full(bytes.clone()),
+                    (None, Some(b)) => b,
+                    (None, None) => full(Bytes::new()),
+                };
+                let mut upstream = Request::new(this_body);
+                *upstream.method_mut() = parts.method.clone();
+                *upstream.uri_mut() = Uri::from(target.clone());
+                // The head is copied only when another try could follow; the last one
+                // takes it.
+                head_spent = tries::last_try(&service, &done.tried, cfg.retry.attempts);
+                if head_spent {
+                    *upstream.headers_mut() = std::mem::take(&mut parts.headers);
+                    *upstream.extensions_mut() = std::mem::take(&mut parts.extensions);
+                } else {
+                    *upstream.headers_mut() = parts.headers.clone();
+                    *upstream.extensions_mut() = parts.extensions.clone();
+                }
+                let send = self.send(route.upstream_h2c, pick.addr, upstream);
+                tokio::time::timeout(within, send).await
+            };
             // A failed try: what went wrong, what another try would cost the retry budget,
             // and the status to answer when there is none.
             let (failure, cost, status) = match result {
-                Ok(Ok((resp, lease))) => {
-                    let status = resp.status();
+                Ok(Ok(answer)) => {
+                    let status = answer.resp.status();
                     if status.is_server_error() {
                         tries::record_failure(shared, &service, &pick.instance.id);
                     } else {
@@ -474,7 +530,7 @@ impl Lean {
                             false,
                         );
                     if !retry {
-                        return self.answered(resp, lease, pick, client_upgrade, done);
+                        return self.answered(answer, pick, client_upgrade, done);
                     }
                     let what = format!("instance answered {status}; retrying on another");
                     (what, Cost::Paid, 502)
@@ -537,16 +593,17 @@ impl Lean {
         }
     }
 
-    /// One try: the request to the instance at `addr`, and its answer's head.
+    /// One try on hyper's client: the request to the instance at `addr`, and its answer's
+    /// head.
     async fn send(
         &self,
         h2c: bool,
         addr: SocketAddr,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), TryFailed> {
-        if !h2c {
-            return match self.h1.send(addr, req).await {
-                Ok((resp, lease)) => Ok((resp, Some(lease))),
+    ) -> Result<Answer, TryFailed> {
+        if let (false, H1::Hyper(pool)) = (h2c, &self.h1) {
+            return match pool.send(addr, req).await {
+                Ok((resp, lease)) => Ok(hyper_answer(resp, Some(lease))),
                 Err(e) => Err(TryFailed {
                     connect: e.is_connect(),
                     error: e.into(),
@@ -563,7 +620,7 @@ impl Lean {
         })?;
         *req.version_mut() = Version::HTTP_2;
         match self.h2c.request(req).await {
-            Ok(resp) => Ok((resp, None)),
+            Ok(resp) => Ok(hyper_answer(resp, None)),
             Err(e) => Err(TryFailed {
                 connect: e.is_connect(),
                 error: e.into(),
@@ -574,27 +631,25 @@ impl Lean {
     /// The instance's answer, on its way to the client.
     fn answered(
         &self,
-        mut resp: Response<Incoming>,
-        lease: Option<Lease>,
+        answer: Answer,
         pick: InFlight,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         mut done: Done,
     ) -> Response<Body> {
+        let Answer {
+            resp,
+            lease,
+            upgraded,
+        } = answer;
         let status = resp.status();
         done.error = None;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         // An upgraded connection never carries another request: the lease is dropped.
         let lease = lease.filter(|_| !switching);
-        if switching {
-            if let Some(client_side) = client_upgrade {
-                let instance_side = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    if let (Ok(c), Ok(i)) = (client_side.await, instance_side.await) {
-                        let (mut c, mut i) = (TokioIo::new(c), TokioIo::new(i));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut i).await;
-                    }
-                });
-            }
+        if let (true, Some(client_side), Some(instance_side)) =
+            (switching, client_upgrade, upgraded)
+        {
+            tokio::spawn(join_upgraded(client_side, instance_side));
         }
         let (mut parts, body) = resp.into_parts();
         if headers::any_hop_by_hop(parts.headers.keys().map(|k| k.as_str())) {
@@ -615,13 +670,63 @@ impl Lean {
         // An HTTP/2 instance's answer goes back as HTTP/1.1.
         parts.version = Version::HTTP_11;
         done.status = status.as_u16();
-        let body = Tail::new(
-            body.map_err(BoxError::from).boxed(),
-            lease,
-            Some(pick),
-            done,
-        );
+        let body = Tail::new(body, lease, Some(pick), done);
         Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// One try on the gateway's own codec.
+async fn send_own(
+    exchange: impl Future<Output = Result<Answered, H1Error>>,
+) -> Result<Answer, TryFailed> {
+    match exchange.await {
+        Ok(Answered::Response(parts, body)) => Ok(Answer {
+            resp: Response::from_parts(parts, body.boxed()),
+            lease: None,
+            upgraded: None,
+        }),
+        Ok(Answered::Upgraded(parts, io, rest)) => Ok(Answer {
+            resp: Response::from_parts(parts, full(Bytes::new())),
+            lease: None,
+            upgraded: Some(InstanceSide::Own(io, rest)),
+        }),
+        Err(e) => Err(TryFailed {
+            connect: e.is_connect(),
+            error: e.into(),
+        }),
+    }
+}
+
+/// An answer from hyper's client, and its upgrade when it is a 101.
+fn hyper_answer(mut resp: Response<Incoming>, lease: Option<Lease>) -> Answer {
+    let upgraded = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| InstanceSide::Hyper(hyper::upgrade::on(&mut resp)));
+    Answer {
+        resp: resp.map(|b| b.map_err(BoxError::from).boxed()),
+        lease,
+        upgraded,
+    }
+}
+
+/// The client's and the instance's upgraded connections, joined byte for byte.
+async fn join_upgraded(client_side: hyper::upgrade::OnUpgrade, instance_side: InstanceSide) {
+    let Ok(client) = client_side.await else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    match instance_side {
+        InstanceSide::Hyper(instance) => {
+            if let Ok(instance) = instance.await {
+                let mut instance = TokioIo::new(instance);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut instance).await;
+            }
+        }
+        InstanceSide::Own(mut instance, rest) => {
+            use tokio::io::AsyncWriteExt;
+            if client.write_all(&rest).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut instance).await;
+            }
+        }
     }
 }
 
@@ -660,6 +765,11 @@ fn report(e: &(dyn std::error::Error + 'static)) -> String {
 fn closed_before_answer(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<H1Error>() {
+            if h.closed_before_answer() {
+                return true;
+            }
+        }
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() {
                 return true;
@@ -1005,21 +1115,36 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+            }
         });
-        let pool = Pool::new(PoolConfig {
+        let config = PoolConfig {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
             preserve_header_case: false,
-        });
+        };
         let req = Request::builder()
             .uri("/")
             .header(HOST, "t.test")
             .body(full(Bytes::new()))
             .unwrap();
-        let err = pool.send(addr, req).await.err().unwrap();
+        let err = Pool::<SendRequest<Body>>::new(config.clone())
+            .send(addr, req)
+            .await
+            .err()
+            .unwrap();
+        assert!(!err.is_connect());
+        assert!(closed_before_answer(&err), "{}", report(&err));
+        let out = Outgoing::Bytes(Bytes::new());
+        let head = b"GET / HTTP/1.1\r\nhost: t.test\r\n\r\n";
+        let err = Pool::<H1Conn>::new(config)
+            .exchange(addr, head, out, false)
+            .await
+            .err()
+            .unwrap();
         assert!(!err.is_connect());
         assert!(closed_before_answer(&err), "{}", report(&err));
     }

@@ -49,6 +49,7 @@ pub mod balancer;
 pub mod config;
 pub mod connections;
 pub mod forwarder;
+pub mod h1_client;
 pub mod h2_streams;
 pub mod header_deadline;
 pub mod headers;

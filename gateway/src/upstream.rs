@@ -1,7 +1,9 @@
 //! The lean path's HTTP/1.1 connections to instances: opened on demand, kept per instance
-//! address while idle, and reused most recently used first.
+//! address while idle, and reused most recently used first. The pool keeps either kind of
+//! connection the lean path makes ([`Pooled`]): its own codec's ([`H1Conn`], which gives
+//! itself back when its answer's body is read) or, for `preserve_header_case`, hyper's.
 //!
-//! A [`Lease`] is one connection lent to one request. It goes back to the pool when the
+//! A [`Lease`] is one hyper connection lent to one request. It goes back to the pool when the
 //! instance's answer has been read to its end ([`Lease::give_back`]); dropped before that (an
 //! abandoned answer, an upgrade, an error) it closes its connection, since an HTTP/1.1
 //! connection in the middle of a message cannot carry another.
@@ -23,6 +25,7 @@ use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::h1_client::{AnswerBody, AnswerHead, H1Conn, H1Error, Outgoing};
 use crate::lean::Body;
 use crate::FastHash;
 
@@ -61,26 +64,38 @@ pub struct PoolConfig {
     pub preserve_header_case: bool,
 }
 
-/// Idle connections by instance address.
-pub struct Pool {
-    config: PoolConfig,
-    idle: Mutex<Idle>,
+/// A connection the pool can keep.
+pub trait Pooled: Send + 'static {
+    /// Closed by the instance, or otherwise unfit for another request.
+    fn is_closed(&self) -> bool;
 }
 
-struct Idle {
-    by_addr: HashMap<SocketAddr, VecDeque<Parked>, FastHash>,
+impl Pooled for SendRequest<Body> {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+/// Idle connections by instance address.
+pub struct Pool<C> {
+    config: PoolConfig,
+    idle: Mutex<Idle<C>>,
+}
+
+struct Idle<C> {
+    by_addr: HashMap<SocketAddr, VecDeque<Parked<C>>, FastHash>,
     /// When every address's list was last swept for expired and closed connections.
     swept: Instant,
 }
 
-struct Parked {
-    sender: SendRequest<Body>,
+struct Parked<C> {
+    conn: C,
     since: Instant,
 }
 
-/// A connection lent to one request.
+/// A hyper connection lent to one request.
 pub struct Lease {
-    pool: Arc<Pool>,
+    pool: Arc<Pool<SendRequest<Body>>>,
     addr: SocketAddr,
     sender: SendRequest<Body>,
 }
@@ -89,12 +104,12 @@ impl Lease {
     /// The answer was read to its end: the connection may carry another request.
     pub fn give_back(self) {
         let Lease { pool, addr, sender } = self;
-        pool.park(addr, sender, Instant::now());
+        pool.park(addr, sender);
     }
 }
 
-impl Pool {
-    pub fn new(config: PoolConfig) -> Arc<Pool> {
+impl<C: Pooled> Pool<C> {
+    pub fn new(config: PoolConfig) -> Arc<Pool<C>> {
         Arc::new(Pool {
             config,
             idle: Mutex::new(Idle {
@@ -104,6 +119,101 @@ impl Pool {
         })
     }
 
+    /// The most recently parked live connection to `addr`, if any.
+    fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<C> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.by_addr.get_mut(&addr)?;
+        while let Some(parked) = list.pop_back() {
+            if now.saturating_duration_since(parked.since) >= self.config.idle_timeout {
+                // The rest are older still.
+                list.clear();
+                break;
+            }
+            if !parked.conn.is_closed() {
+                return Some(parked.conn);
+            }
+        }
+        idle.by_addr.remove(&addr);
+        None
+    }
+
+    /// Keeps `conn`, read to the end of its last answer, for another request to `addr`.
+    pub fn park(&self, addr: SocketAddr, conn: C) {
+        self.park_at(addr, conn, Instant::now())
+    }
+
+    fn park_at(&self, addr: SocketAddr, conn: C, now: Instant) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let timeout = self.config.idle_timeout;
+        if now.saturating_duration_since(idle.swept) >= timeout {
+            idle.swept = now;
+            idle.by_addr.retain(|_, list| {
+                list.retain(|p| {
+                    now.saturating_duration_since(p.since) < timeout && !p.conn.is_closed()
+                });
+                !list.is_empty()
+            });
+        }
+        let list = idle.by_addr.entry(addr).or_default();
+        while list
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.since) >= timeout)
+        {
+            list.pop_front();
+        }
+        if list.len() >= MAX_IDLE_PER_ADDR {
+            list.pop_front();
+        }
+        list.push_back(Parked { conn, since: now });
+    }
+
+    /// Idle connections kept, over every address.
+    pub fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.by_addr.values().map(VecDeque::len).sum()
+    }
+}
+
+/// An answer from an instance on the gateway's own codec.
+pub enum Answered {
+    /// Its body reads from the connection, and gives it back to the pool at its end.
+    Response(http::response::Parts, AnswerBody),
+    /// 101: the connection, and what the instance sent past the head, for the tunnel.
+    Upgraded(http::response::Parts, TcpStream, bytes::Bytes),
+}
+
+impl Pool<H1Conn> {
+    /// Sends a request (`head` from [`encode_head`](crate::h1_client::encode_head), then
+    /// `out`) to `addr` on an idle connection, or on a new one when none is left.
+    pub async fn exchange(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        head: &[u8],
+        out: Outgoing,
+        head_request: bool,
+    ) -> Result<Answered, H1Error> {
+        let mut conn = match self.checkout(addr, Instant::now()) {
+            Some(conn) => conn,
+            None => H1Conn::connect(addr, self.config.connect_timeout).await?,
+        };
+        let AnswerHead {
+            parts,
+            framing,
+            keep_alive,
+        } = conn.exchange(head, out, head_request).await?;
+        if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let (io, rest) = conn.into_upgraded();
+            return Ok(Answered::Upgraded(parts, io, rest));
+        }
+        let body = AnswerBody::new(conn, framing, keep_alive, Some((self.clone(), addr)));
+        Ok(Answered::Response(parts, body))
+    }
+}
+
+impl Pool<SendRequest<Body>> {
     /// Sends `req` (origin-form target, `Host` set) to `addr` on an idle connection, or on a
     /// new one when none is left. A pooled connection that turns out closed before the
     /// request was written to it is set aside and the next one tried: that costs the
@@ -157,93 +267,105 @@ impl Pool {
         });
         Ok(sender)
     }
-
-    /// The most recently parked live connection to `addr`, if any.
-    fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.by_addr.get_mut(&addr)?;
-        while let Some(parked) = list.pop_back() {
-            if now.saturating_duration_since(parked.since) >= self.config.idle_timeout {
-                // The rest are older still.
-                list.clear();
-                break;
-            }
-            if !parked.sender.is_closed() {
-                return Some(parked.sender);
-            }
-        }
-        idle.by_addr.remove(&addr);
-        None
-    }
-
-    fn park(&self, addr: SocketAddr, sender: SendRequest<Body>, now: Instant) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let timeout = self.config.idle_timeout;
-        if now.saturating_duration_since(idle.swept) >= timeout {
-            idle.swept = now;
-            idle.by_addr.retain(|_, list| {
-                list.retain(|p| {
-                    now.saturating_duration_since(p.since) < timeout && !p.sender.is_closed()
-                });
-                !list.is_empty()
-            });
-        }
-        let list = idle.by_addr.entry(addr).or_default();
-        while list
-            .front()
-            .is_some_and(|p| now.saturating_duration_since(p.since) >= timeout)
-        {
-            list.pop_front();
-        }
-        if list.len() >= MAX_IDLE_PER_ADDR {
-            list.pop_front();
-        }
-        list.push_back(Parked { sender, since: now });
-    }
-
-    /// Idle connections kept, over every address.
-    pub fn idle_count(&self) -> usize {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.by_addr.values().map(VecDeque::len).sum()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::h1_client::encode_head;
+    use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn pool(idle_timeout: Duration) -> Arc<Pool> {
-        Pool::new(PoolConfig {
+    /// Either kind of pool, driven the same way.
+    enum Kind {
+        Hyper(Arc<Pool<SendRequest<Body>>>),
+        Own(Arc<Pool<H1Conn>>),
+    }
+
+    fn pools(idle_timeout: Duration) -> [Kind; 2] {
+        let config = PoolConfig {
             connect_timeout: Duration::from_secs(2),
             idle_timeout,
             preserve_header_case: true,
-        })
+        };
+        [
+            Kind::Hyper(Pool::new(config.clone())),
+            Kind::Own(Pool::new(config)),
+        ]
     }
 
-    fn get(path: &str) -> Request<Body> {
-        Request::builder()
-            .uri(path)
-            .header("host", "t.test")
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap()
+    impl Kind {
+        /// One GET; its answer's body read to the end when `read` (then the connection
+        /// goes back), or dropped unread.
+        async fn get(&self, addr: SocketAddr, read: bool) -> Result<Bytes, String> {
+            match self {
+                Kind::Hyper(pool) => {
+                    let req = Request::builder()
+                        .uri("/")
+                        .header("host", "t.test")
+                        .body(Empty::new().map_err(|never| match never {}).boxed())
+                        .unwrap();
+                    let (resp, lease) = pool.send(addr, req).await.map_err(|e| e.to_string())?;
+                    if !read {
+                        return Ok(Bytes::new());
+                    }
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    lease.give_back();
+                    Ok(body)
+                }
+                Kind::Own(pool) => {
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert("host", "t.test".parse().unwrap());
+                    let head = encode_head(&http::Method::GET, "/", &headers, false);
+                    let answered = pool
+                        .exchange(addr, &head, Outgoing::Bytes(Bytes::new()), false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let Answered::Response(_, body) = answered else {
+                        return Err("upgraded".into());
+                    };
+                    if !read {
+                        return Ok(Bytes::new());
+                    }
+                    Ok(body.collect().await.unwrap().to_bytes())
+                }
+            }
+        }
+
+        fn idle_count(&self) -> usize {
+            match self {
+                Kind::Hyper(pool) => pool.idle_count(),
+                Kind::Own(pool) => pool.idle_count(),
+            }
+        }
+
+        fn name(&self) -> &'static str {
+            match self {
+                Kind::Hyper(_) => "hyper",
+                Kind::Own(_) => "own",
+            }
+        }
     }
 
-    /// A keep-alive instance that answers every request on a connection with `hi` and
-    /// counts the connections it accepted.
-    async fn instance() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A keep-alive instance that answers every request on a connection with `answer` and
+    /// counts the connections it accepted; with `close_after`, it closes each connection
+    /// after its first answer and counts the closes in `closed`.
+    async fn instance(
+        answer: &'static [u8],
+        close_after: bool,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, closes) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                count.fetch_add(1, SeqCst);
+                let closes = closes.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut have = Vec::new();
@@ -257,8 +379,12 @@ mod tests {
                         have.extend_from_slice(&buf[..n]);
                         while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
                             have.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
                             if s.write_all(answer).await.is_err() {
+                                return;
+                            }
+                            if close_after {
+                                drop(s);
+                                closes.fetch_add(1, SeqCst);
                                 return;
                             }
                         }
@@ -266,69 +392,71 @@ mod tests {
                 });
             }
         });
-        (addr, accepted)
+        (addr, accepted, closed)
     }
+
+    const HI: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
 
     #[tokio::test]
     async fn a_connection_read_to_its_end_is_reused() {
-        let (addr, accepted) = instance().await;
-        let pool = pool(Duration::from_secs(60));
-        for _ in 0..3 {
-            let (resp, lease) = pool.send(addr, get("/")).await.unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(&body[..], b"hi");
-            lease.give_back();
-            assert_eq!(pool.idle_count(), 1);
+        for pool in pools(Duration::from_secs(60)) {
+            let (addr, accepted, _) = instance(HI, false).await;
+            for _ in 0..3 {
+                assert_eq!(&pool.get(addr, true).await.unwrap()[..], b"hi");
+                assert_eq!(pool.idle_count(), 1, "{}", pool.name());
+            }
+            assert_eq!(accepted.load(SeqCst), 1, "{}", pool.name());
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
-    async fn a_lease_dropped_before_the_end_is_not_reused() {
-        let (addr, accepted) = instance().await;
-        let pool = pool(Duration::from_secs(60));
-        let (_resp, lease) = pool.send(addr, get("/")).await.unwrap();
-        drop(lease);
-        assert_eq!(pool.idle_count(), 0);
-        let (resp, lease) = pool.send(addr, get("/")).await.unwrap();
-        resp.into_body().collect().await.unwrap();
-        lease.give_back();
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    async fn a_connection_dropped_before_the_end_is_not_reused() {
+        for pool in pools(Duration::from_secs(60)) {
+            let (addr, accepted, _) = instance(HI, false).await;
+            pool.get(addr, false).await.unwrap();
+            assert_eq!(pool.idle_count(), 0, "{}", pool.name());
+            pool.get(addr, true).await.unwrap();
+            assert_eq!(accepted.load(SeqCst), 2, "{}", pool.name());
+        }
     }
 
     #[tokio::test]
     async fn an_expired_connection_is_not_reused() {
-        let (addr, accepted) = instance().await;
-        let pool = pool(Duration::ZERO);
-        for _ in 0..2 {
-            let (resp, lease) = pool.send(addr, get("/")).await.unwrap();
-            resp.into_body().collect().await.unwrap();
-            lease.give_back();
+        for pool in pools(Duration::ZERO) {
+            let (addr, accepted, _) = instance(HI, false).await;
+            for _ in 0..2 {
+                pool.get(addr, true).await.unwrap();
+            }
+            assert_eq!(accepted.load(SeqCst), 2, "{}", pool.name());
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
-    async fn a_connection_the_instance_closed_is_passed_over() {
-        // An instance that answers one request per connection and says it closes it.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let mut buf = vec![0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi",
-                    )
-                    .await;
+    async fn a_connection_that_says_close_is_not_kept() {
+        const CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi";
+        for pool in pools(Duration::from_secs(60)) {
+            let (addr, accepted, _) = instance(CLOSE, true).await;
+            for _ in 0..3 {
+                assert_eq!(&pool.get(addr, true).await.unwrap()[..], b"hi");
             }
-        });
-        let pool = pool(Duration::from_secs(60));
-        for _ in 0..3 {
-            let (resp, lease) = pool.send(addr, get("/")).await.unwrap();
-            resp.into_body().collect().await.unwrap();
-            lease.give_back();
+            assert_eq!(accepted.load(SeqCst), 3, "{}", pool.name());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_instance_closed_is_passed_over() {
+        for pool in pools(Duration::from_secs(60)) {
+            // Answers as if it kept the connection, then closes it.
+            let (addr, accepted, closed) = instance(HI, true).await;
+            for round in 1..=3 {
+                assert_eq!(&pool.get(addr, true).await.unwrap()[..], b"hi");
+                while closed.load(SeqCst) < round {
+                    tokio::task::yield_now().await;
+                }
+                // The reactor sees the close.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(accepted.load(SeqCst), 3, "{}", pool.name());
         }
     }
 
@@ -337,11 +465,23 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let err = pool(Duration::from_secs(60))
-            .send(addr, get("/"))
-            .await
-            .err()
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            preserve_header_case: false,
+        };
+        let get = Request::builder()
+            .uri("/")
+            .header("host", "t.test")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        assert!(err.is_connect(), "{err}");
+        let hyper = Pool::<SendRequest<Body>>::new(config.clone());
+        assert!(hyper.send(addr, get).await.err().unwrap().is_connect());
+        let own = Pool::<H1Conn>::new(config);
+        let out = Outgoing::Bytes(Bytes::new());
+        let err = own
+            .exchange(addr, b"GET / HTTP/1.1\r\n\r\n", out, false)
+            .await;
+        assert!(err.err().unwrap().is_connect());
     }
 }
