@@ -657,10 +657,10 @@ impl AnswerBody {
             }
         }
     }
+}
 
-    fn data(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Poll::Ready(Some(Ok(Frame::data(data))))
-    }
+fn data_frame(data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    Poll::Ready(Some(Ok(Frame::data(data))))
 }
 
 impl hyper::body::Body for AnswerBody {
@@ -686,11 +686,11 @@ impl hyper::body::Body for AnswerBody {
                         if *left == 0 {
                             this.finish();
                         }
-                        return this.data(data);
+                        return data_frame(data);
                     }
                 }
                 Reading::Chunked(decoder) => match decoder.decode(&mut conn.read) {
-                    Ok(Some(Piece::Data(data))) => return this.data(data),
+                    Ok(Some(Piece::Data(d))) => return data_frame(d),
                     Ok(Some(Piece::Trailers(t))) => {
                         this.finish();
                         return Poll::Ready(Some(Ok(Frame::trailers(t))));
@@ -708,7 +708,7 @@ impl hyper::body::Body for AnswerBody {
                 Reading::UntilClose => {
                     if !conn.read.is_empty() {
                         let data = conn.read.split().freeze();
-                        return this.data(data);
+                        return data_frame(data);
                     }
                 }
             }
@@ -1025,9 +1025,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_answer_without_a_length_runs_to_the_close() {
-        let answer = b"HTTP/1.0 200 OK\r\n\r\nall of it";
+    /// A GET to an instance that sends `answer` and closes: the body as read, and how many
+    /// connections the pool kept after.
+    async fn get_from(answer: &'static [u8]) -> (Result<Bytes, BoxError>, usize) {
         let (addr, _got) = instance(b"\r\n\r\n", answer, true).await;
         let pool = pool();
         let head = encode_head(&Method::GET, "/", &HeaderMap::new(), false);
@@ -1038,25 +1038,22 @@ mod tests {
         let crate::upstream::Answered::Response(_, body) = answered else {
             panic!("upgraded");
         };
-        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"all of it");
-        assert_eq!(pool.idle_count(), 0);
+        let read = body.collect().await.map(|c| c.to_bytes());
+        (read, pool.idle_count())
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_a_length_runs_to_the_close() {
+        let (read, kept) = get_from(b"HTTP/1.0 200 OK\r\n\r\nall of it").await;
+        assert_eq!(&read.unwrap()[..], b"all of it");
+        assert_eq!(kept, 0);
     }
 
     #[tokio::test]
     async fn an_answer_cut_short_is_an_error() {
-        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort";
-        let (addr, _got) = instance(b"\r\n\r\n", answer, true).await;
-        let pool = pool();
-        let head = encode_head(&Method::GET, "/", &HeaderMap::new(), false);
-        let answered = pool
-            .exchange(addr, &head, Outgoing::Bytes(Bytes::new()), false)
-            .await
-            .unwrap();
-        let crate::upstream::Answered::Response(_, body) = answered else {
-            panic!("upgraded");
-        };
-        assert!(body.collect().await.is_err());
-        assert_eq!(pool.idle_count(), 0);
+        let (read, kept) = get_from(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await;
+        assert!(read.is_err());
+        assert_eq!(kept, 0);
     }
 
     fn tokio_stream_from<T: Send + 'static>(

@@ -262,24 +262,11 @@ async fn trailers_reach_a_client_that_asks_for_them() {
         return;
     }
     let s = start().await;
-    let addr =
-        s.gw.url("/")
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut t = std::net::TcpStream::connect(addr).unwrap();
-        t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        t.write_all(
-            b"GET /trailers HTTP/1.1\r\nhost: wire.test\r\nte: trailers\r\nconnection: close\r\n\r\n",
-        )
-        .unwrap();
-        let mut all = Vec::new();
-        let _ = t.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).to_ascii_lowercase()
-    })
-    .await
-    .unwrap();
+    let request =
+        b"GET /trailers HTTP/1.1\r\nhost: wire.test\r\nte: trailers\r\nconnection: close\r\n\r\n";
+    let answer = raw(&s.gw, vec![request.to_vec()])
+        .await
+        .to_ascii_lowercase();
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(answer.contains("transfer-encoding: chunked"), "{answer}");
     let body = &answer[answer.find("\r\n\r\n").unwrap()..];
@@ -287,36 +274,43 @@ async fn trailers_reach_a_client_that_asks_for_them() {
     assert!(body.contains("x-checksum: 42"), "trailers lost: {answer}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_body_of_unknown_length_streams_to_the_instance_chunked() {
-    let s = start().await;
-    let addr =
-        s.gw.url("/")
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-    // 200 KiB in chunks, no length: more than the gateway reads ahead for a retry.
-    let answer = tokio::task::spawn_blocking(move || {
+/// Writes `pieces` to the gateway on a fresh connection and reads everything until it
+/// closes.
+async fn raw(gw: &Gateway, pieces: Vec<Vec<u8>>) -> String {
+    let addr = gw
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    tokio::task::spawn_blocking(move || {
         let mut t = std::net::TcpStream::connect(addr).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        t.write_all(
-            b"POST /count HTTP/1.1\r\nhost: wire.test\r\ntransfer-encoding: chunked\r\n\
-              connection: close\r\n\r\n",
-        )
-        .unwrap();
-        for _ in 0..50 {
-            let mut chunk = b"1000\r\n".to_vec();
-            chunk.extend(std::iter::repeat_n(b'x', 4096));
-            chunk.extend_from_slice(b"\r\n");
-            t.write_all(&chunk).unwrap();
+        for piece in pieces {
+            t.write_all(&piece).unwrap();
         }
-        t.write_all(b"0\r\n\r\n").unwrap();
         let mut all = Vec::new();
         let _ = t.read_to_end(&mut all);
         String::from_utf8_lossy(&all).to_string()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_body_of_unknown_length_streams_to_the_instance_chunked() {
+    let s = start().await;
+    // 200 KiB in chunks, no length: more than the gateway reads ahead for a retry.
+    let mut pieces = vec![b"POST /count HTTP/1.1\r\nhost: wire.test\r\n\
+        transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        .to_vec()];
+    for _ in 0..50 {
+        let mut chunk = b"1000\r\n".to_vec();
+        chunk.extend(std::iter::repeat_n(b'x', 4096));
+        chunk.extend_from_slice(b"\r\n");
+        pieces.push(chunk);
+    }
+    pieces.push(b"0\r\n\r\n".to_vec());
+    let answer = raw(&s.gw, pieces).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer.ends_with(&format!("{} chunked=true", 50 * 4096)),
