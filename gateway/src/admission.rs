@@ -420,6 +420,47 @@ impl HeaderEdit for HeaderMap {
     }
 }
 
+/// Header fields set beside a map rather than in it, for a head encoded straight from both
+/// ([`encode_head`](crate::h1_client::encode_head)): the map keeps the client's fields (less
+/// those removed), and a field set here replaces the map's of that name on the wire. Saves
+/// the map's inserts (a hash, a probe, often a growth each).
+pub struct HeaderOverlay<'a> {
+    map: &'a mut HeaderMap,
+    set: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl<'a> HeaderOverlay<'a> {
+    pub fn new(map: &'a mut HeaderMap) -> HeaderOverlay<'a> {
+        HeaderOverlay {
+            map,
+            set: Vec::with_capacity(8),
+        }
+    }
+
+    /// The fields set, each name once.
+    pub fn into_set(self) -> Vec<(HeaderName, HeaderValue)> {
+        self.set
+    }
+}
+
+impl HeaderEdit for HeaderOverlay<'_> {
+    fn headers(&self) -> &HeaderMap {
+        self.map
+    }
+
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) {
+        match self.set.iter_mut().find(|(n, _)| n == name) {
+            Some(field) => field.1 = value,
+            None => self.set.push((name.clone(), value)),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.map.remove(name);
+        self.set.retain(|(n, _)| n.as_str() != name);
+    }
+}
+
 impl HeaderEdit for pingora::http::RequestHeader {
     fn headers(&self) -> &HeaderMap {
         &self.headers
@@ -432,5 +473,124 @@ impl HeaderEdit for pingora::http::RequestHeader {
 
     fn remove(&mut self, name: &str) {
         self.remove_header(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::h1_client::encode_head;
+
+    /// The head's header lines, sorted (the order of fields of different names carries no
+    /// meaning).
+    fn lines(head: &[u8]) -> Vec<String> {
+        let text = String::from_utf8_lossy(head);
+        let mut lines: Vec<String> = text
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// The forwarding headers set beside the map and encoded from both make the same head as
+    /// the same headers inserted into the map.
+    #[test]
+    fn an_overlay_encodes_as_the_edited_map_does() {
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let value = HeaderValue::from_static("192.0.2.7");
+        // (client's fields, trusted peer, client address known, te_trailers, upgrade)
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            bool,
+            bool,
+            bool,
+            bool,
+        );
+        let table: [Case; 5] = [
+            (
+                &[
+                    ("host", "a.test"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                    ("x-real-ip", "10.0.0.1"),
+                    ("forwarded", "for=10.0.0.1"),
+                    ("connection", "keep-alive, x-secret"),
+                    ("x-secret", "s"),
+                    ("te", "gzip"),
+                ],
+                false,
+                true,
+                false,
+                false,
+            ),
+            (
+                &[
+                    ("host", "a.test"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                    ("x-forwarded-for", "10.0.0.2"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-real-ip", "10.0.0.1"),
+                    ("te", "trailers"),
+                    ("connection", "te"),
+                ],
+                true,
+                true,
+                true,
+                false,
+            ),
+            (
+                &[
+                    ("host", "a.test"),
+                    ("connection", "Upgrade"),
+                    ("upgrade", "websocket"),
+                ],
+                false,
+                true,
+                false,
+                true,
+            ),
+            (
+                &[("host", "a.test"), ("x-forwarded-for", "10.0.0.1")],
+                false,
+                false,
+                false,
+                false,
+            ),
+            (
+                &[("host", "a.test"), ("x-request-id", "mine")],
+                true,
+                false,
+                false,
+                false,
+            ),
+        ];
+        let trace = headers::traceparent(None, || 7);
+        for (fields, trusted, known, te_trailers, upgrade) in table {
+            let mut map = HeaderMap::new();
+            for (k, v) in fields {
+                map.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            let f = Forwarding {
+                client: known.then_some(client),
+                client_value: known.then_some(&value),
+                trusted,
+                https: false,
+                host: Some("a.test"),
+                request_id: "rid",
+                trace: Some(&trace),
+                te_trailers,
+                upgrade,
+            };
+            let mut edited = map.clone();
+            forwarding_headers(&mut edited, &f);
+            let want = encode_head(&http::Method::GET, "/", &edited, &[], false);
+            let mut overlay = HeaderOverlay::new(&mut map);
+            forwarding_headers(&mut overlay, &f);
+            let set = overlay.into_set();
+            let got = encode_head(&http::Method::GET, "/", &map, &set, false);
+            assert_eq!(lines(&got), lines(&want), "{fields:?}");
+        }
     }
 }

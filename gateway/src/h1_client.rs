@@ -99,10 +99,18 @@ impl H1Error {
 }
 
 /// The request line and header fields, in origin form, each name as the map holds it (lower
-/// case); `chunked` adds `Transfer-Encoding: chunked` for a body of unknown length.
-pub fn encode_head(method: &Method, target: &str, headers: &HeaderMap, chunked: bool) -> Bytes {
+/// case): the map's fields but those `set` names, then `set`'s (see
+/// [`HeaderOverlay`](crate::admission::HeaderOverlay)); `chunked` adds
+/// `Transfer-Encoding: chunked` for a body of unknown length.
+pub fn encode_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    set: &[(HeaderName, HeaderValue)],
+    chunked: bool,
+) -> Bytes {
     let mut size = method.as_str().len() + target.len() + 16;
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(set.iter().map(|(n, v)| (n, v))) {
         size += name.as_str().len() + value.len() + 4;
     }
     let mut b = Vec::with_capacity(size + if chunked { 28 } else { 0 });
@@ -110,7 +118,9 @@ pub fn encode_head(method: &Method, target: &str, headers: &HeaderMap, chunked: 
     b.push(b' ');
     b.extend_from_slice(target.as_bytes());
     b.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    let replaced = |name: &HeaderName| set.iter().any(|(n, _)| n == name);
+    let kept = headers.iter().filter(|(name, _)| !replaced(name));
+    for (name, value) in kept.chain(set.iter().map(|(n, v)| (n, v))) {
         b.extend_from_slice(name.as_str().as_bytes());
         b.extend_from_slice(b": ");
         b.extend_from_slice(value.as_bytes());
@@ -766,11 +776,27 @@ mod tests {
     #[test]
     fn heads_are_encoded_in_origin_form() {
         let headers = map(&[("host", "a.test"), ("x-many", "1"), ("x-many", "2")]);
-        let head = encode_head(&Method::POST, "/p?q=1", &headers, true);
+        let head = encode_head(&Method::POST, "/p?q=1", &headers, &[], true);
         assert_eq!(
             &head[..],
             b"POST /p?q=1 HTTP/1.1\r\nhost: a.test\r\nx-many: 1\r\nx-many: 2\r\n\
               transfer-encoding: chunked\r\n\r\n"
+        );
+        // Fields set aside replace the map's of their name, every line of it.
+        let set = [
+            (
+                HeaderName::from_static("x-many"),
+                HeaderValue::from_static("3"),
+            ),
+            (
+                HeaderName::from_static("x-new"),
+                HeaderValue::from_static("n"),
+            ),
+        ];
+        let head = encode_head(&Method::GET, "/", &headers, &set, false);
+        assert_eq!(
+            &head[..],
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nx-many: 3\r\nx-new: n\r\n\r\n"
         );
     }
 
@@ -996,7 +1022,7 @@ mod tests {
         drop(tx);
         let mut headers = HeaderMap::new();
         headers.insert("host", "t.test".parse().unwrap());
-        let head = encode_head(&Method::POST, "/up", &headers, true);
+        let head = encode_head(&Method::POST, "/up", &headers, &[], true);
         let out = Outgoing::Stream {
             body,
             chunked: true,
@@ -1030,7 +1056,7 @@ mod tests {
     async fn get_from(answer: &'static [u8]) -> (Result<Bytes, BoxError>, usize) {
         let (addr, _got) = instance(b"\r\n\r\n", answer, true).await;
         let pool = pool();
-        let head = encode_head(&Method::GET, "/", &HeaderMap::new(), false);
+        let head = encode_head(&Method::GET, "/", &HeaderMap::new(), &[], false);
         let answered = pool
             .exchange(addr, &head, Outgoing::Bytes(Bytes::new()), false)
             .await

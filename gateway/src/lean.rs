@@ -53,7 +53,7 @@ use pingora::server::ShutdownWatch;
 use tokio::time::Sleep;
 
 use crate::access_log;
-use crate::admission::{self, ContentLength, Forwarding, NO_ROUTE};
+use crate::admission::{self, ContentLength, Forwarding, HeaderOverlay, NO_ROUTE};
 use crate::balancer::{InFlight, PickError};
 use crate::h1_client::{self, H1Conn, H1Error, Outgoing};
 use crate::h2_streams::{Stall, StreamExec};
@@ -376,22 +376,33 @@ impl Lean {
         }
         let te_trailers =
             headers::te_trailers(parts.headers.get(&TE).and_then(|v| v.to_str().ok()));
-        // Room for the forwarding headers, so that the map grows once if at all.
-        parts.headers.reserve(8);
-        admission::forwarding_headers(
-            &mut parts.headers,
-            &Forwarding {
-                client: conn.client,
-                client_value: conn.client_value.as_ref(),
-                trusted: conn.trusted,
-                https: conn.https,
-                host: host.as_deref(),
-                request_id: &done.request_id,
-                trace: Some(trace),
-                te_trailers,
-                upgrade,
-            },
-        );
+        let forwarding = Forwarding {
+            client: conn.client,
+            client_value: conn.client_value.as_ref(),
+            trusted: conn.trusted,
+            https: conn.https,
+            host: host.as_deref(),
+            request_id: &done.request_id,
+            trace: Some(trace),
+            te_trailers,
+            upgrade,
+        };
+        // On the gateway's own codec the forwarding headers go straight into the encoded
+        // head, beside the client's map; for hyper's clients, into the map.
+        let own_pool = match &self.h1 {
+            H1::Own(pool) if !route.upstream_h2c => Some(pool),
+            _ => None,
+        };
+        let mut set_aside = Vec::new();
+        if own_pool.is_some() {
+            let mut overlay = HeaderOverlay::new(&mut parts.headers);
+            admission::forwarding_headers(&mut overlay, &forwarding);
+            set_aside = overlay.into_set();
+        } else {
+            // Room for the forwarding headers, so that the map grows once if at all.
+            parts.headers.reserve(8);
+            admission::forwarding_headers(&mut parts.headers, &forwarding);
+        }
         // The target for instances, in origin form.
         let target = match (route.strip_prefix, parts.uri.path_and_query()) {
             (false, Some(pq)) => pq.clone(),
@@ -427,15 +438,17 @@ impl Lean {
         let idempotent = parts.method.is_idempotent();
         let head_request = parts.method == http::Method::HEAD;
         // On the gateway's own codec the head is encoded once, and every try writes it.
-        let own = match &self.h1 {
-            H1::Own(pool) if !route.upstream_h2c => {
-                let chunked = body.is_some() && declared.is_none();
-                let head =
-                    h1_client::encode_head(&parts.method, target.as_str(), &parts.headers, chunked);
-                Some((pool, head, chunked))
-            }
-            _ => None,
-        };
+        let own = own_pool.map(|pool| {
+            let chunked = body.is_some() && declared.is_none();
+            let head = h1_client::encode_head(
+                &parts.method,
+                target.as_str(),
+                &parts.headers,
+                &set_aside,
+                chunked,
+            );
+            (pool, head, chunked)
+        });
         let deadline = done.start + cfg.timeouts.deadline;
         let mut service = admitted.service;
         let tags = admitted.tags;

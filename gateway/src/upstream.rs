@@ -319,7 +319,7 @@ mod tests {
                 Kind::Own(pool) => {
                     let mut headers = http::HeaderMap::new();
                     headers.insert("host", "t.test".parse().unwrap());
-                    let head = encode_head(&http::Method::GET, "/", &headers, false);
+                    let head = encode_head(&http::Method::GET, "/", &headers, &[], false);
                     let answered = pool
                         .exchange(addr, &head, Outgoing::Bytes(Bytes::new()), false)
                         .await
