@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lean::Body;
-use crate::upstream::{Pool, Pooled};
+use crate::upstream::{dial, ConnectError, Pool, Pooled};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -55,10 +55,8 @@ const COALESCE_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
-    #[error("connect: {0}")]
-    Connect(#[source] io::Error),
-    #[error("connect: no connection within {0:?}")]
-    ConnectTimeout(Duration),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("write to instance")]
     Write(#[source] io::Error),
     #[error("read from instance")]
@@ -82,7 +80,7 @@ pub enum H1Error {
 impl H1Error {
     /// Nothing reached the instance: the connection was never made.
     pub fn is_connect(&self) -> bool {
-        matches!(self, H1Error::Connect(_) | H1Error::ConnectTimeout(_))
+        matches!(self, H1Error::Connect(_))
     }
 
     /// No answer came because the connection closed or reset first.
@@ -121,16 +119,21 @@ pub fn encode_head(
     let replaced = |name: &HeaderName| set.iter().any(|(n, _)| n == name);
     let kept = headers.iter().filter(|(name, _)| !replaced(name));
     for (name, value) in kept.chain(set.iter().map(|(n, v)| (n, v))) {
-        b.extend_from_slice(name.as_str().as_bytes());
-        b.extend_from_slice(b": ");
-        b.extend_from_slice(value.as_bytes());
-        b.extend_from_slice(b"\r\n");
+        push_field(&mut b, name, value);
     }
     if chunked {
         b.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     b.extend_from_slice(b"\r\n");
     Bytes::from(b)
+}
+
+/// One header (or trailer) field line.
+fn push_field(b: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    b.extend_from_slice(name.as_str().as_bytes());
+    b.extend_from_slice(b": ");
+    b.extend_from_slice(value.as_bytes());
+    b.extend_from_slice(b"\r\n");
 }
 
 /// How an answer's body is delimited (RFC 9112 §6.3).
@@ -376,12 +379,7 @@ pub struct AnswerHead {
 
 impl H1Conn {
     pub async fn connect(addr: SocketAddr, within: Duration) -> Result<H1Conn, H1Error> {
-        let io = match tokio::time::timeout(within, TcpStream::connect(addr)).await {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => return Err(H1Error::Connect(e)),
-            Err(_) => return Err(H1Error::ConnectTimeout(within)),
-        };
-        io.set_nodelay(true).map_err(H1Error::Connect)?;
+        let io = dial(addr, within).await?;
         Ok(H1Conn {
             io,
             read: BytesMut::new(),
@@ -492,10 +490,7 @@ async fn send_body(
     if chunked {
         let mut last = b"0\r\n".to_vec();
         for (name, value) in trailers.iter().flatten() {
-            last.extend_from_slice(name.as_str().as_bytes());
-            last.extend_from_slice(b": ");
-            last.extend_from_slice(value.as_bytes());
-            last.extend_from_slice(b"\r\n");
+            push_field(&mut last, name, value);
         }
         last.extend_from_slice(b"\r\n");
         io.write_all(&last).await.map_err(H1Error::Write)?;
@@ -743,7 +738,8 @@ impl hyper::body::Body for AnswerBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.reading, Reading::Done | Reading::Length(0))
+        // A length read to zero finishes at once.
+        matches!(self.reading, Reading::Done)
     }
 
     fn size_hint(&self) -> SizeHint {

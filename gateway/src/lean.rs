@@ -516,7 +516,11 @@ impl Lean {
                     *upstream.headers_mut() = parts.headers.clone();
                     *upstream.extensions_mut() = parts.extensions.clone();
                 }
-                let send = self.send(route.upstream_h2c, pick.addr, upstream);
+                let hyper_h1 = match &self.h1 {
+                    H1::Hyper(pool) if !route.upstream_h2c => Some(pool),
+                    _ => None,
+                };
+                let send = self.send(hyper_h1, pick.addr, upstream);
                 tokio::time::timeout(within, send).await
             };
             // A failed try: what went wrong, what another try would cost the retry budget,
@@ -606,15 +610,15 @@ impl Lean {
         }
     }
 
-    /// One try on hyper's client: the request to the instance at `addr`, and its answer's
-    /// head.
+    /// One try on hyper's clients: the request to the instance at `addr` over HTTP/1.1 on
+    /// `hyper_h1` when given, else over HTTP/2; and its answer's head.
     async fn send(
         &self,
-        h2c: bool,
+        hyper_h1: Option<&Arc<Pool<SendRequest<Body>>>>,
         addr: SocketAddr,
         mut req: Request<Body>,
     ) -> Result<Answer, TryFailed> {
-        if let (false, H1::Hyper(pool)) = (h2c, &self.h1) {
+        if let Some(pool) = hyper_h1 {
             return match pool.send(addr, req).await {
                 Ok((resp, lease)) => Ok(hyper_answer(resp, Some(lease))),
                 Err(e) => Err(TryFailed {

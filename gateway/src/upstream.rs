@@ -32,12 +32,31 @@ use crate::FastHash;
 /// At most this many idle connections are kept per instance address; more are closed.
 pub const MAX_IDLE_PER_ADDR: usize = 512;
 
+/// A connection to an instance that was not made: nothing reached it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("connect: no connection within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A TCP connection to `addr` within `within`, Nagle off: what both HTTP/1.1 clients start
+/// from.
+pub async fn dial(addr: SocketAddr, within: Duration) -> Result<TcpStream, ConnectError> {
+    let tcp = match tokio::time::timeout(within, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Err(_) => return Err(ConnectError::Timeout(within)),
+    };
+    tcp.set_nodelay(true).map_err(ConnectError::Io)?;
+    Ok(tcp)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connect: {0}")]
-    Connect(#[source] std::io::Error),
-    #[error("connect: no connection within {0:?}")]
-    ConnectTimeout(Duration),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// The error itself is the source, so that walking the causes finds it (what went wrong
     /// decides whether another try is free).
     #[error("instance connection")]
@@ -47,10 +66,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Nothing reached the instance: the connection was never made.
     pub fn is_connect(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)
-        )
+        matches!(self, UpstreamError::Connect(_))
     }
 }
 
@@ -249,13 +265,7 @@ impl Pool<SendRequest<Body>> {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<Body>, UpstreamError> {
-        let within = self.config.connect_timeout;
-        let tcp = match tokio::time::timeout(within, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::ConnectTimeout(within)),
-        };
-        tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        let tcp = dial(addr, self.config.connect_timeout).await?;
         let (sender, conn) = Builder::new()
             .preserve_header_case(self.config.preserve_header_case)
             .handshake(TokioIo::new(tcp))
