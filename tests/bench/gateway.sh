@@ -154,31 +154,9 @@ wait_port "$nginx_port"
 sleep 0.2
 nginx_pid=$(pgrep -P "$(cat "$work/nginx/nginx.pid")" | head -1)
 
-# HAProxy: one thread, HTTP mode, connection reuse, no logs. 2.6 (Debian 12) has no
-# "option forwarded", so Forwarded is set by hand; the span ID is two 32-bit random numbers.
+# HAProxy: one thread, HTTP mode, connection reuse, no logs (ACCESS_LOG=1: httplog).
 haproxy_port=$(free_port)
-cat >"$work/haproxy.cfg" <<EOF
-global
-    nbthread 1
-$(if [[ $ACCESS_LOG == 1 ]]; then printf '    log stdout format raw local0'; fi)
-defaults
-    mode http
-$(if [[ $ACCESS_LOG == 1 ]]; then printf '    log global\n    option httplog'; fi)
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    http-reuse always
-    option forwardfor
-frontend fe
-    bind 127.0.0.1:$haproxy_port
-    http-request set-header X-Forwarded-Proto http
-    http-request set-header Forwarded "for=%[src];proto=http;host=%[req.hdr(host)]"
-    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
-    http-request set-header traceparent "00-%[uuid,regsub(-,,g)]-%[rand(4294967295),hex,lower,bytes(8)]%[rand(4294967295),hex,lower,bytes(8)]-00"
-    default_backend be
-backend be
-    server b1 127.0.0.1:$backend_port
-EOF
+HAPROXY_LOG=$ACCESS_LOG write_haproxy_conf "$work/haproxy.cfg" "$haproxy_port"
 "$HAPROXY" -c -q -f "$work/haproxy.cfg"
 "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.access.log" 2>&1 &
 pids+=($!)

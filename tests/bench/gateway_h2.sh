@@ -84,26 +84,7 @@ nginx_master=$(cat "$work/nginx/nginx.pid")
 nginx_pid=$(pgrep -P "$nginx_master" | head -1)
 
 haproxy_port=$(free_port)
-cat >"$work/haproxy.cfg" <<EOF
-global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    http-reuse always
-    option forwardfor
-frontend fe
-    bind 127.0.0.1:$haproxy_port proto h2
-    http-request set-header X-Forwarded-Proto http
-    http-request set-header Forwarded "for=%[src];proto=http;host=%[req.hdr(host)]"
-    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
-    http-request set-header traceparent "00-%[uuid,regsub(-,,g)]-%[rand(4294967295),hex,lower,bytes(8)]%[rand(4294967295),hex,lower,bytes(8)]-00"
-    default_backend be
-backend be
-    server b1 $backend
-EOF
+write_haproxy_conf "$work/haproxy.cfg" "$haproxy_port" " proto h2"
 "$HAPROXY" -c -q -f "$work/haproxy.cfg"
 "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 pids+=($!)

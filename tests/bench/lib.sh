@@ -38,7 +38,8 @@ start_backend_and_registry() {
 # start_backend_and_registry): nginx as the gateway's peer in front of $backend, one worker,
 # keep-alive both ways with no cap on requests per connection (the gateway has none; nginx
 # closes after 1,000 by default, and h2load does not reconnect), adding the gateway's request
-# headers. LISTEN_OPTIONS: say " http2". NGINX_ACCESS_LOG (default off) is the access_log
+# headers (X-Forwarded-For, X-Real-IP, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)
+# and the request ID on the answer. LISTEN_OPTIONS: say " http2". NGINX_ACCESS_LOG (default off) is the access_log
 # directive's value; NGINX_MASTER=off runs the worker alone (under valgrind).
 write_nginx_conf() {
     local port=$1 listen=${2:-}
@@ -73,12 +74,54 @@ http {
             proxy_set_header Connection "";
             proxy_set_header Host \$host;
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Real-IP \$remote_addr;
             proxy_set_header X-Forwarded-Proto \$scheme;
             proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
             proxy_set_header X-Request-Id \$req_id;
             proxy_set_header traceparent "00-\$request_id-\$span_id-00";
+            # The gateway answers with the request's ID when the instance did not.
+            add_header X-Request-Id \$req_id always;
         }
     }
 }
 EOF
+}
+
+# write_haproxy_conf FILE PORT [BIND_OPTIONS] (after start_backend_and_registry): HAProxy as
+# the gateway's peer in front of $backend, one thread, HTTP mode, connection reuse, adding the
+# gateway's request headers and the request ID on the answer, as write_nginx_conf does.
+# BIND_OPTIONS: say " proto h2". HAPROXY_LOG=1 logs every request (httplog) to stdout.
+# HAProxy 2.6 (Debian 12) has no "option forwarded", so Forwarded is set by hand; the span ID
+# is two 32-bit random numbers.
+write_haproxy_conf() {
+    local file=$1 port=$2 bind=${3:-} log_global="" log_defaults=""
+    if [[ ${HAPROXY_LOG:-0} == 1 ]]; then
+        log_global="    log stdout format raw local0"
+        log_defaults=$'    log global\n    option httplog'
+    fi
+    cat >"$file" <<CFG
+global
+    nbthread 1
+$log_global
+defaults
+    mode http
+$log_defaults
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+    option forwardfor
+frontend fe
+    bind 127.0.0.1:$port$bind
+    http-request set-header X-Real-IP %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header Forwarded "for=%[src];proto=http;host=%[req.hdr(host)]"
+    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
+    http-request set-var(txn.request_id) req.hdr(x-request-id)
+    http-request set-header traceparent "00-%[uuid,regsub(-,,g)]-%[rand(4294967295),hex,lower,bytes(8)]%[rand(4294967295),hex,lower,bytes(8)]-00"
+    http-response set-header X-Request-Id %[var(txn.request_id)] unless { res.hdr(x-request-id) -m found }
+    default_backend be
+backend be
+    server b1 $backend
+CFG
 }
