@@ -38,6 +38,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::FutureExt as _;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -125,6 +126,15 @@ struct TryFailed {
     /// Nothing reached the instance: the connection was never made.
     connect: bool,
     error: BoxError,
+}
+
+/// An admitted request: what [`Lean::admit`] decided, for the tries.
+struct Admitted {
+    admitted: admission::Admitted,
+    /// The request's host, as the forwarding headers name it.
+    host: Option<String>,
+    trace: headers::TraceContext,
+    done: Done,
 }
 
 /// What the connection knows about its client.
@@ -273,12 +283,15 @@ impl Lean {
     > + Clone {
         let (lean, conn) = (self.clone(), Arc::new(conn));
         hyper::service::service_fn(move |req| {
-            let (lean, conn) = (lean.clone(), conn.clone());
-            async move { Ok::<_, Infallible>(lean.handle(&conn, req).await) }
+            lean.clone()
+                .handle(conn.clone(), req)
+                .map(Ok::<_, Infallible>)
         })
     }
 
-    async fn handle(self: &Arc<Self>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    /// What is decided before a try: the request's ID and trace, its access-log record, and
+    /// admission (route, limits); or the gateway's own answer.
+    fn admit(&self, conn: &Conn, req: &Request<Incoming>) -> Result<Admitted, Response<Body>> {
         let shared = &self.shared;
         shared.metrics.in_flight.inc();
         shared.retry_budget.deposit();
@@ -332,22 +345,37 @@ impl Lean {
             Err(refused) => {
                 done.route = refused.route;
                 let r = refused.refusal;
-                return done.answer(r.status, r.body, r.retry_after);
+                return Err(done.answer(r.status, r.body, r.retry_after));
             }
         };
         done.route = Some(admitted.route.clone());
-        self.proxy(conn, req, admitted, host, &trace, done).await
+        Ok(Admitted {
+            admitted,
+            host,
+            trace,
+            done,
+        })
     }
 
-    async fn proxy(
-        &self,
-        conn: &Conn,
+    /// One request, from its head to its answer's head: admission, then the tries. This
+    /// future is the request's only one, not nested in another, and what it holds is made
+    /// inside it rather than passed in: hyper moves each request's future into a box it
+    /// keeps per connection, each level of nesting would be another copy of everything
+    /// below it, and an async function's arguments take room twice.
+    async fn handle(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
         mut req: Request<Incoming>,
-        admitted: admission::Admitted,
-        host: Option<String>,
-        trace: &headers::TraceContext,
-        mut done: Done,
     ) -> Response<Body> {
+        let Admitted {
+            admitted,
+            host,
+            trace,
+            mut done,
+        } = match self.admit(&conn, &req) {
+            Ok(admitted) => admitted,
+            Err(refused) => return refused,
+        };
         let shared = &self.shared;
         let cfg = &shared.config;
         let route = admitted.route.clone();
@@ -383,7 +411,7 @@ impl Lean {
             https: conn.https,
             host: host.as_deref(),
             request_id: &done.request_id,
-            trace: Some(trace),
+            trace: Some(&trace),
             te_trailers,
             upgrade,
         };
@@ -496,7 +524,7 @@ impl Lean {
                     (None, None) => Outgoing::Bytes(Bytes::new()),
                 };
                 let exchange = pool.exchange(pick.addr, head, out, head_request);
-                tokio::time::timeout(within, send_own(exchange)).await
+                tokio::time::timeout(within, exchange.map(own_answer)).await
             } else {
                 let this_body = match (&replay, body.take()) {
                     (Some(bytes), _) => full(bytes.clone()),
@@ -520,7 +548,9 @@ impl Lean {
                     H1::Hyper(pool) if !route.upstream_h2c => Some(pool),
                     _ => None,
                 };
-                let send = self.send(hyper_h1, pick.addr, upstream);
+                // Boxed: hyper's clients are the rarer path, and their future, larger than
+                // the own codec's, would grow every request's future.
+                let send = Box::pin(self.send(hyper_h1, pick.addr, upstream));
                 tokio::time::timeout(within, send).await
             };
             // A failed try: what went wrong, what another try would cost the retry budget,
@@ -692,11 +722,9 @@ impl Lean {
     }
 }
 
-/// One try on the gateway's own codec.
-async fn send_own(
-    exchange: impl Future<Output = Result<Answered, H1Error>>,
-) -> Result<Answer, TryFailed> {
-    match exchange.await {
+/// One try's outcome on the gateway's own codec.
+fn own_answer(exchanged: Result<Answered, H1Error>) -> Result<Answer, TryFailed> {
+    match exchanged {
         Ok(Answered::Response(parts, body)) => Ok(Answer {
             resp: Response::from_parts(parts, body.boxed()),
             lease: None,
