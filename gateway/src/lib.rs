@@ -98,7 +98,8 @@ use crate::routes::{RouteError, RouteTable};
 use crate::tls::CertStore;
 use waymark_shared::follow::{stream::MirrorClient, RegistryStatus};
 
-/// The write buffer under each client connection (pingora's default: one segment).
+/// The write buffer under each client connection on pingora's data path (pingora's default:
+/// one segment).
 const L4_WRITE_BUFFER: usize = 1460;
 
 /// How long one change-stream long poll waits for changes.
@@ -498,7 +499,14 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     sock_opt.so_reuseport = Some(true);
     // No read buffer under the HTTP codecs, which have their own: pingora's default of
     // 64 KiB per connection made an idle connection cost about 100 KiB (gateway-memory.md).
-    let l4_buffer = L4BufferSettings::new(0, L4_WRITE_BUFFER);
+    // The write buffer gathers the small writes of pingora's HTTP/1.1 codec into segments;
+    // hyper (the lean path) gathers its own, and under it the buffer would be one more copy
+    // of every answer and 1.4 KiB more per connection.
+    let write_buffer = match data_path {
+        DataPath::Pingora => L4_WRITE_BUFFER,
+        DataPath::Lean => 0,
+    };
+    let l4_buffer = L4BufferSettings::new(0, write_buffer);
     if let Some(addr) = listen {
         proxy.add_listener(
             ListenerConfig::tcp(addr.to_string())
