@@ -144,13 +144,31 @@ fn is_token_or_host(h: &str) -> bool {
 
 /// Appends `v` as 16 lowercase hex digits.
 fn push_hex(out: &mut String, v: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    for (i, d) in digits.iter_mut().enumerate() {
-        *d = DIGITS[((v >> ((15 - i) * 4)) & 0xf) as usize];
-    }
+    let digits = hex16(v);
     // One append instead of sixteen (hex digits are ASCII: the check cannot fail).
     out.push_str(std::str::from_utf8(&digits).unwrap_or_default());
+}
+
+/// `v` as 16 lowercase hex digits, all at once in a 128-bit word rather than a digit at a
+/// time (a request makes five of these; the loop cost 150 instructions each).
+fn hex16(v: u64) -> [u8; 16] {
+    const LANES: [u128; 4] = [
+        0x0000_0000_ffff_ffff_0000_0000_ffff_ffff,
+        0x0000_ffff_0000_ffff_0000_ffff_0000_ffff,
+        0x00ff_00ff_00ff_00ff_00ff_00ff_00ff_00ff,
+        0x0f0f_0f0f_0f0f_0f0f_0f0f_0f0f_0f0f_0f0f,
+    ];
+    const ONES: u128 = 0x0101_0101_0101_0101_0101_0101_0101_0101;
+    // Spread the nibbles, one per byte, the most significant in the highest byte.
+    let mut x = u128::from(v);
+    x = (x | (x << 32)) & LANES[0];
+    x = (x | (x << 16)) & LANES[1];
+    x = (x | (x << 8)) & LANES[2];
+    x = (x | (x << 4)) & LANES[3];
+    // Bytes of 10 and more get a 1 (adding 6 carries them into the high nibble)...
+    let letters = ((x + 6 * ONES) >> 4) & ONES;
+    // ...and go to 'a'.. instead of past '9'.
+    (x + u128::from(b'0') * ONES + letters * u128::from(b'a' - b'0' - 10)).to_be_bytes()
 }
 
 /// The request ID to use: the client's when it is printable and short, else a new one.
@@ -380,6 +398,31 @@ const PROTECTED: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_digits() {
+        let cases = [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            0x0123_4567_89ab_cdef,
+            0xfedc_ba98_7654_3210,
+            0x9999_9999_9999_9999,
+            0xaaaa_aaaa_aaaa_aaaa,
+            u64::MAX,
+        ];
+        for v in cases
+            .into_iter()
+            .chain((0..1000).map(|_| fastrand::u64(..)))
+        {
+            let mut s = String::new();
+            push_hex(&mut s, v);
+            assert_eq!(s, format!("{v:016x}"), "{v:#x}");
+        }
+    }
 
     fn counter() -> impl FnMut() -> u64 {
         let mut n = 0u64;
