@@ -1023,7 +1023,10 @@ mod tests {
             body,
             chunked: true,
         };
-        let answered = pool.exchange(addr, &head, out, false).await.unwrap();
+        let answered = pool
+            .exchange(addr, &head, out, false, std::time::Instant::now())
+            .await
+            .unwrap();
         let crate::upstream::Answered::Response(parts, body) = answered else {
             panic!("upgraded");
         };
@@ -1054,7 +1057,13 @@ mod tests {
         let pool = pool();
         let head = encode_head(&Method::GET, "/", &HeaderMap::new(), &[], false);
         let answered = pool
-            .exchange(addr, &head, Outgoing::Bytes(Bytes::new()), false)
+            .exchange(
+                addr,
+                &head,
+                Outgoing::Bytes(Bytes::new()),
+                false,
+                std::time::Instant::now(),
+            )
             .await
             .unwrap();
         let crate::upstream::Answered::Response(_, body) = answered else {

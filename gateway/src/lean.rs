@@ -296,6 +296,8 @@ impl Lean {
     #[allow(clippy::result_large_err)]
     fn admit(&self, conn: &Conn, req: &Request<Incoming>) -> Result<Admitted, Response<Body>> {
         let shared = &self.shared;
+        // The request's one clock read until its first try, if nothing is awaited before.
+        let now = Instant::now();
         shared.metrics.in_flight.inc();
         shared.retry_budget.deposit();
         let (request_id, _) = headers::request_id(
@@ -322,7 +324,7 @@ impl Lean {
             shared: shared.clone(),
             next_request: conn.next_request.clone(),
             stall: Stall::current(),
-            start: Instant::now(),
+            start: now,
             client: conn.client,
             method: copy(req.method().as_str()),
             host: copy(host.as_deref().unwrap_or_default()),
@@ -343,7 +345,7 @@ impl Lean {
             headers: req.headers(),
             raw_path: raw.as_bytes(),
         };
-        let admitted = match admission::admit(shared, &head, conn.client, Instant::now()) {
+        let admitted = match admission::admit(shared, &head, conn.client, now) {
             Ok(a) => a,
             Err(refused) => {
                 done.route = refused.route;
@@ -456,6 +458,8 @@ impl Lean {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let mut body: Option<Body> = None;
         let mut replay: Option<Bytes> = None;
+        // The time, read again after anything awaited.
+        let mut now = done.start;
         if limited.is_end_stream() {
             replay = Some(Bytes::new());
         } else if declared.is_some_and(|n| n <= REPLAY_BYTES) && !upgrade {
@@ -463,6 +467,7 @@ impl Lean {
                 Ok(c) => replay = Some(c.to_bytes()),
                 Err(e) => return done.client_fault(&fault, &e.to_string()),
             }
+            now = Instant::now();
         } else {
             body = Some(limited.boxed());
         }
@@ -486,7 +491,8 @@ impl Lean {
         let mut head_spent = false;
         loop {
             if !done.tried.is_empty() {
-                if Instant::now() >= deadline {
+                now = Instant::now();
+                if now >= deadline {
                     return done.answer(504, GATEWAY_TIMEOUT.into(), None);
                 }
                 if head_spent {
@@ -498,10 +504,9 @@ impl Lean {
                     service = fresh;
                 }
             }
-            let pick =
-                shared
-                    .balancer
-                    .pick(&service, &tags, &done.tried, Instant::now(), fastrand::f64);
+            let pick = shared
+                .balancer
+                .pick(&service, &tags, &done.tried, now, fastrand::f64);
             let pick = match pick {
                 Ok(p) => p,
                 Err(PickError::NoInstance(_)) if done.tried.is_empty() => {
@@ -515,8 +520,11 @@ impl Lean {
                 shared.metrics.route(&route.name).retried();
             }
             done.tried.push(pick.instance.id.to_string());
-            let left = deadline.saturating_duration_since(Instant::now());
-            let within = cfg.timeouts.per_try.min(left);
+            let within = cfg
+                .timeouts
+                .per_try
+                .min(deadline.saturating_duration_since(now));
+            let try_deadline = tokio::time::Instant::from_std(now + within);
             let result = if let Some((pool, head, chunked)) = &own {
                 let out = match (&replay, body.take()) {
                     (Some(bytes), _) => Outgoing::Bytes(bytes.clone()),
@@ -526,8 +534,8 @@ impl Lean {
                     },
                     (None, None) => Outgoing::Bytes(Bytes::new()),
                 };
-                let exchange = pool.exchange(pick.addr, head, out, head_request);
-                tokio::time::timeout(within, exchange.map(own_answer)).await
+                let exchange = pool.exchange(pick.addr, head, out, head_request, now);
+                tokio::time::timeout_at(try_deadline, exchange.map(own_answer)).await
             } else {
                 let this_body = match (&replay, body.take()) {
                     (Some(bytes), _) => full(bytes.clone()),
@@ -554,7 +562,7 @@ impl Lean {
                 // Boxed: hyper's clients are the rarer path, and their future, larger than
                 // the own codec's, would grow every request's future.
                 let send = Box::pin(self.send(hyper_h1, pick.addr, upstream));
-                tokio::time::timeout(within, send).await
+                tokio::time::timeout_at(try_deadline, send).await
             };
             // A failed try: what went wrong, what another try would cost the retry budget,
             // and the status to answer when there is none.
@@ -1189,7 +1197,7 @@ mod tests {
         let out = Outgoing::Bytes(Bytes::new());
         let head = b"GET / HTTP/1.1\r\nhost: t.test\r\n\r\n";
         let err = Pool::<H1Conn>::new(config)
-            .exchange(addr, head, out, false)
+            .exchange(addr, head, out, false, Instant::now())
             .await
             .err()
             .unwrap();

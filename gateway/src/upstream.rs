@@ -203,15 +203,17 @@ pub enum Answered {
 
 impl Pool<H1Conn> {
     /// Sends a request (`head` from [`encode_head`](crate::h1_client::encode_head), then
-    /// `out`) to `addr` on an idle connection, or on a new one when none is left.
+    /// `out`) to `addr` on an idle connection (one idle since before `now` less the idle
+    /// timeout is closed), or on a new one when none is left.
     pub async fn exchange(
         self: &Arc<Self>,
         addr: SocketAddr,
         head: &[u8],
         out: Outgoing,
         head_request: bool,
+        now: Instant,
     ) -> Result<Answered, H1Error> {
-        let mut conn = match self.checkout(addr, Instant::now()) {
+        let mut conn = match self.checkout(addr, now) {
             Some(conn) => conn,
             None => H1Conn::connect(addr, self.config.connect_timeout).await?,
         };
@@ -331,7 +333,13 @@ mod tests {
                     headers.insert("host", "t.test".parse().unwrap());
                     let head = encode_head(&http::Method::GET, "/", &headers, &[], false);
                     let answered = pool
-                        .exchange(addr, &head, Outgoing::Bytes(Bytes::new()), false)
+                        .exchange(
+                            addr,
+                            &head,
+                            Outgoing::Bytes(Bytes::new()),
+                            false,
+                            Instant::now(),
+                        )
                         .await
                         .map_err(|e| e.to_string())?;
                     let Answered::Response(_, body) = answered else {
@@ -490,7 +498,7 @@ mod tests {
         let own = Pool::<H1Conn>::new(config);
         let out = Outgoing::Bytes(Bytes::new());
         let err = own
-            .exchange(addr, b"GET / HTTP/1.1\r\n\r\n", out, false)
+            .exchange(addr, b"GET / HTTP/1.1\r\n\r\n", out, false, Instant::now())
             .await;
         assert!(err.err().unwrap().is_connect());
     }
