@@ -11,7 +11,12 @@
 //! again and runs from the next request's first byte.
 //!
 //! The wrapper also counts the bytes that cross an HTTP/2 connection (when told to, by
-//! [`HeaderDeadline::count_activity`]), so that an idle one can be closed.
+//! [`HeaderDeadline::count_activity`]), so that an idle one can be closed; and, when told to
+//! by [`HeaderDeadline::watch_idle`] (the lean path's HTTP/1.1), ends a kept-alive connection
+//! that waits longer than its idle timeout for its next request: the read then ends as if the
+//! client had closed. That watch keeps one timer for the connection's whole life rather than
+//! one per request: each wait only notes when it began, and the timer, when it fires early
+//! for the wait under way, is moved to that wait's end.
 
 use std::fmt;
 use std::future::Future;
@@ -29,7 +34,7 @@ use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
 use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN};
 use pingora::protocols::{SocketDigest, TimingDigest};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// Where the scan for the end of the head is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +107,41 @@ pub struct HeaderDeadline {
     next: Arc<AtomicBool>,
     /// Bytes read and written, when counted (HTTP/2 idle detection).
     activity: Option<Arc<AtomicU64>>,
+    /// The wait for the next request on a kept-alive connection, when watched.
+    idle: Option<Idle>,
+}
+
+/// The keep-alive idle watch.
+struct Idle {
+    limit: Duration,
+    /// When the wait for the next request began; `None` while a request is under way.
+    since: Option<Instant>,
+    /// Made at the first wait and kept; it may fire before the wait under way has lasted
+    /// the limit (it was set for an earlier one), and is then moved to this one's end.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Idle {
+    /// After a read found nothing while waiting for the next request: whether the wait has
+    /// lasted the limit. Until it has, the timer is armed to wake the reader at its end.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(since) = self.since else {
+            return false;
+        };
+        let end = since + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if timer.deadline() >= end {
+                return true;
+            }
+            timer.as_mut().reset(end);
+        }
+    }
 }
 
 impl fmt::Debug for HeaderDeadline {
@@ -124,7 +164,19 @@ impl HeaderDeadline {
             timer: Some(Box::pin(tokio::time::sleep(limit))),
             next: Arc::new(AtomicBool::new(false)),
             activity: None,
+            idle: None,
         }
+    }
+
+    /// Ends the connection (the read sees the end of the stream) once it has waited `limit`
+    /// for a request after the one before ended. For HTTP/1.1 only, where
+    /// [`HeaderDeadline::next_request`] marks each request's end.
+    pub fn watch_idle(&mut self, limit: Duration) {
+        self.idle = Some(Idle {
+            limit,
+            since: None,
+            timer: None,
+        });
     }
 
     /// Counts every byte read or written into `activity` from now on.
@@ -171,6 +223,9 @@ impl AsyncRead for HeaderDeadline {
         if this.next.load(Ordering::Relaxed) {
             this.next.store(false, Ordering::Relaxed);
             this.rearm();
+            if let Some(idle) = &mut this.idle {
+                idle.since = Some(Instant::now());
+            }
         }
         let before = buf.filled().len();
         if this.state == Scan::Done {
@@ -189,9 +244,22 @@ impl AsyncRead for HeaderDeadline {
             }
         }
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if res.is_pending() && this.state == Scan::Lead {
+            if let Some(idle) = &mut this.idle {
+                if idle.expired(cx) {
+                    tracing::debug!(limit = ?idle.limit, "kept-alive connection idle: closed");
+                    // Nothing read: the end of the stream, as when a client closes.
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
         if let Poll::Ready(Ok(())) = &res {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
+                if let Some(idle) = &mut this.idle {
+                    // Bytes of a next request (even empty lines): no longer idle.
+                    idle.since = None;
+                }
                 this.state = scan(this.state, read);
                 if this.state == Scan::Done {
                     this.timer = None;

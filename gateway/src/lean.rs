@@ -195,9 +195,13 @@ impl Lean {
 
     /// Serves one HTTP/1.1 connection until it closes, idles out, or the server shuts down
     /// (then after the request in flight).
-    pub async fn serve(self: &Arc<Self>, stream: HeaderDeadline, shutdown: &ShutdownWatch) {
+    pub async fn serve(self: &Arc<Self>, mut stream: HeaderDeadline, shutdown: &ShutdownWatch) {
         let limits = &self.shared.config.limits;
         let service = self.service(Conn::new(self, &stream, true));
+        // The wait for the next request on a kept-alive connection: one timer for the
+        // connection's life (hyper's header timeout would make one per request). The
+        // head's own deadline is the header deadline's.
+        stream.watch_idle(limits.idle_timeout);
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -205,9 +209,7 @@ impl Lean {
             .keep_alive(true)
             // A client may shut its side after the request and still read the answer.
             .half_close(true)
-            // The wait for the next request head on a kept-alive connection; the head's own
-            // total deadline is the header deadline's.
-            .header_read_timeout(limits.idle_timeout)
+            .header_read_timeout(None)
             .max_buf_size((limits.max_header_bytes * 2).max(8192));
         let conn = builder
             .serve_connection(

@@ -231,6 +231,40 @@ async fn an_idle_kept_alive_connection_is_closed() {
     assert!(m.contains("waymark_gateway_connections "), "{m}");
 }
 
+/// The idle timeout counts from the end of the last request: a connection used more often
+/// than that stays open well past it (here 2.4 s with a 1 s timeout), and closes once it
+/// rests that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_in_use_outlives_the_idle_timeout() {
+    let setup = start_plain().await;
+    let addr = setup.gw.http;
+    let (answers, closed) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answers = Vec::new();
+        for i in 0..7 {
+            if i > 0 {
+                // The client's pause between requests: shorter than the idle timeout.
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            s.write_all(b"GET / HTTP/1.1\r\nHost: open.test\r\n\r\n")
+                .unwrap();
+            answers.push(read_response(&mut s));
+        }
+        (answers, closed_within(&mut s, Duration::from_secs(5)))
+    })
+    .await
+    .unwrap();
+    for (i, a) in answers.iter().enumerate() {
+        assert!(a.starts_with("HTTP/1.1 200"), "answer {i}: {a}");
+    }
+    let closed = closed.expect("the connection, once idle, was closed");
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(3),
+        "closed after {closed:?}"
+    );
+}
+
 /// Reads HTTP/2 frames from `s` until EOF or `within`; returns (type, flags, payload) of each
 /// and whether the gateway closed the connection.
 fn h2_frames(s: &mut TcpStream, within: Duration) -> (Vec<(u8, u8, Vec<u8>)>, bool) {
