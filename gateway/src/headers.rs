@@ -150,7 +150,7 @@ fn push_hex(out: &mut String, v: u64) {
 }
 
 /// `v` as 16 lowercase hex digits, all at once in a 128-bit word rather than a digit at a
-/// time (a request makes five of these; the loop cost 150 instructions each).
+/// time (a request makes five of these).
 fn hex16(v: u64) -> [u8; 16] {
     const LANES: [u128; 4] = [
         0x0000_0000_ffff_ffff_0000_0000_ffff_ffff,

@@ -18,7 +18,7 @@
 #                                                       # only those (and direct and nginx)
 #
 # Targets: the backend directly, waymark-gateway ("gateway": data_path = "pingora"; "lean":
-# data_path = "lean", HTTP/1.1 on hyper, the default), "pingora floor" (the pingora_floor example:
+# data_path = "lean", HTTP/1.1 from clients on hyper, to instances on its own codec; the default), "pingora floor" (the pingora_floor example:
 # pingora forwarding to one fixed address with the gateway's runtime settings and nothing
 # else, the floor under the gateway's cost), "hyper floor" (the hyper_floor example: the same
 # on hyper, the forwarder's stack), nginx and HAProxy.
@@ -326,8 +326,8 @@ report() {
     echo "- load generator: $pinned"
     echo "- fixed rate: $rate req/s ($rate_source), the same for every target; latency measured from each request's intended send time (coordinated-omission corrected)"
     echo "- access log: $(if [[ $ACCESS_LOG == 1 ]]; then echo "on: the gateway's text log (stderr to a file), nginx combined with a 64 KiB buffer flushed every second (as the gateway), HAProxy httplog to stdout into a file; the floors have none"; else echo off; fi)"
-    echo "- every proxy: one worker (gateway and lean threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent)"
-    echo "- gateway: data_path = \"pingora\" (pingora's proxy); lean: data_path = \"lean\" (HTTP/1.1 on hyper, the default); both with every feature on: routing, balancing, forwarding headers, trace context, limits, metrics"
+    echo "- every proxy: one worker (gateway and lean threads = 1, nginx worker_processes 1, HAProxy nbthread 1), keep-alive to one gw_backend instance; nginx and HAProxy add the gateway's request headers (X-Forwarded-For, X-Real-IP, X-Forwarded-Proto, Forwarded, X-Request-Id, traceparent) and answer with the request ID, as the gateway does"
+    echo "- gateway: data_path = \"pingora\" (pingora's proxy); lean: data_path = \"lean\" (HTTP/1.1 from clients on hyper, to instances on the gateway's own codec; the default); both with every feature on: routing, balancing, forwarding headers, trace context, limits, metrics"
     echo "- floor: the pingora_floor example, pingora forwarding to the backend with the gateway's runtime settings (one thread, no work stealing, mimalloc, per-try timeouts, header deadline) and no routing, balancing, headers, limits or metrics; hyperfloor: the hyper_floor example, the same on hyper (one current-thread runtime, http1 server with keep-alive, hyper-util's pooled client)"
     echo "- CPU/req: the proxy process's user+system CPU time divided by requests (for direct: the backend's)"
     echo
