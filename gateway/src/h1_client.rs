@@ -147,16 +147,50 @@ pub enum Framing {
     UntilClose,
 }
 
-/// The framing of an answer with `status` and `headers` to a request that was a HEAD or not.
+/// Which of the fields that frame an answer and rule its connection's reuse the head has:
+/// noted while its fields are parsed, so that framing and keep-alive look up in the map only
+/// the fields that are there (most answers have a length and nothing else of these).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FramingFields {
+    pub transfer_encoding: bool,
+    pub content_length: bool,
+    pub connection: bool,
+}
+
+impl FramingFields {
+    /// Read off a map.
+    pub fn of(headers: &HeaderMap) -> FramingFields {
+        FramingFields {
+            transfer_encoding: headers.contains_key(TRANSFER_ENCODING),
+            content_length: headers.contains_key(CONTENT_LENGTH),
+            connection: headers.contains_key(CONNECTION),
+        }
+    }
+
+    /// Notes one field's name.
+    fn note(&mut self, name: &HeaderName) {
+        if *name == CONTENT_LENGTH {
+            self.content_length = true;
+        } else if *name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if *name == CONNECTION {
+            self.connection = true;
+        }
+    }
+}
+
+/// The framing of an answer with `status` and `headers` (of which `fields` says which framing
+/// fields are there) to a request that was a HEAD or not.
 pub fn answer_framing(
     head_request: bool,
     status: u16,
     headers: &HeaderMap,
+    fields: FramingFields,
 ) -> Result<Framing, H1Error> {
     if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if fields.transfer_encoding {
         // The final coding decides; anything but chunked runs to the close.
         let last = headers
             .get_all(TRANSFER_ENCODING)
@@ -170,7 +204,10 @@ pub fn answer_framing(
         });
     }
     let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
+    let lengths = fields
+        .content_length
+        .then(|| headers.get_all(CONTENT_LENGTH));
+    for value in lengths.into_iter().flatten() {
         for item in value.as_bytes().split(|b| *b == b',') {
             let n = parse_decimal(item.trim_ascii())
                 .ok_or(H1Error::Malformed("invalid Content-Length"))?;
@@ -197,16 +234,20 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 /// Whether the connection may carry another request after this answer: HTTP/1.1 unless it
 /// says `close`, HTTP/1.0 only if it says `keep-alive`; never after a body read to the close,
 /// nor after an answer framed by both a length and chunks (RFC 9112 §6.3: a smuggling sign).
-pub fn keep_alive(minor_version: u8, headers: &HeaderMap, framing: Framing) -> bool {
-    if framing == Framing::UntilClose
-        || (headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH))
-    {
+pub fn keep_alive(
+    minor_version: u8,
+    headers: &HeaderMap,
+    fields: FramingFields,
+    framing: Framing,
+) -> bool {
+    if framing == Framing::UntilClose || (fields.transfer_encoding && fields.content_length) {
         return false;
     }
     let mut close = minor_version == 0;
-    for token in headers
-        .get_all(CONNECTION)
-        .iter()
+    let connection = fields.connection.then(|| headers.get_all(CONNECTION));
+    for token in connection
+        .into_iter()
+        .flatten()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
     {
@@ -568,10 +609,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<AnswerHea
         // Names now (they are copied or static); values sliced from the head once it is
         // taken out of the buffer.
         let mut names = Vec::with_capacity(resp.headers.len());
+        let mut fields = FramingFields::default();
         let base = buf.as_ptr() as usize;
         for field in resp.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| H1Error::Malformed("header field name"))?;
+            fields.note(&name);
             let at = field.value.as_ptr() as usize - base;
             names.push((name, at, field.value.len()));
         }
@@ -583,10 +626,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<AnswerHea
                 .map_err(|_| H1Error::Malformed("header field value"))?;
             headers.append(name, value);
         }
-        let framing = answer_framing(head_request, status.as_u16(), &headers)?;
-        let keep_alive =
-            status != StatusCode::SWITCHING_PROTOCOLS && keep_alive(minor, &headers, framing);
-        if headers.contains_key(TRANSFER_ENCODING) {
+        let framing = answer_framing(head_request, status.as_u16(), &headers, fields)?;
+        let keep_alive = status != StatusCode::SWITCHING_PROTOCOLS
+            && keep_alive(minor, &headers, fields, framing);
+        if fields.transfer_encoding {
             // The coding frames the body; a length beside it is wrong (RFC 9112 §6.3) and
             // must not reach the client, whose framing the gateway chooses anew.
             headers.remove(CONTENT_LENGTH);
@@ -836,8 +879,32 @@ mod tests {
             (false, 200, &[("content-length", "+5")], Err(())),
         ];
         for (head, status, fields, want) in table {
-            let got = answer_framing(head, status, &map(fields)).map_err(|_| ());
+            let headers = map(fields);
+            let got =
+                answer_framing(head, status, &headers, FramingFields::of(&headers)).map_err(|_| ());
             assert_eq!(got, want, "{head} {status} {fields:?}");
+        }
+    }
+
+    #[test]
+    fn framing_fields_noted_by_name_match_the_map() {
+        let heads: [&[(&str, &str)]; 5] = [
+            &[],
+            &[("Content-Length", "3")],
+            &[("transfer-encoding", "chunked"), ("x-other", "1")],
+            &[("CONNECTION", "close"), ("content-length", "0")],
+            &[
+                ("te", "trailers"),
+                ("content-type", "text/plain"),
+                ("keep-alive", "5"),
+            ],
+        ];
+        for fields in heads {
+            let mut noted = FramingFields::default();
+            for (name, _) in fields {
+                noted.note(&HeaderName::from_bytes(name.as_bytes()).unwrap());
+            }
+            assert_eq!(noted, FramingFields::of(&map(fields)), "{fields:?}");
         }
     }
 
@@ -863,8 +930,9 @@ mod tests {
             ),
         ];
         for (minor, fields, framing, want) in table {
+            let headers = map(fields);
             assert_eq!(
-                keep_alive(minor, &map(fields), framing),
+                keep_alive(minor, &headers, FramingFields::of(&headers), framing),
                 want,
                 "{minor} {fields:?}"
             );
