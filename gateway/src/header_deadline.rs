@@ -12,9 +12,10 @@
 //!
 //! The wrapper also counts the bytes that cross an HTTP/2 connection (when told to, by
 //! [`HeaderDeadline::count_activity`]), so that an idle one can be closed; and, when told to
-//! by [`HeaderDeadline::watch_idle`] (the lean path's HTTP/1.1), ends a kept-alive connection
-//! that waits longer than its idle timeout for its next request: the read then ends as if the
-//! client had closed. That watch keeps one timer for the connection's whole life rather than
+//! by [`HeaderDeadline::watch_idle`] (the lean path's HTTP/1.1), ends a connection whose next
+//! request head is not complete within its idle timeout of the previous request's end (or of
+//! the watch's start): the read then ends as if the client had closed when no byte of the
+//! head came, and fails with `TimedOut` when some did. That watch keeps one timer for the connection's whole life rather than
 //! one per request: each wait only notes when it began, and the timer, when it fires early
 //! for the wait under way, is moved to that wait's end.
 
@@ -114,7 +115,7 @@ pub struct HeaderDeadline {
 /// The keep-alive idle watch.
 struct Idle {
     limit: Duration,
-    /// When the wait for the next request began; `None` while a request is under way.
+    /// When the wait for the next request head began; `None` once the head is complete.
     since: Option<Instant>,
     /// Made at the first wait and kept; it may fire before the wait under way has lasted
     /// the limit (it was set for an earlier one), and is then moved to this one's end.
@@ -122,8 +123,8 @@ struct Idle {
 }
 
 impl Idle {
-    /// After a read found nothing while waiting for the next request: whether the wait has
-    /// lasted the limit. Until it has, the timer is armed to wake the reader at its end.
+    /// After a read found nothing while waiting for the next request head: whether the wait
+    /// has lasted the limit. Until it has, the timer is armed to wake the reader at its end.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(since) = self.since else {
             return false;
@@ -168,13 +169,13 @@ impl HeaderDeadline {
         }
     }
 
-    /// Ends the connection (the read sees the end of the stream) once it has waited `limit`
-    /// for a request after the one before ended. For HTTP/1.1 only, where
+    /// Ends the connection once a request head is not complete within `limit` of the
+    /// previous request's end (the first head: of now). For HTTP/1.1 only, where
     /// [`HeaderDeadline::next_request`] marks each request's end.
     pub fn watch_idle(&mut self, limit: Duration) {
         self.idle = Some(Idle {
             limit,
-            since: None,
+            since: Some(Instant::now()),
             timer: None,
         });
     }
@@ -244,25 +245,34 @@ impl AsyncRead for HeaderDeadline {
             }
         }
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if res.is_pending() && this.state == Scan::Lead {
-            if let Some(idle) = &mut this.idle {
-                if idle.expired(cx) {
-                    tracing::debug!(limit = ?idle.limit, "kept-alive connection idle: closed");
-                    // Nothing read: the end of the stream, as when a client closes.
-                    return Poll::Ready(Ok(()));
-                }
-            }
+        if res.is_pending() {
+            let expired = this.idle.as_mut().and_then(|idle| {
+                let limit = idle.limit;
+                idle.expired(cx).then_some(limit)
+            });
+            let Some(limit) = expired else {
+                return res;
+            };
+            tracing::debug!(?limit, "no request head within the idle timeout");
+            return Poll::Ready(if this.state == Scan::Lead {
+                // Nothing of a head came: the end of the stream, as when a client closes.
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("request head not complete within {limit:?}"),
+                ))
+            });
         }
         if let Poll::Ready(Ok(())) = &res {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
-                if let Some(idle) = &mut this.idle {
-                    // Bytes of a next request (even empty lines): no longer idle.
-                    idle.since = None;
-                }
                 this.state = scan(this.state, read);
                 if this.state == Scan::Done {
                     this.timer = None;
+                    if let Some(idle) = &mut this.idle {
+                        idle.since = None;
+                    }
                 } else if this.timer.is_none() {
                     // A kept-alive connection's next head began and is not complete in this
                     // read: its clock starts now. (Most heads come whole in one read, and

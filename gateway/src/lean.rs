@@ -198,9 +198,9 @@ impl Lean {
     pub async fn serve(self: &Arc<Self>, mut stream: HeaderDeadline, shutdown: &ShutdownWatch) {
         let limits = &self.shared.config.limits;
         let service = self.service(Conn::new(self, &stream, true));
-        // The wait for the next request on a kept-alive connection: one timer for the
-        // connection's life (hyper's header timeout would make one per request). The
-        // head's own deadline is the header deadline's.
+        // The wait for each request head, from the previous request's end: one timer for
+        // the connection's life (hyper's header timeout would make one per request). The
+        // head's own deadline, from its first byte, is the header deadline's.
         stream.watch_idle(limits.idle_timeout);
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
